@@ -1,0 +1,1 @@
+"""Data: image decoding and preprocessing shared by ingest, training, evaluation and serving."""

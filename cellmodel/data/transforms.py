@@ -1,0 +1,93 @@
+"""Decode image bytes and turn them into model input, reading the model's preprocessing config.
+
+Training, evaluation, serving and the slide job all call these, so preprocessing cannot drift.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# A 640x480 slide is 0.3 MP; anything past 50 MP is not a blood-cell image and may be a bomb.
+MAX_PIXELS = 50_000_000
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot be used as an image. ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode JPEG/PNG/... bytes to an RGB image, fully loaded.
+
+    Raises ``ImageDecodeError`` with reason ``empty``, ``too_large``, ``not_an_image`` or
+    ``truncated``; the dimensions are checked from the header before any pixel is decoded.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    "too_large",
+                    f"the image is {w}x{h} pixels, over the limit of {max_pixels} pixels; "
+                    "send a single-cell crop or a slide image",
+                )
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError("too_large", f"the image is too large to decode safely: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(
+            "not_an_image", "the data is not an image in a known format (JPEG, PNG, ...)"
+        ) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError("truncated", f"the image is truncated or corrupt: {e}") from e
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def _pre(cfg) -> Mapping:
+    return cfg.preprocessing() if hasattr(cfg, "preprocessing") else cfg
+
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def to_array(img: Image.Image, cfg) -> np.ndarray:
+    """Resize to the model's input size and normalise: float32 (3, H, W).
+
+    ``cfg`` is a ``ModelConfig`` or its ``preprocessing()`` dict (e.g. from a checkpoint).
+    """
+    pre = _pre(cfg)
+    _, h, w = pre["input_size"]
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[pre.get("interpolation", "bilinear")])
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = (a - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def bytes_to_array(data: bytes, cfg, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    return to_array(decode_image(data, max_pixels=max_pixels), cfg)
+
+
+def stack_bytes(items: Sequence[bytes], cfg) -> np.ndarray:
+    """A (N, 3, H, W) float32 batch from encoded images; raises on the first bad one."""
+    pre = _pre(cfg)
+    out = np.empty((len(items), *pre["input_size"]), dtype=np.float32)
+    for i, b in enumerate(items):
+        out[i] = bytes_to_array(b, pre)
+    return out

@@ -1,0 +1,107 @@
+"""Checkpoints: ``model.safetensors`` plus ``checkpoint.json`` in one folder (local or URI).
+
+The JSON holds the model name, its full config (so loading rebuilds the architecture
+without the registry's defaults), classes, preprocessing, metrics and versions. Loading
+never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+import cellmodel
+from cellmodel import storage
+from cellmodel.models.config import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, incomplete or inconsistent."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP wraps in .module, torch.compile in ._orig_mod.
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_checkpoint(
+    model: nn.Module,
+    uri: str,
+    *,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Write a checkpoint folder at ``uri``; the JSON is written last, so it marks completion."""
+    model = _unwrap(model)
+    cfg: ModelConfig = model.cfg
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), st_save(tensors))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_name": cfg.name,
+        "config": cfg.to_dict(),
+        "classes": list(cfg.classes),
+        "preprocessing": cfg.preprocessing(),
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "versions": {"cellmodel": cellmodel.__version__, "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_bytes(storage.join(uri, META_FILE), json.dumps(meta, indent=2).encode())
+    return uri
+
+
+def read_checkpoint_meta(uri: str) -> dict:
+    meta_uri = storage.join(uri, META_FILE)
+    try:
+        meta = json.loads(storage.read_bytes(meta_uri))
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"no checkpoint at {uri}: {META_FILE} is missing (an unfinished save, or the wrong "
+            "folder; point at the folder that holds model.safetensors and checkpoint.json)"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_uri} is not valid JSON: {e}") from e
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{uri} uses checkpoint format {meta['format_version']}, newer than this cellmodel "
+            f"({FORMAT_VERSION}); upgrade cellmodel"
+        )
+    return meta
+
+
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu"):
+    """Rebuild the model from the checkpoint's own config and load its weights.
+
+    Returns ``(model, meta)``; the model is in eval mode.
+    """
+    from cellmodel.models.registry import build_from_config
+
+    meta = read_checkpoint_meta(uri)
+    cfg = ModelConfig.from_dict(meta["config"])
+    model = build_from_config(cfg)
+    try:
+        tensors = st_load(storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{uri}: {WEIGHTS_FILE} is missing") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{uri}: {WEIGHTS_FILE} is unreadable ({e})") from e
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{uri}: weights do not match the config's architecture (missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    model.to(map_location).eval()
+    return model, meta

@@ -1,0 +1,89 @@
+"""The model's configuration: architecture plus the preprocessing facts every consumer reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from cellmodel import CLASSES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Everything needed to rebuild a model and to feed it images.
+
+    ``input_size`` is (channels, height, width); the paper's crops are 320 wide by 240 high.
+    """
+
+    name: str
+    cnn: tuple[str, ...] = ()  # timm backbone names, one per CNN branch; empty for RNN-only
+    rnn_hidden: int = 0  # hidden units per direction of the BiLSTM; 0 means no RNN branch
+    rnn_layers: int = 1
+    rnn_downsample: int = 1  # average-pool the grayscale map by this factor before the LSTM
+    fusion_dim: int = 512  # width both branches are projected to before the multiplication
+    drop_rate: float = 0.2
+    num_classes: int = len(CLASSES)
+    classes: tuple[str, ...] = CLASSES
+    input_size: tuple[int, int, int] = (3, 240, 320)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    cnn_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cnn = tuple(self.cnn)
+        self.classes = tuple(self.classes)
+        self.input_size = tuple(int(v) for v in self.input_size)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"model {self.name!r}: {len(self.classes)} class names for num_classes="
+                f"{self.num_classes}; give as many class names as classes"
+            )
+        if len(self.input_size) != 3 or self.input_size[0] != 3:
+            raise ValueError(
+                f"model {self.name!r}: input_size must be (3, height, width), got {self.input_size}"
+            )
+        if not self.cnn and not self.rnn_hidden:
+            raise ValueError(f"model {self.name!r} has neither a CNN nor an RNN branch")
+        if self.rnn_downsample < 1:
+            raise ValueError("rnn_downsample must be >= 1")
+
+    @property
+    def has_rnn(self) -> bool:
+        return self.rnn_hidden > 0
+
+    @property
+    def height(self) -> int:
+        return self.input_size[1]
+
+    @property
+    def width(self) -> int:
+        return self.input_size[2]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}"
+            )
+        return cls(**d)
+
+    def preprocessing(self) -> dict:
+        """The facts a data pipeline needs, as plain JSON-able values."""
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "classes": list(self.classes),
+        }

@@ -1,0 +1,1 @@
+"""Entry points: one module per job, each runnable locally or under ``ray job submit``."""
