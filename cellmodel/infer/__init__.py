@@ -1,0 +1,1 @@
+"""Inference: a batch predictor over checkpoints, and white-cell finding on slides."""
