@@ -78,7 +78,9 @@ def ray_session(s3_server):
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {k: os.environ[k] for k in _ENV_FOR_WORKERS if k in os.environ}},
+            runtime_env={
+                "env_vars": {k: os.environ[k] for k in _ENV_FOR_WORKERS if k in os.environ}
+            },
         )
     yield ray
     ray.shutdown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from cellmodel.models.cnn_rnn import CnnRnnClassifier
 from cellmodel.models.config import ModelConfig
