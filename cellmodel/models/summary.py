@@ -40,24 +40,30 @@ def count_flops(model: nn.Module, batch: int = 1) -> int:
     return int(total)
 
 
-def time_forward(model: nn.Module, batch: int = 8, repeats: int = 3) -> float:
-    """Median seconds of an eval-mode forward at ``batch`` on the CPU (after one warm-up)."""
-    model.eval()
-    x = torch.randn(batch, *model.cfg.input_size)
-    times = []
+def time_forwards(models: dict[str, nn.Module], batch: int = 8, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of an eval-mode CPU forward at ``batch`` for each model.
+
+    Models are timed in turn within each repeat (after one warm-up each), so a burst of load
+    on a shared machine hits all of them alike instead of one.
+    """
+    inputs = {n: torch.randn(batch, *m.cfg.input_size) for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
-        model(x)
+        for n, m in models.items():
+            m.eval()(inputs[n])
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+            for n, m in models.items():
+                t0 = time.perf_counter()
+                m(inputs[n])
+                times[n].append(time.perf_counter() - t0)
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
 def summary_rows(names: list[str] | None = None, batch: int = 8, repeats: int = 3) -> list[dict]:
+    models = {n: build_model(n) for n in names or list_models()}
+    secs = time_forwards(models, batch, repeats)
     rows = []
-    for name in names or list_models():
-        m = build_model(name)
+    for name, m in models.items():
         c, h, w = m.cfg.input_size
         rows.append(
             {
@@ -65,7 +71,7 @@ def summary_rows(names: list[str] | None = None, batch: int = 8, repeats: int = 
                 "input": f"{w}x{h}",
                 "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
                 "gflops": count_flops(m) / 1e9,
-                "forward_s": time_forward(m, batch, repeats),
+                "forward_s": secs[name],
             }
         )
     return rows
