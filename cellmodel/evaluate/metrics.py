@@ -1,0 +1,217 @@
+"""Classification metrics in plain numpy: confusion matrix, precision/recall/F1, calibration.
+
+Conventions (documented in docs/evaluation.md):
+- rows of the confusion matrix are true classes, columns predicted classes;
+- a ratio whose denominator is zero (precision of a class never predicted, recall of a
+  class absent from the data) is reported as 0.0 and a note says so, never NaN, so that
+  metrics.json stays valid JSON and tables stay readable;
+- macro averages run over the classes present in the data (support > 0): a test split
+  that lacks a class should not be scored on a recall nobody could earn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes): ``cm[t, p]`` images of true class t predicted as p."""
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} holds labels outside 0..{num_classes - 1}")
+    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def per_class_scores(cm: np.ndarray, classes: Sequence[str]) -> tuple[dict, list[str]]:
+    """Precision, recall, F1 and support per class from a confusion matrix, plus notes.
+
+    Returns ``({class: {precision, recall, f1, support, predicted}}, notes)``.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    notes = []
+    for i, c in enumerate(classes):
+        if predicted[i] == 0:
+            notes.append(f"{c}: never predicted, so its precision is undefined; reported as 0.")
+        if support[i] == 0:
+            notes.append(
+                f"{c}: absent from the data, so its recall is undefined; reported as 0 and "
+                "left out of the macro averages."
+            )
+    scores = {
+        c: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            "predicted": int(predicted[i]),
+        }
+        for i, c in enumerate(classes)
+    }
+    return scores, notes
+
+
+def calibration_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -> dict:
+    """Reliability-diagram data for the top-1 confidence, in ``n_bins`` equal-width bins.
+
+    Bin ``b`` holds confidences in ``(b/n, (b+1)/n]`` (the first bin also holds 0).
+    Returns lists ``edges`` (n_bins + 1), ``count``, ``confidence`` (mean per bin) and
+    ``accuracy`` (per bin; 0 for an empty bin, whose count is 0), and ``ece``.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = probs.max(axis=1) if probs.size else np.zeros(0)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64) if probs.size else conf
+    # ceil(conf * n) - 1 puts conf exactly on an edge into the bin below it: (lo, hi].
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    mean_conf = _safe_div(conf_sum, count)
+    mean_acc = _safe_div(acc_sum, count)
+    n = max(int(count.sum()), 1)
+    ece = float(np.sum(count / n * np.abs(mean_acc - mean_conf)))
+    return {
+        "edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(),
+        "count": count.astype(int).tolist(),
+        "confidence": mean_conf.tolist(),
+        "accuracy": mean_acc.tolist(),
+        "ece": ece,
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: the support-weighted mean gap between accuracy and confidence over the bins."""
+    return calibration_bins(probs, y_true, n_bins)["ece"]
+
+
+def log_loss(probs: np.ndarray, y_true: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class (probabilities clipped at ``eps``)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if not len(y_true):
+        return 0.0
+    p = probs[np.arange(len(y_true)), y_true]
+    return float(-np.mean(np.log(np.clip(p, eps, 1.0))))
+
+
+def source_scores(
+    probs: np.ndarray, y_true: np.ndarray, sources: Sequence[str], classes: Sequence[str]
+) -> dict:
+    """Accuracy per source cell: several crops of one cell are pooled into one decision.
+
+    Two poolings: the majority vote of the per-image predictions (ties go to the class with
+    the higher mean probability) and the argmax of the mean probability. A source whose
+    images carry different labels is counted under its most common label.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    sources = np.asarray(list(sources), dtype=object)
+    k = len(classes)
+    uniq, inv = np.unique(sources.astype(str), return_inverse=True)
+    rows = []
+    vote_ok = mean_ok = 0
+    for s in range(len(uniq)):
+        m = inv == s
+        p = probs[m]
+        label = int(np.bincount(y_true[m], minlength=k).argmax())
+        mean_p = p.mean(axis=0)
+        votes = np.bincount(p.argmax(axis=1), minlength=k).astype(np.float64)
+        vote = int(np.argmax(votes + mean_p * 1e-6))  # mean probability breaks ties
+        mean_pred = int(np.argmax(mean_p))
+        vote_ok += vote == label
+        mean_ok += mean_pred == label
+        rows.append(
+            {
+                "source_id": str(uniq[s]),
+                "label": classes[label],
+                "n": int(m.sum()),
+                "image_accuracy": float(np.mean(p.argmax(axis=1) == y_true[m])),
+                "vote": classes[vote],
+                "mean_prob": classes[mean_pred],
+            }
+        )
+    n = max(len(uniq), 1)
+    return {
+        "n_sources": int(len(uniq)),
+        "vote_accuracy": vote_ok / n,
+        "mean_prob_accuracy": mean_ok / n,
+        "sources": rows,
+    }
+
+
+def classification_metrics(
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    classes: Sequence[str],
+    *,
+    sources: Sequence[str] | None = None,
+    n_bins: int = 10,
+) -> dict:
+    """Every figure of the report from probabilities (N, K) and true labels (N,).
+
+    ``sources`` (one id per image, e.g. the slide or source cell) adds ``per_source``.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    classes = list(classes)
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ValueError(f"probs must be (N, {len(classes)}), got {probs.shape}")
+    if len(y_true) != len(probs):
+        raise ValueError(f"{len(probs)} probability rows for {len(y_true)} labels")
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    cm = confusion_matrix(y_true, y_pred, len(classes))
+    per_class, notes = per_class_scores(cm, classes)
+    present = [c for c in classes if per_class[c]["support"] > 0]
+
+    def macro(key: str) -> float:
+        return float(np.mean([per_class[c][key] for c in present])) if present else 0.0
+
+    n = int(len(y_true))
+    support = np.array([per_class[c]["support"] for c in classes], dtype=np.float64)
+    weighted_f1 = float(
+        np.dot(support, [per_class[c]["f1"] for c in classes]) / max(support.sum(), 1.0)
+    )
+    calib = calibration_bins(probs, y_true, n_bins)
+    out = {
+        "n": n,
+        "accuracy": float(np.trace(cm) / n) if n else 0.0,
+        "macro_precision": macro("precision"),
+        "macro_recall": macro("recall"),
+        "macro_f1": macro("f1"),
+        "weighted_f1": weighted_f1,
+        "log_loss": log_loss(probs, y_true),
+        "ece": calib["ece"],
+        "mean_confidence": float(probs.max(axis=1).mean()) if n else 0.0,
+        "classes": classes,
+        "classes_present": present,
+        "per_class": per_class,
+        "confusion_matrix": cm.astype(int).tolist(),
+        "calibration": calib,
+        "notes": notes,
+    }
+    if sources is not None:
+        out["per_source"] = source_scores(probs, y_true, sources, classes)
+    return out

@@ -1,0 +1,70 @@
+"""Evaluate a checkpoint and write a report a person reads.
+
+    python -m jobs.evaluate --checkpoint CKPT_URI --data PATH_OR_URI --out DIR [--split val]
+
+DATA is a class-folder tree (``<data>/<CLASS>/*.jpeg``, like the TEST split) or a Parquet
+shard dataset (``manifest.json``; ``--split`` picks the split). DIR (a local folder or a
+URI) receives report.md, metrics.json, predictions.csv and the PNGs. Runs the same locally
+and under ``ray job submit``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or URI)")
+    p.add_argument("--data", required=True, help="class-folder tree or shard dataset")
+    p.add_argument("--out", help="output folder for the report (omit to print metrics only)")
+    p.add_argument("--split", default="val", help="split of a shard dataset (default: val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--bins", type=int, default=10, help="calibration bins (default: 10)")
+    p.add_argument("--mistakes", type=int, default=16, help="images in the mistakes grid")
+    p.add_argument(
+        "--featuremap-image", help="image (path or URI) for the feature maps (default: the first)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from cellmodel.data.transforms import ImageDecodeError
+    from cellmodel.evaluate import EvalDataError, EvalOutputError, evaluate_checkpoint
+    from cellmodel.models import CheckpointError
+
+    try:
+        m = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            split=args.split,
+            device=args.device,
+            n_bins=args.bins,
+            top_mistakes=args.mistakes,
+            featuremap_image=args.featuremap_image,
+            progress=not args.quiet,
+        )
+    except (CheckpointError, EvalDataError, EvalOutputError, ImageDecodeError, ValueError) as e:
+        # A user's mistake: one line that says what to fix, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{m['model_name']}: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, "
+        f"ECE {m['ece']:.4f} on {m['n']} images ({m['n_skipped']} skipped)"
+    )
+    if "per_source" in m:
+        ps = m["per_source"]
+        print(f"per source cell ({ps['n_sources']}): vote accuracy {ps['vote_accuracy']:.4f}")
+    if args.out:
+        print(f"report: {args.out.rstrip('/')}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

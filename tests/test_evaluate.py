@@ -1,0 +1,314 @@
+"""Evaluating a tiny trained checkpoint end to end: the report's files, shard datasets, S3,
+feature maps, and the bad inputs of issue 5 (empty folder, unknown class, corrupt images,
+classes that differ between checkpoint and data, unwritable output)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellmodel import CLASSES, storage
+from cellmodel.data.transforms import bytes_to_array
+from cellmodel.evaluate import (
+    EvalDataError,
+    EvalOutputError,
+    capture_feature_maps,
+    evaluate_checkpoint,
+    feature_layers,
+)
+from cellmodel.evaluate.report import FILES
+from cellmodel.infer.predictor import Predictor
+from cellmodel.models import build_from_config, build_model, model_config, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CROPS = ROOT / "data" / "sample" / "crops"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sample_files(per_class: int | None = None, classes=CLASSES) -> list[Path]:
+    out = []
+    for c in classes:
+        out += sorted((CROPS / c).glob("*.jpeg"))[:per_class]
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """tiny_bilstm trained for a few steps on the committed sample crops."""
+    torch.manual_seed(0)
+    model = build_model("tiny_bilstm")
+    files = sample_files()
+    x = torch.from_numpy(np.stack([bytes_to_array(f.read_bytes(), model.cfg) for f in files]))
+    y = torch.tensor([CLASSES.index(f.parent.name) for f in files])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    steps = 6  # enough to be a trained checkpoint; the LSTM's backward is the slow part
+    for _ in range(steps):
+        idx = torch.randint(0, len(files), (16,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    save_checkpoint(model, uri, metrics={"val_loss": loss.item(), "step": steps})
+    return uri
+
+
+@pytest.fixture(scope="module")
+def report(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    metrics = evaluate_checkpoint(checkpoint, str(CROPS), str(out), batch_size=48)
+    return metrics, out
+
+
+def copy_crops(dst: Path, per_class: int, names: dict[str, str] | None = None) -> Path:
+    """``per_class`` sample crops per class into ``dst/<name>/``."""
+    for c in CLASSES:
+        if names is not None and c not in names:
+            continue
+        folder = dst / (names[c] if names else c)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in sample_files(per_class, [c]):
+            shutil.copy(f, folder / f.name)
+    return dst
+
+
+def test_report_writes_every_file(report):
+    metrics, out = report
+    for name in FILES.values():
+        assert (out / name).is_file(), name
+    for name in FILES.values():
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Evaluation of `tiny_bilstm`")
+    for png in [v for v in FILES.values() if v.endswith(".png")]:
+        assert f"]({png})" in md  # embedded by relative path
+    assert f"{100 * metrics['accuracy']:.2f}%" in md
+    assert "## Per class" in md and "## Calibration" in md and "## Feature maps" in md
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["accuracy"] == metrics["accuracy"]
+    assert on_disk["checkpoint_metrics"]["step"] == 6
+    assert on_disk["files"]["report"] == "report.md"
+
+
+def test_metrics_agree_with_the_predictor_and_the_csv(report, checkpoint):
+    metrics, out = report
+    files = sample_files()
+    probs = Predictor(checkpoint, device="cpu").predict_bytes([f.read_bytes() for f in files])
+    y = np.array([CLASSES.index(f.parent.name) for f in files])
+    assert metrics["n"] == 160 and metrics["n_skipped"] == 0
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == y)))
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.sum() == 160 and cm.sum(axis=1).tolist() == [40, 40, 40, 40]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 160
+    assert np.mean([r["true"] == r["pred"] for r in rows]) == pytest.approx(metrics["accuracy"])
+    assert 0.0 <= metrics["ece"] <= 1.0
+    assert sum(metrics["calibration"]["count"]) == 160
+
+
+def test_confident_mistakes_are_wrong_and_sorted(report):
+    metrics, _ = report
+    mistakes = metrics["confident_mistakes"]
+    assert len(mistakes) == min(16, 160 - round(metrics["accuracy"] * 160))
+    assert all(m["true"] != m["pred"] for m in mistakes)
+    conf = [m["confidence"] for m in mistakes]
+    assert conf == sorted(conf, reverse=True)
+
+
+def test_featuremap_layers_and_shapes(checkpoint):
+    model = Predictor(checkpoint, device="cpu").model
+    layers = feature_layers(model)
+    assert layers == ["conv1.0", "stages.0", "stages.1", "stages.2"]
+    x = bytes_to_array(sample_files(1)[0].read_bytes(), model.cfg)
+    maps = capture_feature_maps(model, x)
+    assert [m.shape for _, m in maps] == [(8, 60, 80), (16, 30, 40), (32, 15, 20), (64, 8, 10)]
+    # The first map is the first convolution applied to the image, nothing else.
+    direct = model.cnns[0].conv1[0](torch.from_numpy(x)[None].contiguous()).detach()[0]
+    assert np.allclose(maps[0][1], direct.numpy(), atol=1e-5)
+    # timm backbones name their stages: the first conv, then three later stages.
+    assert feature_layers(build_model("resnet50")) == ["conv1", "layer1", "layer3", "layer4"]
+
+
+def test_featuremaps_need_a_cnn_branch():
+    rnn_only = build_from_config(model_config("tiny_bilstm", cnn=()))
+    with pytest.raises(ValueError, match="no CNN branch"):
+        feature_layers(rnn_only)
+
+
+def test_featuremaps_job(checkpoint, tmp_path, capsys):
+    from jobs.featuremaps import main
+
+    out = tmp_path / "maps.png"
+    img = str(sample_files(1)[0])
+    assert main(["--checkpoint", checkpoint, "--image", img, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert main(["--checkpoint", checkpoint, "--image", img, "--out", str(out),
+                 "--layers", "conv1.0,nope"]) == 2  # fmt: skip
+    assert "no layer named nope" in capsys.readouterr().err
+
+
+def test_cli_prints_summary_and_writes_report(checkpoint, tmp_path, capsys):
+    from jobs.evaluate import main
+
+    data = copy_crops(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    chosen = str(sample_files(1, ["MONOCYTE"])[0])
+    argv = ["--checkpoint", checkpoint, "--data", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--featuremap-image", chosen, "--mistakes", "4"]) == 0
+    assert "on 12 images (0 skipped)" in capsys.readouterr().out
+    assert (out / "report.md").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["featuremaps"]["image"] == chosen
+    assert len(m["confident_mistakes"]) <= 4
+    assert main([*argv, "--featuremap-image", str(tmp_path / "nope.png")]) == 2
+    assert "feature-map image not found" in capsys.readouterr().err
+
+
+def test_cli_user_mistake_gives_one_error_line(checkpoint, tmp_path):
+    # A real process, so that the exit status and the absence of a traceback are real.
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--checkpoint", checkpoint,
+         "--data", str(tmp_path / "missing")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: data not found: {tmp_path / 'missing'} does not exist"
+
+
+def test_cli_unwritable_output_and_missing_checkpoint(checkpoint, tmp_path, capsys):
+    from jobs.evaluate import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    argv = ["--checkpoint", checkpoint, "--data", str(CROPS), "--out", str(blocker / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write to the output folder")
+    assert main(["--checkpoint", str(tmp_path / "none"), "--data", str(CROPS)]) == 2
+    assert "checkpoint.json is missing" in capsys.readouterr().err
+
+
+def test_empty_folder(checkpoint, tmp_path):
+    with pytest.raises(EvalDataError, match="empty: it holds no class folders"):
+        evaluate_checkpoint(checkpoint, str(tmp_path))
+    (tmp_path / "EOSINOPHIL").mkdir()
+    (tmp_path / "EOSINOPHIL" / "notes.txt").write_text("not an image")
+    with pytest.raises(EvalDataError, match="hold no images"):
+        evaluate_checkpoint(checkpoint, str(tmp_path))
+
+
+def test_unknown_class_folder_is_named(checkpoint, tmp_path):
+    data = copy_crops(tmp_path, 1, {"EOSINOPHIL": "EOSINOPHIL", "MONOCYTE": "BASOPHIL"})
+    with pytest.raises(EvalDataError) as e:
+        evaluate_checkpoint(checkpoint, str(data))
+    assert "'BASOPHIL'" in str(e.value)
+    assert "EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL" in str(e.value)
+
+
+def test_subset_of_classes_case_insensitive(checkpoint, tmp_path):
+    data = copy_crops(tmp_path, 2, {"EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "Lymphocyte"})
+    m = evaluate_checkpoint(checkpoint, str(data))
+    assert m["n"] == 4
+    assert m["data_classes"] == ["EOSINOPHIL", "LYMPHOCYTE"]
+    assert m["classes_present"] == ["EOSINOPHIL", "LYMPHOCYTE"]
+    assert "MONOCYTE, NEUTROPHIL" in m["notes"][0]
+    f1 = [m["per_class"][c]["f1"] for c in ("EOSINOPHIL", "LYMPHOCYTE")]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+
+
+def test_corrupt_images_are_skipped_and_counted(checkpoint, tmp_path):
+    data = copy_crops(tmp_path / "data", 2)
+    good = sample_files(1)[0].read_bytes()
+    (data / "EOSINOPHIL" / "text.jpeg").write_bytes(b"this is not a picture")
+    (data / "MONOCYTE" / "cut.jpeg").write_bytes(good[: len(good) // 3])
+    (data / "NEUTROPHIL" / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    m = evaluate_checkpoint(checkpoint, str(data), str(out))
+    assert (m["n"], m["n_found"], m["n_skipped"]) == (8, 11, 3)
+    assert m["skipped_by_reason"] == {"not_an_image": 1, "truncated": 1, "empty": 1}
+    assert {s["id"] for s in m["skipped"]} == {
+        "EOSINOPHIL/text.jpeg", "MONOCYTE/cut.jpeg", "NEUTROPHIL/empty.png"
+    }  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "## Skipped images" in md and "`MONOCYTE/cut.jpeg`: truncated" in md
+
+
+def test_all_images_corrupt_is_an_error(checkpoint, tmp_path):
+    (tmp_path / "EOSINOPHIL").mkdir()
+    (tmp_path / "EOSINOPHIL" / "a.jpeg").write_bytes(b"junk")
+    with pytest.raises(EvalDataError, match="none of the 1 images .* could be decoded"):
+        evaluate_checkpoint(checkpoint, str(tmp_path))
+
+
+def test_checkpoint_classes_differ_from_the_data(tmp_path):
+    two = build_model("tiny_bilstm", classes=("EOSINOPHIL", "LYMPHOCYTE"))
+    ckpt = save_checkpoint(two, str(tmp_path / "two"))
+    with pytest.raises(
+        EvalDataError, match="classes 'MONOCYTE', 'NEUTROPHIL' are not of the checkpoint"
+    ):
+        evaluate_checkpoint(ckpt, str(copy_crops(tmp_path / "data", 1)))
+
+
+def test_unwritable_output_fails_before_work(checkpoint, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(EvalOutputError, match="cannot write to the output folder"):
+        evaluate_checkpoint(checkpoint, str(CROPS), str(blocker / "out"))
+
+
+@pytest.fixture(scope="module")
+def shard_dataset(tmp_path_factory) -> str:
+    from cellmodel.data.ingest import ingest
+
+    uri = str(tmp_path_factory.mktemp("shards") / "ds")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # crop folders have no source ids: ingest says so
+        ingest(str(CROPS), uri, target_per_class=8, val_fraction=0.25, progress=False, workers=1)
+    return uri
+
+
+def test_shard_dataset_reports_per_source_accuracy(checkpoint, shard_dataset, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    m = evaluate_checkpoint(checkpoint, shard_dataset, str(out), split="val", batch_size=16)
+    table = pq.read_table(sorted(Path(shard_dataset, "val").glob("*.parquet")))
+    assert m["data_kind"] == "shards" and m["split"] == "val"
+    assert m["n"] == table.num_rows
+    assert m["per_source"]["n_sources"] == len(set(table.column("source_id").to_pylist()))
+    assert "## Per source cell" in (out / "report.md").read_text()
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert {r["id"] for r in rows} == set(table.column("id").to_pylist())
+    assert all(r["source_id"] for r in rows)
+    with pytest.raises(EvalDataError, match="no split 'test'.*--split"):
+        evaluate_checkpoint(checkpoint, shard_dataset, split="test")
+
+
+def test_shard_dataset_with_classes_the_checkpoint_lacks(shard_dataset, tmp_path):
+    two = build_model("tiny_bilstm", classes=("EOSINOPHIL", "LYMPHOCYTE"))
+    ckpt = save_checkpoint(two, str(tmp_path / "two"))
+    with pytest.raises(
+        EvalDataError,
+        match="classes 'MONOCYTE', 'NEUTROPHIL' are not of the checkpoint",
+    ):
+        evaluate_checkpoint(ckpt, shard_dataset)
+
+
+def test_class_folders_and_report_on_s3(checkpoint, s3_bucket):
+    for f in sample_files(2, ("LYMPHOCYTE", "NEUTROPHIL")):
+        storage.write_bytes(f"{s3_bucket}/crops/{f.parent.name}/{f.name}", f.read_bytes())
+    m = evaluate_checkpoint(checkpoint, f"{s3_bucket}/crops", f"{s3_bucket}/report")
+    assert m["n"] == 4 and m["data_classes"] == ["LYMPHOCYTE", "NEUTROPHIL"]
+    assert json.loads(storage.read_bytes(f"{s3_bucket}/report/metrics.json"))["n"] == 4
+    for name in FILES.values():
+        assert storage.exists(f"{s3_bucket}/report/{name}"), name

@@ -1,0 +1,137 @@
+"""Metrics against cases worked out by hand (in the comments beside each assertion)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cellmodel.evaluate.metrics import (
+    calibration_bins,
+    classification_metrics,
+    confusion_matrix,
+    expected_calibration_error,
+    log_loss,
+    per_class_scores,
+    source_scores,
+)
+
+
+def onehot(pred, k, conf=0.8):
+    """Probabilities whose argmax is ``pred`` with top-1 confidence ``conf``."""
+    p = np.full((len(pred), k), (1 - conf) / (k - 1))
+    p[np.arange(len(pred)), pred] = conf
+    return p
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted():
+    cm = confusion_matrix([0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 0, 1, 1, 1], 3)
+    assert cm.tolist() == [[2, 1, 0], [1, 1, 0], [0, 3, 0]]
+
+
+def test_confusion_matrix_rejects_bad_labels():
+    with pytest.raises(ValueError, match="outside 0..2"):
+        confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="2 labels but y_pred has 3"):
+        confusion_matrix([0, 1], [0, 1, 1], 3)
+
+
+def test_precision_recall_f1_by_hand_with_a_class_never_predicted():
+    # cm rows A [2,1,0], B [1,1,0], C [0,3,0]; C is never predicted.
+    cm = np.array([[2, 1, 0], [1, 1, 0], [0, 3, 0]])
+    s, notes = per_class_scores(cm, ["A", "B", "C"])
+    assert s["A"]["precision"] == pytest.approx(2 / 3)  # 2 / (2 + 1)
+    assert s["A"]["recall"] == pytest.approx(2 / 3)  # 2 / (2 + 1)
+    assert s["A"]["f1"] == pytest.approx(2 / 3)
+    assert s["B"]["precision"] == pytest.approx(1 / 5)  # 1 / (1 + 1 + 3)
+    assert s["B"]["recall"] == pytest.approx(1 / 2)
+    assert s["B"]["f1"] == pytest.approx(2 / 7)  # 2 * (1/5)(1/2) / (7/10)
+    # Undefined precision is 0 (not NaN) and explained in a note.
+    assert s["C"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3, "predicted": 0}
+    assert len(notes) == 1 and notes[0].startswith("C: never predicted")
+
+
+def test_classification_metrics_by_hand():
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 1, 1, 0, 1, 1, 1])
+    m = classification_metrics(onehot(y_pred, 3), y_true, ["A", "B", "C"])
+    assert m["n"] == 8
+    assert m["accuracy"] == pytest.approx(3 / 8)
+    assert m["macro_precision"] == pytest.approx((2 / 3 + 1 / 5 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 7 + 0) / 3)
+    assert m["weighted_f1"] == pytest.approx((3 * 2 / 3 + 2 * 2 / 7 + 3 * 0) / 8)
+    assert m["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 3, 0]]
+    assert m["classes_present"] == ["A", "B", "C"]
+    json.dumps(m, allow_nan=False)  # valid JSON: no NaN anywhere
+
+
+def test_class_absent_from_data_is_left_out_of_macro_averages():
+    # True labels only A and B; one A predicted as C. cm A [1,0,1], B [0,2,0], C [0,0,0].
+    m = classification_metrics(onehot([0, 2, 1, 1], 3), np.array([0, 0, 1, 1]), ["A", "B", "C"])
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    assert m["per_class"]["A"]["f1"] == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert m["per_class"]["C"]["precision"] == 0.0  # predicted once, never right
+    assert m["per_class"]["C"]["support"] == 0
+    assert m["classes_present"] == ["A", "B"]
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert any(n.startswith("C: absent from the data") for n in m["notes"])
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.95, 0.05], [0.85, 0.15], [0.35, 0.65], [0.6, 0.4]])
+    y = np.array([0, 1, 1, 1])  # right, wrong, right, wrong
+    # Gaps |acc - conf| per single-image bin: 0.05, 0.85, 0.35, 0.6; mean = 1.85 / 4.
+    assert expected_calibration_error(probs, y, 10) == pytest.approx(0.4625)
+    bins = calibration_bins(probs, y, 10)
+    # 0.6 sits on an edge and belongs to (0.5, 0.6], bin 5.
+    assert bins["count"] == [0, 0, 0, 0, 0, 1, 1, 0, 1, 1]
+    assert bins["accuracy"][5] == 0.0 and bins["accuracy"][9] == 1.0
+    assert bins["confidence"][6] == pytest.approx(0.65)
+    # Two bins: (0, .5] empty; (.5, 1] has mean conf 3.05 / 4 = 0.7625 and accuracy 0.5.
+    assert expected_calibration_error(probs, y, 2) == pytest.approx(0.2625)
+
+
+def test_perfect_calibration_has_zero_ece():
+    probs = np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    assert expected_calibration_error(probs, np.array([0, 1, 0])) == pytest.approx(0.0)
+
+
+def test_log_loss_by_hand():
+    probs = np.array([[0.5, 0.5], [0.25, 0.75]])
+    assert log_loss(probs, np.array([0, 1])) == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2)
+    assert math.isfinite(log_loss(np.array([[1.0, 0.0]]), np.array([1])))  # clipped, not inf
+
+
+def test_source_scores_vote_and_mean_probability_differ_by_hand():
+    probs = np.array(
+        [
+            [0.9, 0.1], [0.9, 0.1], [0.4, 0.6],  # s1, label 0: vote 0, mean (.73, .27) -> 0
+            [0.55, 0.45], [0.55, 0.45], [0.1, 0.9],  # s2, label 1: vote 0, mean (.4, .6) -> 1
+        ]
+    )  # fmt: skip
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = source_scores(probs, y, ["s1"] * 3 + ["s2"] * 3, ["A", "B"])
+    assert s["n_sources"] == 2
+    assert s["vote_accuracy"] == pytest.approx(0.5)
+    assert s["mean_prob_accuracy"] == pytest.approx(1.0)
+    rows = {r["source_id"]: r for r in s["sources"]}
+    assert rows["s1"]["image_accuracy"] == pytest.approx(2 / 3)
+    assert rows["s2"]["image_accuracy"] == pytest.approx(1 / 3)
+    assert (rows["s2"]["vote"], rows["s2"]["mean_prob"]) == ("A", "B")
+
+
+def test_source_vote_tie_goes_to_higher_mean_probability():
+    # One vote each; mean probability (0.45, 0.55) breaks the tie towards B.
+    s = source_scores(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 0]), ["x", "x"], ["A", "B"])
+    assert s["sources"][0]["vote"] == "B"
+    assert s["vote_accuracy"] == 0.0
+
+
+def test_classification_metrics_checks_shapes():
+    with pytest.raises(ValueError, match=r"probs must be \(N, 3\)"):
+        classification_metrics(np.zeros((2, 2)), np.array([0, 1]), ["A", "B", "C"])
+    with pytest.raises(ValueError, match="2 probability rows for 3 labels"):
+        classification_metrics(np.zeros((2, 2)), np.array([0, 1, 1]), ["A", "B"])
