@@ -36,6 +36,9 @@ def get_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
         return LocalFileSystem(auto_mkdir=True), str(Path(s).expanduser().absolute())
     protocol = s.split("://", 1)[0]
     opts = s3_options() if protocol in ("s3", "s3a") else {}
+    if protocol in ("s3", "s3a"):
+        # Listings cached by one process go stale when another writes a dataset or checkpoint.
+        opts["use_listings_cache"] = False
     fs, path = fsspec.core.url_to_fs(s, **opts)
     return fs, path
 

@@ -1,0 +1,260 @@
+"""Read a Parquet shard dataset written by ``ingest``: manifest, Ray Dataset, plain iterator.
+
+A dataset is a folder or prefix ``<uri>`` holding ``<split>/part-NNNNN.parquet`` shards and
+``manifest.json``. The manifest is written last, so a dataset without one does not exist:
+every reader here goes through ``load_manifest`` and reads only the shards it names, which
+also keeps stray files from an interrupted run out of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellmodel import storage
+from cellmodel.data.transforms import stack_bytes
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+# Column order and types of every shard; ``aug`` is JSON such as {"angle": 90.0, "flip": false}.
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("source_id", pa.string()),
+        ("aug", pa.string()),
+    ]
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No complete dataset at a URI (no ``manifest.json``), or a split it does not have."""
+
+
+def load_manifest(uri: str) -> dict:
+    """The manifest of the dataset at ``uri``.
+
+    Raises ``DatasetNotFoundError`` when ``manifest.json`` is missing: either nothing was
+    ingested there, or an ingest was interrupted (its shards are not a dataset).
+    """
+    path = storage.join(str(uri), MANIFEST)
+    fs, fpath = fresh_fs(path)
+    try:
+        with fs.open(fpath, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(
+            f"no dataset at {uri}: {MANIFEST} is missing (nothing was ingested there, or an "
+            "ingest did not finish); run `python -m jobs.ingest --source ... --out "
+            f"{uri}` first"
+        ) from e
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise DatasetNotFoundError(f"{path} is not valid JSON ({e}); re-run the ingest") from e
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DatasetNotFoundError(
+            f"{path} has schema_version {version!r}; this cellmodel reads version "
+            f"{SCHEMA_VERSION}: re-run the ingest with this version"
+        )
+    return manifest
+
+
+def fresh_fs(uri: str):
+    """``storage.get_fs`` with the object-store listing cache dropped for ``uri``.
+
+    s3fs caches directory listings per process; another process (an ingest finishing or
+    being replaced) changes them, and a stale cache would hide or resurrect a manifest.
+    """
+    fs, path = storage.get_fs(uri)
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(path.rstrip("/").rsplit("/", 1)[0])
+    return fs, path
+
+
+def split_names(manifest: Mapping) -> list[str]:
+    """The splits present in a manifest, in the usual order."""
+    return [s for s in SPLITS if s in manifest.get("splits", {})] + sorted(
+        s for s in manifest.get("splits", {}) if s not in SPLITS
+    )
+
+
+def shard_uris(uri: str, split: str, manifest: Mapping | None = None) -> list[str]:
+    """URIs of the shards of ``split``, as named by the manifest."""
+    manifest = load_manifest(uri) if manifest is None else manifest
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise DatasetNotFoundError(
+            f"dataset {uri} has no split {split!r}; it has {split_names(manifest)}"
+        )
+    return [storage.join(str(uri), s["path"]) for s in splits[split]["shards"]]
+
+
+def arrow_filesystem(uri: str):
+    """A serialisable ``pyarrow.fs.FileSystem`` and path for ``uri``, usable on Ray workers.
+
+    For s3:// this is Arrow's native S3 client, pointed at ``AWS_ENDPOINT_URL`` when set
+    (it pickles its options, so Ray workers rebuild it); other protocols go through fsspec.
+    """
+    import pyarrow.fs as pafs
+
+    s = str(uri)
+    if s.startswith(("s3://", "s3a://")):
+        opts = storage.s3_options()
+        kwargs: dict = {
+            "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        }
+        if "endpoint_url" in opts:
+            ep = urlparse(opts["endpoint_url"])
+            kwargs["endpoint_override"] = ep.netloc + ep.path.rstrip("/")
+            kwargs["scheme"] = ep.scheme or "https"
+            # A custom endpoint (MinIO, moto, Ceph) rarely knows AWS regions; any will do.
+            kwargs["region"] = kwargs["region"] or "us-east-1"
+        return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), s.split("://", 1)[1]
+    return storage.pyarrow_fs(s)
+
+
+def _preprocessing(preprocessing) -> dict:
+    pre = (
+        preprocessing.preprocessing() if hasattr(preprocessing, "preprocessing") else preprocessing
+    )
+    if not isinstance(pre, Mapping) or "input_size" not in pre:
+        raise TypeError(
+            "preprocessing must be a ModelConfig or its preprocessing() dict "
+            f"(with input_size, mean, std); got {type(preprocessing).__name__}"
+        )
+    return dict(pre)
+
+
+class _Decode:
+    """Ray ``map_batches`` function: encoded images -> normalised ``x`` plus ``label``."""
+
+    def __init__(self, pre: dict) -> None:
+        self.pre = pre
+
+    def __call__(self, batch: dict) -> dict:
+        x = stack_bytes(list(batch["image"]), self.pre)
+        return {"x": x, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def read_split(uri: str, split: str, preprocessing=None, *, columns: list[str] | None = None):
+    """A ``ray.data.Dataset`` over one split of the dataset at ``uri``.
+
+    Without ``preprocessing`` the rows are the raw shard columns (or ``columns``). With a
+    ``ModelConfig`` or its ``preprocessing()`` dict, each row is ``x`` (float32, 3xHxW,
+    resized and normalised as the model expects) and ``label`` (int64).
+    """
+    import ray.data
+
+    manifest = load_manifest(uri)
+    paths = shard_uris(uri, split, manifest)
+    if not paths:
+        raise DatasetNotFoundError(f"split {split!r} of {uri} has no shards (0 rows)")
+    fs, _ = arrow_filesystem(uri)
+    if str(uri).startswith(("s3://", "s3a://")):
+        paths = [p.split("://", 1)[1] for p in paths]
+    else:
+        paths = [storage.get_fs(p)[1] for p in paths]
+    if preprocessing is not None:
+        columns = ["image", "label"]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    if preprocessing is None:
+        return ds
+    return ds.map_batches(_Decode(_preprocessing(preprocessing)), batch_format="numpy")
+
+
+def _open_shard(shard_uri: str) -> pq.ParquetFile:
+    fs, path = fresh_fs(shard_uri)
+    return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def iter_rows(uri: str, split: str, columns: list[str] | None = None) -> Iterator[dict]:
+    """Raw rows (dicts of column values) of one split, shard by shard, without Ray."""
+    for shard in shard_uris(uri, split):
+        pf = _open_shard(shard)
+        for i in range(pf.num_row_groups):
+            yield from pf.read_row_group(i, columns=columns).to_pylist()
+
+
+def iter_split(
+    uri: str,
+    split: str,
+    preprocessing,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    *,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches ``(x (B,3,H,W) float32, y (B,) int64)`` of one split, without Ray.
+
+    ``shuffle`` permutes the shard order and the rows within each shard (ingest already
+    writes rows in a seeded random order, so every shard mixes classes and sources); the
+    same ``seed`` gives the same order. Memory holds one shard's encoded images at a time.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pre = _preprocessing(preprocessing)
+    shards = shard_uris(uri, split)
+    rng = np.random.default_rng(seed)
+    if shuffle:
+        shards = [shards[i] for i in rng.permutation(len(shards))]
+    images: list[bytes] = []
+    labels: list[int] = []
+    for shard in shards:
+        pf = _open_shard(shard)
+        table = pf.read(columns=["image", "label"])
+        order = rng.permutation(table.num_rows) if shuffle else range(table.num_rows)
+        col_img = table.column("image").to_pylist()
+        col_lab = table.column("label").to_pylist()
+        for i in order:
+            images.append(col_img[i])
+            labels.append(col_lab[i])
+            if len(images) == batch_size:
+                yield stack_bytes(images, pre), np.asarray(labels, dtype=np.int64)
+                images, labels = [], []
+    if images and not drop_last:
+        yield stack_bytes(images, pre), np.asarray(labels, dtype=np.int64)
+
+
+def file_sha256(uri: str) -> str:
+    """Hex sha256 of the bytes of one file."""
+    h = hashlib.sha256()
+    fs, path = fresh_fs(uri)
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(uri: str) -> list[str]:
+    """Problems found by re-reading every shard: checksum or row count differing from the
+    manifest, or a missing shard. An empty list means the dataset is intact."""
+    manifest = load_manifest(uri)
+    problems = []
+    for split, info in manifest["splits"].items():
+        for s in info["shards"]:
+            shard = storage.join(str(uri), s["path"])
+            fs, path = fresh_fs(shard)
+            if not fs.exists(path):
+                problems.append(f"{s['path']}: missing")
+                continue
+            digest = file_sha256(shard)
+            if digest != s["sha256"]:
+                problems.append(f"{s['path']}: sha256 {digest} != manifest {s['sha256']}")
+            rows = _open_shard(shard).metadata.num_rows
+            if rows != s["rows"]:
+                problems.append(f"{s['path']}: {rows} rows != manifest {s['rows']} ({split})")
+    return problems

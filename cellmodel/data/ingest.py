@@ -1,0 +1,374 @@
+"""Ingest cells into rotation-augmented, class-balanced Parquet shards plus a manifest.
+
+``ingest(source, out)`` reads a crop folder or BCCD slides (see ``sources``), splits by
+source (a slide, or a file when the source cell is unknown) so that copies of one cell
+never land in two splits, balances the classes of each augmented split by rotating
+minority cells more (never dropping a cell), and writes ``<out>/<split>/part-NNNNN.parquet``
+followed by ``<out>/manifest.json``. The manifest is written last and removed first on
+``overwrite``, so a reader sees either a whole dataset or none.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import posixpath
+import signal
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+import cellmodel
+from cellmodel import CLASSES, storage
+from cellmodel.data import augment, sources
+from cellmodel.data.augment import DEFAULT_ANGLES, Aug
+from cellmodel.data.dataset import (
+    MANIFEST,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SPLITS,
+    fresh_fs,
+    load_manifest,
+)
+from cellmodel.data.transforms import decode_image
+
+# Test hook (documented in docs/ingest.md): SIGKILL this process right after N shards are
+# written, to check that a run killed mid-write leaves no visible dataset.
+KILL_AFTER_SHARDS_ENV = "CELLMODEL_INGEST_KILL_AFTER_SHARDS"
+IN_PROGRESS = "_INGEST_IN_PROGRESS"
+
+
+class IngestError(RuntimeError):
+    """A user-facing ingest failure (bad destination, nothing valid to ingest, ...)."""
+
+
+class DatasetExistsError(IngestError):
+    """The destination already holds a dataset and ``overwrite`` was not given."""
+
+
+def _split_sources(
+    by_class: dict[str, set[str]], fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, str]:
+    """``{source_id: split}``: per class, a seeded shuffle of its sources cut by fraction.
+
+    Each held-out split gets at least one source of a class when that class has enough
+    sources to leave one for training.
+    """
+    out = {}
+    for cls in CLASSES:
+        ids = sorted(by_class.get(cls, []))
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+        start = 0
+        for split in ("val", "test"):
+            frac = fractions.get(split, 0.0)
+            n = int(round(frac * len(ids)))
+            if frac > 0 and n == 0 and len(ids) - start >= 2:
+                n = 1
+            n = min(n, max(len(ids) - start - 1, 0))
+            for s in ids[start : start + n]:
+                out[s] = split
+            start += n
+        for s in ids[start:]:
+            out[s] = "train"
+    return out
+
+
+def _render(item: sources.Item, aug: Aug) -> bytes:
+    if aug.identity:
+        return item.image  # the original bytes, never re-encoded
+    return augment.encode_jpeg(augment.apply(decode_image(item.image), aug))
+
+
+def _clear_destination(out: str) -> None:
+    """Make ``out`` hold no dataset: the old manifest goes first (on object stores the
+    dataset vanishes for readers at once), then every shard of ours, old or stray."""
+    fs, root = fresh_fs(out)
+    fs.invalidate_cache()  # listings below must be current, not this process's old view
+    manifest_path = posixpath.join(root, MANIFEST)
+    old_shards = []
+    if fs.exists(manifest_path):
+        try:
+            old = load_manifest(out)
+            old_shards = [s["path"] for v in old.get("splits", {}).values() for s in v["shards"]]
+        except (FileNotFoundError, KeyError, TypeError):
+            pass  # unreadable old manifest: the pattern sweep below still finds the shards
+        fs.rm(manifest_path)
+    for split in SPLITS:
+        d = posixpath.join(root, split)
+        if fs.exists(d):
+            old_shards += [
+                posixpath.relpath(p, root)
+                for p in fs.find(d)
+                if posixpath.basename(p).startswith("part-") and p.endswith(".parquet")
+            ]
+    for rel in sorted(set(old_shards)):
+        p = posixpath.join(root, rel)
+        if fs.exists(p):
+            fs.rm(p)
+
+
+def _write_marker(out: str) -> None:
+    body = json.dumps({"pid": os.getpid(), "started": _now()}).encode()
+    try:
+        storage.write_bytes(storage.join(out, IN_PROGRESS), body)
+    except Exception as e:  # any client error (permissions, credentials, no bucket) here
+        raise IngestError(f"cannot write to destination {out}: {type(e).__name__}: {e}") from e
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _shard_bytes(rows: list[dict], row_group_rows: int) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    # JPEG bytes do not compress; the small columns do.
+    compression = {c: ("NONE" if c == "image" else "SNAPPY") for c in SCHEMA.names}
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+Row = tuple[int, int, Aug]  # (item index, copy number, augmentation); copy 0 is the cell
+
+
+def _plan_split(
+    split: str,
+    groups: dict[str, list[int]],
+    target: int | None,
+    choices: list[Aug],
+    rng: np.random.Generator,
+    notes: list[str],
+    warn: list[str],
+) -> list[Row]:
+    """The rows of one split in a seeded random order (so every shard mixes classes and
+    sources); with a ``target``, each class is topped up to it by augmented copies."""
+    plan: list[Row] = []
+    for cls in CLASSES:
+        idx = groups.get(cls, [])
+        if not idx:
+            warn.append(f"split {split!r} has no {cls} cells")
+            continue
+        if target is not None and len(idx) > target:
+            notes.append(f"{split}: {cls} has {len(idx)} cells, above target {target}; kept all")
+        copies = augment.plan_copies(len(idx), target or 0, choices, rng)
+        for i, augs in zip(idx, copies):
+            plan += [(i, k, a) for k, a in enumerate(augs)]
+    return [plan[j] for j in rng.permutation(len(plan))]
+
+
+class _ShardWriter:
+    """Renders rows (in a thread pool: decode, rotate, encode) and writes numbered shards."""
+
+    def __init__(self, out, items, shard_rows, row_group_rows, workers) -> None:
+        self.out, self.items = out, items
+        self.shard_rows, self.row_group_rows = shard_rows, row_group_rows
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.written = 0
+        self.kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0") or 0)
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+
+    def _row(self, row: Row, image: bytes) -> dict:
+        i, k, aug = row
+        it = self.items[i]
+        return {
+            "id": f"{it.key}#{k}",
+            "image": image,
+            "label": CLASSES.index(it.label_name),
+            "label_name": it.label_name,
+            "source_id": it.source_id,
+            "aug": json.dumps(aug.to_dict()),
+        }
+
+    def write_split(self, split: str, plan: list[Row], bar) -> list[dict]:
+        shards = []
+        for n, start in enumerate(range(0, len(plan), self.shard_rows)):
+            chunk = plan[start : start + self.shard_rows]
+            images = []
+            for image in self.pool.map(lambda r: _render(self.items[r[0]], r[2]), chunk):
+                images.append(image)
+                bar.update(1)
+            data = _shard_bytes(
+                [self._row(r, im) for r, im in zip(chunk, images)], self.row_group_rows
+            )
+            rel = f"{split}/part-{n:05d}.parquet"
+            storage.write_bytes(storage.join(self.out, rel), data)
+            digest = hashlib.sha256(data).hexdigest()
+            shards.append({"path": rel, "rows": len(chunk), "bytes": len(data), "sha256": digest})
+            self.written += 1
+            if self.kill_after and self.written >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return shards
+
+
+def ingest(
+    source: str,
+    out: str,
+    *,
+    layout: str = "auto",
+    target_per_class: int | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    angles: Sequence[float] = DEFAULT_ANGLES,
+    flips: bool = True,
+    augment_val: bool = False,
+    shard_rows: int = 2048,
+    row_group_rows: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int = 4,
+) -> dict:
+    """Ingest ``source`` (crop folder or slides, local or fsspec URI) into ``out``; returns
+    the manifest.
+
+    ``target_per_class``: rows per class in train (default: the largest class's count of
+    cells), reached by rotated/flipped copies; classes above it keep all their cells.
+    Held-out splits (``val_fraction``, ``test_fraction`` of each class's sources) hold the
+    original cells only, unless ``augment_val`` balances them too. Same inputs and seed give
+    the same shards, byte for byte.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError("val_fraction and test_fraction must be in [0, 1) with a sum below 1")
+    if shard_rows < 1 or row_group_rows < 1:
+        raise ValueError("shard_rows and row_group_rows must be >= 1")
+    if target_per_class is not None and target_per_class < 1:
+        raise ValueError(f"target_per_class must be >= 1, got {target_per_class}")
+    src = sources.open_source(source, layout)
+    _check_destination(out, overwrite)
+    _write_marker(out)
+
+    items: list[sources.Item] = []
+    skipped = list(src.skipped)
+    for r in tqdm(
+        src.load(workers), total=len(src.tasks), desc="read cells", unit="img", disable=not progress
+    ):
+        (items if isinstance(r, sources.Item) else skipped).append(r)
+    skip_counts = dict(sorted(Counter(s.reason for s in skipped).items()))
+    if not items:
+        _remove_marker(out)
+        raise IngestError(
+            f"nothing valid to ingest from {source} ({len(skipped)} skipped: {skip_counts}); "
+            "check the source layout (class folders of crops, or JPEGImages/Annotations/"
+            "labels.csv) and the files"
+        )
+
+    warn = []
+    if not src.source_known:
+        warn.append(
+            "source cells unknown (crop-folder layout): each file is its own source, but the "
+            "files of a crop folder may be augmented copies of one cell (blood-cells TRAIN "
+            "is), so copies can land in both train and val and validation scores are "
+            "optimistic; ingest from slides for a leak-free split"
+        )
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, set[str]] = defaultdict(set)
+    for it in items:
+        by_class[it.label_name].add(it.source_id)
+    split_of = _split_sources(by_class, {"val": val_fraction, "test": test_fraction}, rng)
+    per_split: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, it in enumerate(items):
+        per_split[split_of[it.source_id]][it.label_name].append(i)
+    notes = sorted(src.notes)
+    plans, targets = {}, {}
+    for split in [s for s in SPLITS if s in per_split]:
+        target = None
+        if split == "train" or augment_val:
+            target = max(len(v) for v in per_split[split].values())
+            target = target_per_class if split == "train" and target_per_class else target
+        targets[split] = target
+        plans[split] = _plan_split(
+            split, per_split[split], target, augment.variants(angles, flips), rng, notes, warn
+        )
+    for w in warn:
+        warnings.warn(w, stacklevel=2)
+
+    _clear_destination(out)
+    writer = _ShardWriter(out, items, shard_rows, row_group_rows, workers)
+    bar = tqdm(
+        total=sum(map(len, plans.values())), desc="write shards", unit="img", disable=not progress
+    )
+    split_info = {}
+    with writer:
+        for split, plan in plans.items():
+            shards = writer.write_split(split, plan, bar)
+            counts = Counter(items[i].label_name for i, _, _ in plan)
+            originals = Counter(items[i].label_name for i, k, _ in plan if k == 0)
+            sources_n = {c: len({items[i].source_id for i in per_split[split][c]}) for c in CLASSES}
+            split_info[split] = {
+                "rows": len(plan),
+                "counts": {c: counts.get(c, 0) for c in CLASSES},
+                "originals": {c: originals.get(c, 0) for c in CLASSES},
+                "sources": sources_n,
+                "target_per_class": targets[split],
+                "shards": shards,
+            }
+    bar.close()
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "cellmodel-parquet-shards",
+        "created": _now(),
+        "cellmodel_version": cellmodel.__version__,
+        "classes": list(CLASSES),
+        "columns": {f.name: str(f.type) for f in SCHEMA},
+        "source": {
+            "uri": str(source),
+            "layout": src.layout,
+            "source_known": src.source_known,
+            "source_unit": src.grouping,
+            "cells": len(items),
+        },
+        "params": {
+            "seed": seed,
+            "target_per_class": target_per_class,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "angles": [float(a) for a in angles],
+            "flips": flips,
+            "fill": "reflect",
+            "augment_val": augment_val,
+            "shard_rows": shard_rows,
+            "row_group_rows": row_group_rows,
+        },
+        "splits": split_info,
+        "skipped": [s.to_dict() for s in skipped],
+        "skipped_counts": skip_counts,
+        "notes": notes,
+        "warnings": warn,
+    }
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    _remove_marker(out)
+    return manifest
+
+
+def _remove_marker(out: str) -> None:
+    fs, marker = storage.get_fs(storage.join(out, IN_PROGRESS))
+    if fs.exists(marker):
+        fs.rm(marker)
+
+
+def _check_destination(out: str, overwrite: bool) -> None:
+    """Fail early, before any work, when ``out`` holds a dataset and no ``overwrite``."""
+    fs, root = fresh_fs(out)
+    try:
+        exists = fs.exists(posixpath.join(root, MANIFEST))
+    except Exception as e:  # credentials, unreachable endpoint...: one line for the user
+        raise IngestError(f"cannot access destination {out}: {type(e).__name__}: {e}") from e
+    if exists and not overwrite:
+        raise DatasetExistsError(
+            f"{out} already holds a dataset ({MANIFEST} exists); pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --out"
+        )
