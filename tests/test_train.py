@@ -1,0 +1,247 @@
+"""Training: typed config, the plain loop and feature cache, and real Ray Train runs on CPU.
+
+Runs use the tiny variant on shards ingested from the committed sample, 2 gloo workers on
+the session's local Ray, and the session's real S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellmodel import storage
+from cellmodel.config import ConfigError, TrainConfig, load_config
+from cellmodel.models import build_model, load_checkpoint
+from cellmodel.train import (
+    CachedForward,
+    build_cache,
+    evaluate,
+    make_loss,
+    make_optimizer,
+    run_training,
+    train_epoch,
+)
+from cellmodel.train.history import read_history
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "jobs" / "configs"
+CPU = torch.device("cpu")
+
+
+# -- config ---------------------------------------------------------------------------------
+def test_config_files_parse_and_overrides_apply():
+    paper = load_config(CONFIGS / "paper.toml")
+    assert paper.model.name == "xception_bilstm" and paper.model_config().input_size == (
+        3,
+        240,
+        320,
+    )
+    assert (paper.phase1.epochs, paper.phase2.epochs) == (100, 70)
+    assert (paper.phase1.optimizer, paper.phase2.optimizer, paper.phase2.lr) == (
+        "rmsprop",
+        "adam",
+        1e-4,
+    )
+    assert paper.scaling.use_gpu and paper.run.name == "paper"
+    quick = load_config(
+        CONFIGS / "quickstart.toml",
+        ["model.name=resnet50", "phase1.epochs=3", "model.overrides.input_size=[3, 120, 160]",
+         "loss.label_smoothing=0"],
+    )  # fmt: skip
+    assert quick.model.name == "resnet50" and quick.phase1.epochs == 3
+    assert quick.model_config().input_size == (3, 120, 160)
+    assert quick.loss.label_smoothing == 0.0 and isinstance(quick.loss.label_smoothing, float)
+    # The saved form reads back to an equal config.
+    assert TrainConfig.from_toml(quick.to_toml()) == quick
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("phase1.epoch=3", ["phase1.epoch", "known"]),
+        ("phase1.epochs=three", ["phase1.epochs", "int"]),
+        ("phase2.optimizer=lbfgs", ["phase2.optimizer", "rmsprop"]),
+        ("scaling.num_workers=0", ["scaling.num_workers"]),
+        ("nonsense", ["section.key=value"]),
+    ],
+)
+def test_config_errors_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "quickstart.toml", [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
+    from jobs.train import main
+
+    assert main(["--config", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nope.toml" in err and len(err.splitlines()) == 1
+    cfg = CONFIGS / "quickstart.toml"
+    assert main(["--config", str(cfg), f"data.uri={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest.json" in err and len(err.splitlines()) == 1
+    assert main(["--config", str(cfg), "model.name=no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+
+
+# -- plain loop and feature cache -------------------------------------------------------------
+def _images(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 120, 160, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_cached_forward_matches_the_model_and_phase1_freezes_the_cnn():
+    torch.manual_seed(0)
+    model = build_model("tiny_bilstm")
+    model.freeze_cnn()
+    x, y = _images()
+    cache = build_cache(model, [(x[:12], y[:12]), (x[12:], y[12:])], device=CPU)
+    assert len(cache) == 24 and cache.feats.shape == (24, model.cnn_dim)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        got = CachedForward(model)(cache.feats, cache.gray)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    # One cached phase-1 epoch trains the RNN and head and leaves every CNN tensor as it was.
+    cnn_before = {k: v.clone() for k, v in model.cnns.state_dict().items()}
+    rnn_before = model.rnn.weight_hh_l0.detach().clone()
+    net = CachedForward(model)
+    opt = make_optimizer(net.parameters(), load_config(CONFIGS / "quickstart.toml").phase1)
+    loss_fn = make_loss(0.1)
+    first = train_epoch(net, cache.batches(8, shuffle=True), opt, loss_fn, device=CPU)
+    for _ in range(15):
+        last = train_epoch(net, cache.batches(8, shuffle=True, seed=1), opt, loss_fn, device=CPU)
+    for k, v in model.cnns.state_dict().items():
+        assert torch.equal(v, cnn_before[k]), k
+    assert not torch.equal(model.rnn.weight_hh_l0, rnn_before)
+    assert last["loss"] < first["loss"] and first["n"] == 24
+
+
+def test_cached_and_uncached_epochs_compute_the_same_loss():
+    x, y = _images(16, seed=3)
+    losses = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny_bilstm")
+        model.freeze_cnn()
+        if cached:
+            c = build_cache(model, [(x, y)], device=CPU)
+            net, batches = CachedForward(model), c.batches(8)
+        else:
+            net, batches = model, [((x[:8],), y[:8]), ((x[8:],), y[8:])]
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+        torch.manual_seed(1)  # same dropout masks in both paths
+        tr = train_epoch(net, batches, opt, make_loss(0.1), device=CPU)
+        ev_batches = c.batches(16) if cached else [((x,), y)]
+        ev = evaluate(net, ev_batches, make_loss(0.1), device=CPU)
+        losses.append((tr["loss"], ev["loss"]))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+# -- Ray Train runs ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory):
+    from cellmodel.data.ingest import ingest
+
+    out = str(tmp_path_factory.mktemp("shards") / "sample")
+    ingest(str(ROOT / "data/sample/crops"), out, target_per_class=32, progress=False, workers=1)
+    return out
+
+
+def _cfg(data_uri: str, storage_uri: str, name: str, *extra: str) -> TrainConfig:
+    return load_config(
+        CONFIGS / "quickstart.toml",
+        [f"data.uri={json.dumps(data_uri)}", f"run.storage={json.dumps(storage_uri)}",
+         f"run.name={name}", "phase1.epochs=2", "phase2.epochs=0", *extra],
+    )  # fmt: skip
+
+
+def _epochs_started(run_dir: str) -> list[int]:
+    fs, path = storage.get_fs(storage.join(run_dir, "events"))
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("epoch-"))
+
+
+@pytest.mark.slow
+def test_two_workers_from_s3_shards_to_s3_checkpoints(ray_session, s3_bucket):
+    from cellmodel.data.dataset import iter_split
+    from cellmodel.data.ingest import ingest
+
+    shards = f"{s3_bucket}/shards"
+    ingest(str(ROOT / "data/sample/crops"), shards, target_per_class=32, progress=False, workers=1)
+    cfg = _cfg(shards, f"{s3_bucket}/runs", "s3run", "phase1.epochs=5", "phase1.lr=1e-2",
+               "phase2.epochs=1")  # fmt: skip
+    result = run_training(cfg)
+
+    hist = result.history
+    assert [r["epoch"] for r in hist] == list(range(6))
+    assert [r["phase"] for r in hist] == [1] * 5 + [2]
+    assert all(r["train_n"] == hist[0]["train_n"] > 0 for r in hist)
+    assert min(r["train_loss"] for r in hist[1:]) < hist[0]["train_loss"]  # loss falls
+    # Checkpoints in S3: the best and the last are kept, plus the final model and summary.
+    fs, _ = storage.get_fs(s3_bucket)
+    run = result.run_dir
+    assert run.startswith("s3://")
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(run[5:]) if "epoch-" in p)
+    assert "epoch-0005" in kept and 1 <= len(kept) <= 2
+    for name in (
+        "model/model.safetensors",
+        "summary.json",
+        "history.csv",
+        "history.png",
+        "config.toml",
+    ):
+        assert fs.exists(storage.join(run, name)[5:]), name
+    best = min(hist, key=lambda r: r["val_loss"])
+    assert result.metrics["epoch"] == best["epoch"]
+    assert result.best_checkpoint.endswith(f"epoch-{best['epoch']:04d}")
+
+    # Reloading the best checkpoint reproduces its validation metrics.
+    model, meta = load_checkpoint(result.model_uri)
+    assert meta["metrics"]["epoch"] == best["epoch"]
+    batches = (((torch.from_numpy(x),), torch.from_numpy(y))
+               for x, y in iter_split(shards, "val", model.cfg, batch_size=16))  # fmt: skip
+    ev = evaluate(model, batches, make_loss(cfg.loss.label_smoothing), device=CPU)
+    assert ev["n"] == best["val_n"]
+    assert ev["loss"] / ev["n"] == pytest.approx(best["val_loss"], abs=1e-4)
+    assert ev["correct"] / ev["n"] == pytest.approx(best["val_acc"])
+
+
+@pytest.mark.slow
+def test_killed_worker_recovery_phase1_cnn_and_resume_by_name(ray_session, local_shards, tmp_path):
+    # Worker rank 1 exits hard (os._exit) after its first step of epoch 1, once.
+    storage_uri = str(tmp_path / "runs")
+    crash = ("run.seed=7", "phase1.epochs=3", "debug.crash_at_epoch=1", "debug.crash_rank=1",
+             "run.max_failures=1")  # fmt: skip
+    first = run_training(_cfg(local_shards, storage_uri, "resume", *crash))
+    assert storage.exists(storage.join(first.run_dir, "events", "crash-injected"))
+    # Every epoch reported once, in order; only the interrupted epoch was started twice.
+    assert [r["epoch"] for r in first.history] == [0, 1, 2]
+    assert _epochs_started(first.run_dir) == [0, 1, 1, 2]
+
+    # Phase 1 leaves every CNN tensor (weights and batch-norm statistics) bit-identical.
+    torch.manual_seed(7)
+    init = build_model("tiny_bilstm")
+    last, _ = load_checkpoint(first.last_checkpoint)
+    for k, v in init.cnns.state_dict().items():
+        assert torch.equal(last.cnns.state_dict()[k], v), k
+    assert not torch.equal(last.fc.weight, init.fc.weight)
+
+    # The same name again, with phase 2 added: it resumes, epochs 0-2 are not run again.
+    second = run_training(_cfg(local_shards, storage_uri, "resume", *crash, "phase2.epochs=1"))
+    assert [(r["epoch"], r["phase"]) for r in second.history] == [(0, 1), (1, 1), (2, 1), (3, 2)]
+    assert _epochs_started(second.run_dir) == [0, 1, 1, 2, 3]
+    thawed, _ = load_checkpoint(second.last_checkpoint)
+    assert not torch.equal(thawed.cnns[0].conv1[0].weight, init.cnns[0].conv1[0].weight)
+    assert read_history(second.run_dir) == second.history
+
+    # A different model under the same name is refused instead of mixing weights.
+    with pytest.raises(ConfigError, match="another run.name"):
+        run_training(_cfg(local_shards, storage_uri, "resume", "model.name=resnet50"))
