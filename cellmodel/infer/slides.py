@@ -1,0 +1,522 @@
+"""Bulk slide classification: slide images in, a white-cell differential per slide out.
+
+The pipeline is two Ray Data stages and one writer:
+
+1. ``find_batch`` (tasks): read each slide, find its white cells, cut one crop per cell at
+   the training geometry (320x240, centred on the cell). A slide with no cell, or one that
+   cannot be read, still yields one placeholder row so that it is reported.
+2. ``Classifier`` (an actor pool, ``concurrency`` actors, GPUs when present): classify the
+   crops in batches of ``batch_size`` cells.
+3. The driver gathers rows per slide; once every cell of a slide is back, the slide is
+   complete. Complete slides are written in parts of ``slides_per_part`` slides:
+   ``cells/part-H.parquet``, ``slides/part-H.parquet``, then ``_committed/part-H.json``
+   last. ``H`` is a hash of the slide ids in the part.
+
+Exactly once: a part exists for readers only once its marker exists. A re-run reads the
+markers, skips committed slides, and deletes data files without a marker (left by a run
+killed between the data files and the marker), so no slide is ever counted twice.
+Only one run at a time may write to one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellmodel import storage
+from cellmodel.infer.finder import FinderConfig, find_cells
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+COMMITTED = "_committed"
+JOB_FILE = "_job.json"
+SUMMARY_FILE = "summary.json"
+# Fault injection for tests: "N" makes the run stop after the cells file of its part
+# N+1 (raising InjectedFault), "N:hang" makes it wait there to be killed.
+FAULT_ENV = "CELLMODEL_SLIDES_FAULT_AFTER_PARTS"
+
+
+class SlidesError(RuntimeError):
+    """A user mistake: no slides at the input, an output written by another checkpoint..."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose when ``CELLMODEL_SLIDES_FAULT_AFTER_PARTS`` is set."""
+
+
+@dataclass(kw_only=True)
+class SlidesConfig:
+    """Settings of the slide job (``jobs/configs/slides.toml`` holds the defaults)."""
+
+    batch_size: int = 32  # cells per model batch
+    concurrency: int = 2  # classifier actors
+    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+    find_batch_size: int = 4  # slides per finder task batch
+    slides_per_part: int = 64  # slides per output Parquet part
+    low_confidence: float = 0.5  # a cell whose top probability is below this is doubtful
+    backend: str = "eager"  # Predictor backend: eager, onnx or auto (ONNX Runtime on CPU)
+    finder: FinderConfig = field(default_factory=FinderConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SlidesConfig:
+        d = dict(d or {})
+        finder = FinderConfig.from_dict(d.pop("finder", None))
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown slide-job settings {sorted(unknown)}; "
+                f"known settings: {sorted(cls.__dataclass_fields__)}"
+            )
+        cfg = cls(finder=finder, **d)
+        for k in ("batch_size", "concurrency", "find_batch_size", "slides_per_part"):
+            if int(getattr(cfg, k)) < 1:
+                raise ValueError(f"{k} must be at least 1, got {getattr(cfg, k)}")
+        if cfg.backend not in ("eager", "onnx", "auto"):
+            raise ValueError(f"backend must be eager, onnx or auto, got {cfg.backend!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- listing and state
+
+
+def list_slides(input_uri: str) -> list[tuple[str, str]]:
+    """``[(slide_id, uri)]`` for every JPEG/PNG under ``input_uri``, sorted by id.
+
+    ``slide_id`` is the path relative to ``input_uri``; a single image file is accepted too.
+    """
+    fs, path = storage.get_fs(input_uri)
+    if not fs.exists(path):
+        raise SlidesError(f"input {input_uri} does not exist; give a folder or prefix of slides")
+    proto = input_uri.split("://", 1)[0] + "://" if storage.is_remote(input_uri) else ""
+    if fs.isfile(path):
+        return [(os.path.basename(path), proto + path)]
+    root = path.rstrip("/") + "/"
+    found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    out = sorted((p[len(root) :] if p.startswith(root) else p, proto + p) for p in found)
+    if not out:
+        raise SlidesError(
+            f"no slide images ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri}; "
+            "check the input folder or prefix"
+        )
+    return out
+
+
+def part_name(slide_ids: list[str]) -> str:
+    """A name that depends only on the set of slides in the part."""
+    h = hashlib.sha1("\n".join(sorted(slide_ids)).encode()).hexdigest()[:16]
+    return f"part-{h}"
+
+
+def committed_parts(output: str) -> list[dict]:
+    """The markers of every committed part (what readers may see), sorted by name."""
+    fs, path = storage.get_fs(output)
+    mdir = f"{path.rstrip('/')}/{COMMITTED}"
+    fs.invalidate_cache()  # s3fs caches listings; another run may have written since
+    if not fs.exists(mdir):
+        return []
+    return [
+        json.loads(fs.cat_file(p))
+        for p in sorted(fs.find(mdir))
+        if p.endswith(".json") and not os.path.basename(p).startswith(".")
+    ]
+
+
+def remove_orphans(output: str, parts: list[dict]) -> list[str]:
+    """Delete data files whose part has no marker (an interrupted run); their paths."""
+    fs, path = storage.get_fs(output)
+    keep = {p["part"] for p in parts}
+    removed = []
+    for sub in ("cells", "slides"):
+        d = f"{path.rstrip('/')}/{sub}"
+        if not fs.exists(d):
+            continue
+        for p in fs.find(d):
+            stem = os.path.basename(p).split(".")[0]
+            if stem not in keep:
+                fs.rm(p)
+                removed.append(p)
+    return removed
+
+
+def check_job(output: str, job: dict) -> None:
+    """Record which checkpoint writes ``output``; refuse to mix two checkpoints in one output."""
+    uri = storage.join(output, JOB_FILE)
+    if storage.exists(uri):
+        old = json.loads(storage.read_bytes(uri))
+        for k in ("checkpoint", "classes"):
+            if old.get(k) != job.get(k):
+                raise SlidesError(
+                    f"{output} holds results of {k} {old.get(k)!r}, not {job.get(k)!r}; "
+                    "write to a new output, or rerun with the same checkpoint to resume"
+                )
+        return
+    storage.write_bytes(uri, json.dumps(job, indent=2).encode())
+
+
+# ---------------------------------------------------------------- stage 1: finder
+
+
+def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -> dict:
+    row = dict(slide_id=slide_id, uri=uri, status=status, reason=reason, message=message)
+    return row | dict(width=size[0], height=size[1])
+
+
+def find_batch(batch: dict, finder: dict, crop_size: tuple[int, int]) -> dict:
+    """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
+
+    Slides with no cell or that failed give one row with ``cell_index`` -1.
+    """
+    from cellmodel.data.transforms import ImageDecodeError, decode_image
+    from cellmodel.data.voc import crop_around
+
+    fcfg = FinderConfig.from_dict(finder)
+    w, h = crop_size
+    rows, crops = [], []
+    for slide_id, uri in zip(batch["slide_id"], batch["uri"], strict=True):
+        slide_id, uri = str(slide_id), str(uri)
+        try:
+            img = decode_image(storage.read_bytes(uri))
+        except ImageDecodeError as e:
+            dets, base = [], _slide_row(slide_id, uri, "error", e.reason, str(e))
+        except OSError as e:  # missing object, permission, network
+            msg = f"{type(e).__name__}: {e}"
+            dets, base = [], _slide_row(slide_id, uri, "error", "unreadable", msg)
+        else:
+            dets = find_cells(img, fcfg)
+            base = _slide_row(slide_id, uri, size=img.size)
+        for i, d in enumerate(dets or [None]):
+            row = dict(base, n_cells=len(dets), cell_index=i if d else -1)
+            box = d.as_tuple() if d else (0.0, 0.0, 0.0, 0.0)
+            row.update(zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
+            row["det_score"] = d.score if d else 0.0
+            rows.append(row)
+            crops.append(np.asarray(crop_around(img, d.center, (w, h))) if d else None)
+    if not rows:
+        return {}
+    out = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+    blank = np.zeros((h, w, 3), np.uint8)  # placeholders; never classified
+    out["crop"] = np.stack([c if c is not None else blank for c in crops])
+    return out
+
+
+# ---------------------------------------------------------------- stage 2: classifier
+
+
+class Classifier:
+    """Ray Data actor: loads the checkpoint once, then classifies crop batches."""
+
+    def __init__(self, checkpoint: str, batch_size: int = 32, backend: str = "eager") -> None:
+        from cellmodel.infer.predictor import Predictor
+
+        # Only name a non-default backend, so the default works with any Predictor version.
+        kw = {"backend": backend} if backend != "eager" else {}
+        self.predictor = Predictor(checkpoint, **kw)
+        self.pre = self.predictor.cfg.preprocessing()
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        from PIL import Image
+
+        from cellmodel.data.transforms import to_array
+
+        crops = batch.pop("crop")
+        idx = np.nonzero(batch["cell_index"] >= 0)[0]
+        probs = np.full((len(crops), len(self.predictor.classes)), np.nan, np.float32)
+        for s in range(0, len(idx), self.batch_size):
+            sel = idx[s : s + self.batch_size]
+            x = np.stack([to_array(Image.fromarray(crops[i]), self.pre) for i in sel])
+            probs[sel] = self.predictor.predict_arrays(x)
+        batch["probs"] = probs
+        return batch
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _cells_table(rows: list[dict], classes: list[str]) -> pa.Table:
+    keys = ("slide_id", "cell_index", "xmin", "ymin", "xmax", "ymax", "det_score")
+    cols = {k: [r[k] for r in rows] for k in keys}
+    probs = np.asarray([r["probs"] for r in rows], np.float32).reshape(len(rows), len(classes))
+    pred = probs.argmax(1) if len(rows) else np.zeros(0, np.int64)
+    table = {
+        "slide_id": pa.array(cols["slide_id"], pa.string()),
+        "cell_index": pa.array(cols["cell_index"], pa.int32()),
+        **{k: pa.array(cols[k], pa.float32()) for k in ("xmin", "ymin", "xmax", "ymax")},
+        "det_score": pa.array(cols["det_score"], pa.float32()),
+        "pred_label": pa.array(pred, pa.int32()),
+        "pred_class": pa.array([classes[i] for i in pred], pa.string()),
+        "confidence": pa.array(probs.max(1) if len(rows) else [], pa.float32()),
+    }
+    for j, c in enumerate(classes):
+        table[f"prob_{c.lower()}"] = pa.array(probs[:, j], pa.float32())
+    return pa.table(table)
+
+
+def summarize_slide(first: dict, cells: list[dict], classes: list[str], low: float) -> dict:
+    """The per-slide row: counts and fractions per class, confidence and flags."""
+    probs = np.asarray([c["probs"] for c in cells], np.float32).reshape(len(cells), len(classes))
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    counts = np.bincount(pred, minlength=len(classes))
+    n = len(cells)
+    row = {
+        k: first[k] for k in ("slide_id", "uri", "status", "reason", "message", "width", "height")
+    }
+    row["n_cells"] = n
+    for j, c in enumerate(classes):
+        row[f"count_{c.lower()}"] = int(counts[j])
+    for j, c in enumerate(classes):
+        row[f"frac_{c.lower()}"] = float(counts[j] / n) if n else 0.0
+    # The slide's class: most cells; ties go to the class with the larger summed probability.
+    row["top_class"] = classes[int(np.lexsort((probs.sum(0), counts))[-1])] if n else None
+    row["mean_confidence"] = float(conf.mean()) if n else None
+    row["n_low_confidence"] = int((conf < low).sum())
+    flags = []
+    if first["status"] != "ok":
+        flags.append("unreadable")
+    elif n == 0:
+        flags.append("no_white_cell")
+    if row["n_low_confidence"]:
+        flags.append("low_confidence")
+    row["flags"] = flags
+    return row
+
+
+def _slides_schema(classes: list[str]) -> pa.Schema:
+    # Explicit, so that a part where every value is null (no cells) has the same schema.
+    s, i32, f32 = pa.string(), pa.int32(), pa.float32()
+    fields = [(k, s) for k in ("slide_id", "uri", "status", "reason", "message")]
+    fields += [("width", i32), ("height", i32), ("n_cells", i32)]
+    fields += [(f"count_{c.lower()}", i32) for c in classes]
+    fields += [(f"frac_{c.lower()}", f32) for c in classes]
+    fields += [("top_class", s), ("mean_confidence", f32), ("n_low_confidence", i32)]
+    return pa.schema(fields + [("flags", pa.list_(s))])
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def write_part(
+    output: str, slides: list[dict], cells: list[dict], classes: list[str], *, fault: str = ""
+) -> dict:
+    """Write one part (cells, slides, then the marker) and return its marker.
+
+    ``fault`` ("raise" or "hang", for tests) stops after the cells file: the worst moment
+    for a kill.
+    """
+    name = part_name([s["slide_id"] for s in slides])
+    cells_table = _cells_table(cells, classes)
+    storage.write_bytes(
+        storage.join(output, "cells", f"{name}.parquet"), _parquet_bytes(cells_table)
+    )
+    if fault == "hang":
+        log.warning("%s: waiting to be killed after the cells file of %s", FAULT_ENV, name)
+        time.sleep(3600)
+    if fault:
+        raise InjectedFault(f"{FAULT_ENV} is set: stopping after the cells file of {name}")
+    stable = pa.Table.from_pylist(slides, schema=_slides_schema(classes))
+    storage.write_bytes(storage.join(output, "slides", f"{name}.parquet"), _parquet_bytes(stable))
+    marker = {
+        "part": name,
+        "slides": [s["slide_id"] for s in slides],
+        "n_slides": len(slides),
+        "n_errors": sum(s["status"] != "ok" for s in slides),
+        "n_cells": len(cells),
+        "n_no_white_cell": sum("no_white_cell" in s["flags"] for s in slides),
+        "n_low_confidence": sum("low_confidence" in s["flags"] for s in slides),
+        "counts": {c: sum(s[f"count_{c.lower()}"] for s in slides) for c in classes},
+        "errors": {s["slide_id"]: s["reason"] for s in slides if s["status"] != "ok"},
+    }
+    storage.write_bytes(
+        storage.join(output, COMMITTED, f"{name}.json"), json.dumps(marker).encode()
+    )
+    return marker
+
+
+# ---------------------------------------------------------------- the job
+
+
+def summarize(output: str, parts: list[dict] | None = None) -> dict:
+    """Totals over every committed part of ``output``."""
+    parts = committed_parts(output) if parts is None else parts
+    counts: dict[str, int] = {}
+    for p in parts:
+        for c, n in p["counts"].items():
+            counts[c] = counts.get(c, 0) + n
+    total = sum(counts.values())
+    keys = ("n_slides", "n_errors", "n_cells", "n_no_white_cell", "n_low_confidence")
+    out = {k: sum(p[k] for p in parts) for k in keys}
+    out.update(
+        n_parts=len(parts),
+        counts=counts,
+        fractions={c: (n / total if total else 0.0) for c, n in counts.items()},
+        errors={k: v for p in parts for k, v in p["errors"].items()},
+    )
+    return out
+
+
+def _read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def read_results(output: str) -> tuple:
+    """``(cells, slides)`` pandas DataFrames of the committed parts only."""
+    import pandas as pd
+
+    cells, slides = [], []
+    for p in committed_parts(output):
+        cells.append(_read_table(storage.join(output, "cells", p["part"] + ".parquet")))
+        slides.append(_read_table(storage.join(output, "slides", p["part"] + ".parquet")))
+    if not cells:
+        return pd.DataFrame(), pd.DataFrame()
+    return (
+        pa.concat_tables(cells, promote_options="default").to_pandas(),
+        pa.concat_tables(slides, promote_options="default").to_pandas(),
+    )
+
+
+def _actor_gpus(cfg: SlidesConfig) -> float:
+    import ray
+
+    if cfg.num_gpus is not None:
+        return float(cfg.num_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def run_slides(
+    input_uri: str,
+    checkpoint: str,
+    output: str,
+    cfg: SlidesConfig | None = None,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Classify every slide under ``input_uri`` not yet committed in ``output``.
+
+    Returns the summary (also written to ``<output>/summary.json``), with ``n_new``
+    (slides processed by this run), ``n_skipped`` and ``seconds``.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from cellmodel.data.voc import CROP_SIZE
+    from cellmodel.models.checkpoint import read_checkpoint_meta
+
+    cfg = cfg or SlidesConfig()
+    t0 = time.perf_counter()
+    meta = read_checkpoint_meta(checkpoint)
+    classes = list(meta["classes"])
+    slides = list_slides(input_uri)[:limit]
+    # The same local checkpoint named by a relative or an absolute path is one checkpoint.
+    ckpt_id = checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint)
+    job = dict(checkpoint=ckpt_id, classes=classes, input=input_uri, config=cfg.to_dict())
+    check_job(output, job | {"model": meta.get("model_name")})
+    parts = committed_parts(output)
+    for p in remove_orphans(output, parts):
+        log.warning("removed %s: written by an interrupted run without its marker", p)
+    done = {s for p in parts for s in p["slides"]}
+    todo = [(sid, uri) for sid, uri in slides if sid not in done]
+    n_done = len(slides) - len(todo)
+    log.info(
+        "%d slides at %s: %d already done, %d to do", len(slides), input_uri, n_done, len(todo)
+    )
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        ds = ray.data.from_items(
+            [{"slide_id": s, "uri": u} for s, u in todo],
+            override_num_blocks=max(1, min(len(todo) // cfg.find_batch_size, 200)),
+        )
+        ds = ds.map_batches(
+            find_batch,
+            batch_size=cfg.find_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"finder": cfg.finder.to_dict(), "crop_size": CROP_SIZE},
+        )
+        ds = ds.map_batches(
+            Classifier,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "batch_size": cfg.batch_size,
+                "backend": cfg.backend,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            num_gpus=_actor_gpus(cfg),
+        )
+        _collect(ds, output, classes, cfg, parts, len(todo), progress and tqdm)
+    summary = summarize(output)
+    summary.update(
+        n_new=len(todo),
+        n_skipped=len(slides) - len(todo),
+        seconds=round(time.perf_counter() - t0, 2),
+        checkpoint=checkpoint,
+    )
+    storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _collect(ds, output, classes, cfg, parts, total, tqdm_cls) -> None:
+    """Group the classified rows per slide and write complete slides part by part."""
+    pending: dict[str, list[dict]] = {}
+    written = 0  # parts committed by this run
+    group_slides: list[dict] = []
+    group_cells: list[dict] = []
+    bar = tqdm_cls(total=total, unit="slide", desc="slides") if tqdm_cls else None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["slide_id"])):
+            row = {k: _plain(v[i]) for k, v in batch.items()}
+            rows = pending.setdefault(row["slide_id"], [])
+            rows.append(row)
+            if len(rows) > max(row["n_cells"], 1):
+                raise RuntimeError(f"slide {row['slide_id']} came back more than once")
+            if len(rows) < max(row["n_cells"], 1):
+                continue
+            del pending[row["slide_id"]]
+            cells = sorted((r for r in rows if r["cell_index"] >= 0), key=lambda r: r["cell_index"])
+            group_slides.append(summarize_slide(rows[0], cells, classes, cfg.low_confidence))
+            group_cells.extend(cells)
+            if bar:
+                bar.update(1)
+            if len(group_slides) >= cfg.slides_per_part:
+                _flush(output, group_slides, group_cells, classes, parts, written)
+                written += 1
+    if group_slides:
+        _flush(output, group_slides, group_cells, classes, parts, written)
+    if bar:
+        bar.close()
+    if pending:
+        raise RuntimeError(f"{len(pending)} slides came back incomplete: {sorted(pending)[:5]}")
+
+
+def _plain(v):
+    # numpy scalars to Python values (Parquet/JSON friendly); arrays stay arrays.
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _flush(output, group_slides, group_cells, classes, parts, written: int) -> None:
+    after, _, mode = os.environ.get(FAULT_ENV, "").partition(":")
+    fault = (mode or "raise") if after.isdigit() and written >= int(after) else ""
+    parts.append(write_part(output, group_slides, group_cells, classes, fault=fault))
+    name, n_slides, n_cells = parts[-1]["part"], len(group_slides), len(group_cells)
+    log.info("committed %s (%d slides, %d cells)", name, n_slides, n_cells)
+    group_slides.clear()
+    group_cells.clear()

@@ -1,0 +1,129 @@
+"""Slide job throughput: ``python -m jobs.bench slides [--model NAME --n N ...]``.
+
+Measures, in one run and on one machine:
+
+- model only: ``Predictor.predict_arrays`` on preprocessed batches (images/s), the baseline;
+- finder only: decode + find + crop per slide in this process (slides/s);
+- end to end: ``run_slides`` on a local Ray instance, from slide files to committed
+  Parquet parts (slides/s and cells/s), including actor start-up and checkpoint loading.
+
+The checkpoint holds random weights of ``--model``: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SLIDES = (
+    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "bccd" / "JPEGImages"
+)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench slides", description=__doc__)
+    ap.add_argument("--slides", default=str(DEFAULT_SLIDES.resolve()), help="folder of slides")
+    ap.add_argument("--model", default="tiny_bilstm", help="model variant (random weights)")
+    ap.add_argument("--n", type=int, default=96, help="slides for the end-to-end run")
+    ap.add_argument("--batch-size", type=int, default=16, help="cells per model batch")
+    ap.add_argument("--concurrency", type=int, default=1, help="classifier actors")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    ap.add_argument("--backend", default="eager", help="Predictor backend: eager, onnx, auto")
+    ap.add_argument("--model-batches", type=int, default=5, help="batches for model-only timing")
+    args = ap.parse_args(argv)
+
+    from cellmodel.infer.slides import list_slides
+
+    slides = list_slides(args.slides)[: args.n]
+    with tempfile.TemporaryDirectory(prefix="bench-slides-") as tmp:
+        return _bench(args, slides, tmp)
+
+
+def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) -> int:
+    import ray
+    import torch
+
+    from cellmodel.data.transforms import decode_image
+    from cellmodel.data.voc import CROP_SIZE, crop_around
+    from cellmodel.infer.finder import find_cells
+    from cellmodel.infer.predictor import Predictor
+    from cellmodel.infer.slides import SlidesConfig, run_slides
+    from cellmodel.models import build_model, save_checkpoint
+
+    ckpt = save_checkpoint(build_model(args.model), os.path.join(tmp, "ckpt"))
+
+    # Baseline: the model alone on ready-made input, one thread like one Ray actor (Ray
+    # sets OMP_NUM_THREADS=1 in a 1-CPU worker). Timed before and after the end-to-end
+    # run, since the machine is shared and its load drifts.
+    torch.set_num_threads(1)
+    kw = {"backend": args.backend} if args.backend != "eager" else {}
+    pred = Predictor(ckpt, device="cpu", **kw)
+    x = np.random.default_rng(0).standard_normal((args.batch_size, *pred.cfg.input_size))
+    x = x.astype(np.float32)
+    pred.predict_arrays(x)  # warm-up
+
+    def model_only() -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.model_batches):
+            pred.predict_arrays(x)
+        return args.model_batches * args.batch_size / (time.perf_counter() - t0)
+
+    model_before = model_only()
+
+    # The finder alone (one process), on the same slides.
+    t0 = time.perf_counter()
+    for _, uri in slides:
+        img = decode_image(Path(uri).read_bytes())
+        for d in find_cells(img):
+            crop_around(img, d.center, CROP_SIZE)
+    finder_sps = len(slides) / (time.perf_counter() - t0)
+
+    # End to end on a local Ray instance (start-up of Ray itself is not counted).
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    cfg = SlidesConfig.from_dict(
+        {
+            "batch_size": args.batch_size,
+            "concurrency": args.concurrency,
+            "slides_per_part": 16,
+            "backend": args.backend,
+        }
+    )
+    # Two runs, n/4 and n slides: the difference removes start-up (actors importing
+    # torch and loading the checkpoint) and gives the steady-state rate.
+    small = run_slides(
+        args.slides, ckpt, os.path.join(tmp, "small"), cfg, limit=args.n // 4, progress=False
+    )
+    summary = run_slides(
+        args.slides, ckpt, os.path.join(tmp, "out"), cfg, limit=args.n, progress=False
+    )
+    ray.shutdown()
+    model_ips = (model_before + model_only()) / 2
+    e2e_sps = summary["n_slides"] / summary["seconds"]
+    extra_s = summary["seconds"] - small["seconds"]
+    steady_sps = (summary["n_slides"] - small["n_slides"]) / extra_s if extra_s > 0 else None
+    result = {
+        "model": args.model,
+        "backend": args.backend,
+        "slides": summary["n_slides"],
+        "cells": summary["n_cells"],
+        "model_only_images_per_s": round(model_ips, 2),
+        "model_only_before_after": [round(model_before, 2), round(2 * model_ips - model_before, 2)],
+        "finder_only_slides_per_s": round(finder_sps, 2),
+        "end_to_end_slides_per_s": round(e2e_sps, 3),
+        "end_to_end_cells_per_s": round(summary["n_cells"] / summary["seconds"], 3),
+        "end_to_end_seconds": summary["seconds"],
+        "end_to_end_vs_model_only": round(e2e_sps / model_ips, 3),
+        "steady_slides_per_s": steady_sps and round(steady_sps, 3),
+        "steady_vs_model_only": steady_sps and round(steady_sps / model_ips, 3),
+        "ray_cpus": args.num_cpus,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+    }
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,272 @@
+"""The slide job end to end: sample slides on a real S3 server, real local Ray, real model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from PIL import Image
+
+from cellmodel import CLASSES, storage
+from cellmodel.data.voc import parse_voc
+from cellmodel.infer.finder import match
+from cellmodel.infer.slides import (
+    FAULT_ENV,
+    SlidesConfig,
+    SlidesError,
+    committed_parts,
+    read_results,
+    run_slides,
+)
+from cellmodel.models import build_model, save_checkpoint
+from jobs import classify_slides
+
+IN = "{bucket}/in/JPEGImages"
+CFG = dict(batch_size=8, concurrency=1, find_batch_size=4, slides_per_part=5)
+N_SAMPLE = 24
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, sample_dir) -> str:
+    """One bucket for the module: sample slides, a corrupt and a blank slide, a checkpoint."""
+    import torch
+
+    SAMPLE = sample_dir
+    name = f"slides-{os.getpid()}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    fs.mkdir(name)
+    for p in sorted((SAMPLE / "slides" / "JPEGImages").glob("*.jpg")):
+        fs.pipe(f"{name}/in/JPEGImages/{p.name}", p.read_bytes())
+    fs.pipe(f"{name}/in/labels.csv", (SAMPLE / "slides" / "labels.csv").read_bytes())
+    good = (SAMPLE / "slides" / "JPEGImages" / "BloodImage_00021.jpg").read_bytes()
+    fs.pipe(f"{name}/in/JPEGImages/broken/corrupt.jpg", good[: len(good) // 3])  # a cut-off upload
+    pale = Image.new("RGB", (640, 480), (228, 205, 210))  # a smear field with no white cell
+    buf = io.BytesIO()
+    pale.save(buf, "PNG")
+    fs.pipe(f"{name}/in/JPEGImages/blank.png", buf.getvalue())
+    fs.pipe(f"{name}/in/JPEGImages/notes.txt", b"not a slide")  # ignored: not an image extension
+    torch.manual_seed(0)
+    save_checkpoint(build_model("tiny_bilstm"), f"s3://{name}/ckpt")
+    return f"s3://{name}"
+
+
+def wbc_truth(stem: str) -> list[tuple]:
+    _, boxes = parse_voc((SAMPLE / "slides" / "Annotations" / f"{stem}.xml").read_bytes())
+    return [b.as_tuple() for b in boxes if b.name == "WBC" and b.xmax - b.xmin >= 60]
+
+
+def check_results(cells, slides) -> None:
+    """Row structure and consistency of one complete output."""
+    assert len(slides) == N_SAMPLE + 2
+    assert slides.slide_id.is_unique
+    assert not cells.duplicated(["slide_id", "cell_index"]).any()
+    by_slide = slides.set_index("slide_id")
+    # Every annotated white cell of the sample is among the cell rows (IoU >= 0.5).
+    for sid, row in by_slide.iterrows():
+        if sid.startswith("BloodImage_"):
+            mine = cells[cells.slide_id == sid].sort_values("det_score", ascending=False)
+            boxes = mine[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist()
+            truth = wbc_truth(sid.removesuffix(".jpg"))
+            assert match(boxes, truth) == len(truth), sid
+            assert row.status == "ok" and row.width == 640 and row.height == 480
+    # Per-cell rows: probabilities sum to one and agree with the predicted class.
+    probs = cells[[f"prob_{c.lower()}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    assert (cells.pred_class.to_numpy() == np.array(CLASSES)[probs.argmax(1)]).all()
+    np.testing.assert_allclose(cells.confidence, probs.max(1), atol=1e-6)
+    assert cells.det_score.between(0, 1).all()
+    # Per-slide rows: counts add up to the cell rows, fractions to one.
+    n = cells.groupby("slide_id").size()
+    for sid, row in by_slide.iterrows():
+        assert row.n_cells == n.get(sid, 0)
+        counts = [row[f"count_{c.lower()}"] for c in CLASSES]
+        assert sum(counts) == row.n_cells
+        mine = cells[cells.slide_id == sid].pred_class.value_counts()
+        assert counts == [mine.get(c, 0) for c in CLASSES]
+        if row.n_cells:
+            assert sum(row[f"frac_{c.lower()}"] for c in CLASSES) == pytest.approx(1)
+            assert row.top_class in CLASSES
+    # The corrupt slide is listed with its reason; the blank one is flagged.
+    bad = by_slide.loc["broken/corrupt.jpg"]
+    assert bad.status == "error" and bad.reason == "truncated" and "unreadable" in bad["flags"]
+    assert by_slide.loc["blank.png"].n_cells == 0
+    assert list(by_slide.loc["blank.png"]["flags"]) == ["no_white_cell"]
+    assert "notes.txt" not in by_slide.index
+
+
+def kill_midway(bucket: str, out: str, gcs_address: str) -> None:
+    """Run the command in a subprocess on the session's Ray; SIGKILL it between the cells
+    file and the marker of its second part (held there by the fault hook)."""
+    env = dict(os.environ, RAY_ADDRESS=gcs_address, **{FAULT_ENV: "1:hang"})
+    cmd = [sys.executable, "-m", "jobs.classify_slides", "--input", IN.format(bucket=bucket),
+           "--checkpoint", f"{bucket}/ckpt", "--output", out, "--quiet", "--concurrency", "1",
+           "--batch-size", "8", "--slides-per-part", "5"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    fs, path = storage.get_fs(out)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            fs.invalidate_cache()
+            if len(fs.glob(f"{path}/cells/*.parquet")) == 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert len(fs.glob(f"{path}/cells/*.parquet")) == 2, "the run never reached part 2"
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_killed_run_resumes_without_duplicates(ray_session, bucket):
+    out = f"{bucket}/out-resume"
+    cfg = SlidesConfig.from_dict(CFG)
+    kill_midway(bucket, out, ray_session.get_runtime_context().gcs_address)
+    assert len(committed_parts(out)) == 1
+    fs, path = storage.get_fs(out)
+    assert len(fs.ls(f"{path}/cells", refresh=True)) == 2  # one committed, one orphan
+    cells, slides = read_results(out)
+    assert len(slides) == 5  # readers see the committed part only
+
+    # Resume: the committed slides are skipped, the orphan is replaced, nothing twice.
+    s = run_slides(IN.format(bucket=bucket), f"{bucket}/ckpt", out, cfg, progress=False)
+    assert (s["n_new"], s["n_skipped"], s["n_slides"]) == (N_SAMPLE + 2 - 5, 5, N_SAMPLE + 2)
+    cells, slides = read_results(out)
+    check_results(cells, slides)
+    assert s["n_cells"] == len(cells)
+    assert s["errors"] == {"broken/corrupt.jpg": "truncated"}
+    assert sum(s["counts"].values()) == len(cells)
+    names = {p["part"] for p in committed_parts(out)}
+    for sub in ("cells", "slides"):
+        on_disk = {p.rsplit("/", 1)[1].removesuffix(".parquet") for p in fs.ls(f"{path}/{sub}")}
+        assert on_disk == names  # the orphan is gone
+    # Any Parquet reader of the folders sees the same rows (one schema across parts).
+    for sub, df in (("cells", cells), ("slides", slides)):
+        pafs, papath = storage.pyarrow_fs(f"{out}/{sub}")
+        assert pq.read_table(papath, filesystem=pafs).num_rows == len(df)
+    summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
+    assert summary["n_slides"] == N_SAMPLE + 2
+
+    # A third run has nothing to do and changes nothing.
+    s3 = run_slides(IN.format(bucket=bucket), f"{bucket}/ckpt", out, cfg, progress=False)
+    assert (s3["n_new"], s3["n_slides"], s3["n_cells"]) == (0, N_SAMPLE + 2, len(cells))
+
+
+def test_other_checkpoint_cannot_write_into_an_output(bucket, tmp_path):
+    out = f"{bucket}/out-mixed"
+    storage.write_bytes(
+        f"{out}/_job.json", json.dumps({"checkpoint": "s3://x/other", "classes": []}).encode()
+    )
+    with pytest.raises(SlidesError, match="new output"):
+        run_slides(IN.format(bucket=bucket), f"{bucket}/ckpt", out, progress=False)
+
+
+def test_command_line_errors_are_one_line(bucket, tmp_path, capsys):
+    def run(*args) -> tuple[int, str]:
+        rc = classify_slides.main(list(args))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        # Log lines of other libraries may share stderr; the job's own message is one line.
+        mine = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(mine) == 1, err
+        return rc, mine[0]
+
+    rc, err = run(
+        "--input",
+        str(tmp_path / "none"),
+        "--checkpoint",
+        f"{bucket}/ckpt",
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert rc == 2 and err.startswith("error: input") and "does not exist" in err
+    rc, err = run(
+        "--input",
+        IN.format(bucket=bucket),
+        "--checkpoint",
+        str(tmp_path / "nock"),
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert rc == 2 and "no checkpoint" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, err = run(
+        "--input",
+        IN.format(bucket=bucket),
+        "--checkpoint",
+        f"{bucket}/ckpt",
+        "--output",
+        str(blocker / "out"),
+    )
+    assert rc == 2 and "cannot" in err
+    rc, err = run(
+        "--input",
+        IN.format(bucket=bucket),
+        "--checkpoint",
+        f"{bucket}/ckpt",
+        "--output",
+        str(tmp_path / "o"),
+        "--batch-size",
+        "0",
+    )
+    assert rc == 2 and "batch_size" in err
+
+
+def test_slide_class_evaluation_joins_labels(ray_session, bucket):
+    from cellmodel.data.voc import read_labels_csv
+    from jobs.evaluate_finder import evaluate_slide_class
+
+    # Reuses the finished output of the resume test when it ran first (then nothing to do).
+    out = f"{bucket}/out-resume"
+    res = evaluate_slide_class(f"{bucket}/in", f"{bucket}/ckpt", out, SlidesConfig.from_dict(CFG))
+    labels = read_labels_csv((SAMPLE / "slides" / "labels.csv").read_bytes())
+    _, slides = read_results(out)
+    right = total = 0
+    for row in slides.itertuples():
+        if row.slide_id.startswith("BloodImage_"):
+            truth = labels[int(row.slide_id[11:16])]
+            if len(truth) == 1 and truth[0] in CLASSES:
+                right, total = right + (row.top_class == truth[0]), total + 1
+    # 24 sample slides less the BASOPHIL and the unlabelled one.
+    assert res["single_label_slides"] == total == 22
+    assert res["slide_accuracy"] == pytest.approx(right / total)
+    assert sum(sum(v.values()) for v in res["confusion"].values()) == 22
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_classifier_stage_matches_the_predictor(tmp_path, backend):
+    import torch
+
+    from cellmodel.data.transforms import stack_bytes
+    from cellmodel.infer.predictor import Predictor
+    from cellmodel.infer.slides import Classifier, find_batch
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "ck"))
+    jpgs = sorted((SAMPLE / "slides" / "JPEGImages").glob("*.jpg"))[:3]
+    batch = {"slide_id": np.array([p.name for p in jpgs]), "uri": np.array([str(p) for p in jpgs])}
+    rows = find_batch(batch, {}, (320, 240))
+    out = Classifier(ckpt, batch_size=2, backend=backend)(dict(rows))
+    # The same crops through the Predictor directly, as encoded PNGs.
+    pngs = []
+    for crop in rows["crop"]:
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    pred = Predictor(ckpt)
+    ref = pred.predict_arrays(stack_bytes(pngs, pred.cfg))
+    np.testing.assert_allclose(out["probs"], ref, atol=1e-4)
+    assert "crop" not in out and len(out["probs"]) == len(rows["slide_id"]) >= 3
