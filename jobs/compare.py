@@ -52,7 +52,9 @@ def run_one(config: str, overrides: list[str], model: str, seed: int, args) -> d
 
     base = load_config(config, overrides)
     name = f"{base.run.name}-{model}-s{seed}"
-    cfg = load_config(config, [*overrides, f"model.name={model}", f"run.name={name}", f"run.seed={seed}"])
+    cfg = load_config(
+        config, [*overrides, f"model.name={model}", f"run.name={name}", f"run.seed={seed}"]
+    )
     summary_uri = storage.join(cfg.run_dir, "summary.json")
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))

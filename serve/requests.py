@@ -1,0 +1,154 @@
+"""Turning HTTP requests into image bytes, with every client mistake mapped to a 4xx error.
+
+Nothing here knows about Ray: the ingress calls these helpers, and the tests reach them
+through real HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from cellmodel.data.transforms import ImageDecodeError
+
+
+class ApiError(Exception):
+    """A client error: HTTP status, a machine-readable reason and a sentence saying what to do."""
+
+    def __init__(self, status: int, reason: str, message: str, **details) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.details = details
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"reason": self.reason, "message": self.message, **self.details}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# HTTP status per ImageDecodeError.reason; a pixel bomb is "too large", the rest unusable content.
+DECODE_STATUS = {"empty": 400, "too_large": 413, "not_an_image": 422, "truncated": 422}
+
+
+def decode_error(
+    e: ImageDecodeError, index: int | None = None, name: str | None = None
+) -> ApiError:
+    where = "" if index is None else f"image {index}" + (f" ({name})" if name else "") + ": "
+    details = {} if index is None else {"index": index, "filename": name}
+    return ApiError(DECODE_STATUS.get(e.reason, 422), e.reason, where + str(e), **details)
+
+
+@dataclass
+class Image:
+    data: bytes
+    filename: str | None = None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes.
+
+    A declared Content-Length is checked before anything is read; a chunked body is counted
+    as it streams, so an oversized upload never sits in memory whole.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(
+                400, "bad_content_length", f"Content-Length {declared!r} is not a number"
+            ) from None
+        if n > limit:
+            raise _too_big(limit, n)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_big(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_big(limit: int, n: int | None = None) -> ApiError:
+    got = f" ({n} bytes)" if n is not None else ""
+    return ApiError(
+        413,
+        "body_too_large",
+        f"the request body{got} is over the limit of {limit} bytes; send fewer or smaller images "
+        "per request",
+        limit_bytes=limit,
+    )
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_images(request: Request, limit: int, *, allow_json: bool) -> list[Image]:
+    """The images of a request: a raw ``image/*`` body, multipart file parts (in order), or
+    (when ``allow_json``) ``{"images": [base64, ...]}``."""
+    mt = media_type(request)
+    if not (
+        mt.startswith("image/")
+        or mt == "multipart/form-data"
+        or (allow_json and mt == "application/json")
+    ):
+        accepted = "an image/* body (e.g. image/jpeg) or multipart/form-data"
+        if allow_json:
+            accepted += ', or application/json {"images": [base64, ...]}'
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {mt or '(none)'!r} is not accepted; send {accepted}",
+        )
+    body = await read_body(request, limit)
+    if mt.startswith("image/"):
+        return [Image(body)]
+    if mt == "application/json":
+        return _json_images(body)
+    return await _multipart_images(request, body)
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _multipart_images(request: Request, body: bytes) -> list[Image]:
+    parser = MultiPartParser(request.headers, _replay(body), max_files=10_000, max_fields=100)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise ApiError(
+            400, "bad_multipart", f"the multipart body cannot be parsed: {e.message}"
+        ) from e
+    images = []
+    for _, value in form.multi_items():
+        if not isinstance(value, str):  # an UploadFile; plain text fields are ignored
+            images.append(Image(await value.read(), value.filename))
+            await value.close()
+    return images
+
+
+def _json_images(body: bytes) -> list[Image]:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from e
+    items = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ApiError(400, "bad_json", 'expected a JSON object {"images": [base64 string, ...]}')
+    out = []
+    for i, s in enumerate(items):
+        try:
+            out.append(Image(base64.b64decode(s, validate=True), f"images[{i}]"))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
+    return out

@@ -1,0 +1,79 @@
+"""Predictor: the checkpoint's own model, eager or ONNX Runtime, local or on S3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellmodel import CLASSES
+from cellmodel.data.transforms import ImageDecodeError, stack_bytes
+from cellmodel.infer.export import ATOL, ExportError, export_onnx, onnx_forward
+from cellmodel.infer.predictor import Predictor
+from cellmodel.models import build_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny_bilstm").eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory) -> str:
+    return save_checkpoint(model, str(tmp_path_factory.mktemp("ckpt") / "best"))
+
+
+@pytest.fixture(scope="module")
+def images(sample_dir) -> list[bytes]:
+    return [sorted((sample_dir / "crops" / c).glob("*.jpeg"))[0].read_bytes() for c in CLASSES]
+
+
+def _direct(model, images) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(stack_bytes(images, model.cfg))
+        return torch.softmax(model(x), dim=1).numpy()
+
+
+def test_eager_matches_the_model(model, ckpt, images):
+    p = Predictor(ckpt, device="cpu")
+    assert p.classes == list(CLASSES) and p.backend == "eager"
+    probs = p.predict_bytes(images)
+    assert probs.shape == (len(images), len(CLASSES))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, _direct(model, images), atol=1e-5)
+
+
+def test_onnx_backend_matches_eager(ckpt, images):
+    eager = Predictor(ckpt, device="cpu")
+    onnx = Predictor(ckpt, device="cpu", backend="onnx", num_threads=1)
+    x = stack_bytes(images, eager.cfg)
+    for batch in (x[:1], x):  # the exported graph has a dynamic batch dimension
+        np.testing.assert_allclose(onnx.logits_arrays(batch), eager.logits_arrays(batch), atol=ATOL)
+
+
+def test_auto_backend_picks_onnx_on_cpu(ckpt):
+    assert Predictor(ckpt, device="cpu", backend="auto").backend == "onnx"
+
+
+def test_onnx_check_refuses_a_mismatch(model):
+    # A tolerance no float computation meets: the load-time check must say so.
+    with pytest.raises(ExportError, match="differ from eager"):
+        onnx_forward(model, model.cfg.input_size, atol=-1.0)
+    assert len(export_onnx(model, model.cfg.input_size)) > 1000
+
+
+def test_checkpoint_on_s3(model, s3_bucket, images):
+    uri = save_checkpoint(model, f"{s3_bucket}/runs/x/best")
+    np.testing.assert_allclose(
+        Predictor(uri, "cpu").predict_bytes(images), _direct(model, images), atol=1e-5
+    )
+
+
+def test_bad_image_and_bad_backend(ckpt):
+    p = Predictor(ckpt, device="cpu")
+    with pytest.raises(ImageDecodeError) as e:
+        p.predict_bytes([b"not an image"])
+    assert e.value.reason == "not_an_image"
+    with pytest.raises(ValueError, match="unknown backend"):
+        Predictor(ckpt, device="cpu", backend="tensorrt")

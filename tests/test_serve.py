@@ -1,0 +1,398 @@
+"""The Serve application over real HTTP on 127.0.0.1, with a checkpoint on the test S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cellmodel import CLASSES
+from cellmodel.data.transforms import stack_bytes
+from cellmodel.infer.predictor import Predictor
+from cellmodel.models import CheckpointError, build_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY_LIMIT = 1 << 20
+MAX_IMAGES = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sample(sample_dir: Path, per_class: int) -> list[tuple[str, bytes]]:
+    return [
+        (p.name, p.read_bytes())
+        for c in CLASSES
+        for p in sorted((sample_dir / "crops" / c).glob("*.jpeg"))[:per_class]
+    ]
+
+
+def _trained_tiny(sample_dir: Path):
+    """tiny_bilstm with its head fitted to the sample's features (random body), so that its
+    predictions differ from image to image; training the whole net would cost minutes here."""
+    torch.manual_seed(0)
+    model = build_model("tiny_bilstm").eval()
+    items = _sample(sample_dir, 12)
+    with torch.no_grad():
+        feats = model.forward_features(
+            torch.from_numpy(stack_bytes([b for _, b in items], model.cfg))
+        )
+    y = torch.tensor([i // 12 for i in range(len(items))])
+    opt = torch.optim.Adam(model.fc.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.fc(feats), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ray_session, s3_server, sample_dir) -> str:
+    import s3fs
+
+    bucket = f"serve-{_free_port()}"
+    s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(bucket)
+    uri = f"s3://{bucket}/runs/tiny/best"
+    save_checkpoint(_trained_tiny(sample_dir), uri, metrics={"val_loss": 1.23, "val_acc": 0.5})
+    return uri
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint) -> str:
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import AppArgs
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(
+        checkpoint=checkpoint, max_body_bytes=BODY_LIMIT, max_images_per_request=MAX_IMAGES
+    )
+    serve.run(build_app(args), name="cellmodel", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoint, sample_dir):
+    """Probabilities from the model called directly, per sample file name."""
+    items = _sample(sample_dir, 6)
+    probs = Predictor(checkpoint, device="cpu").predict_bytes([b for _, b in items])
+    return items, dict(zip([n for n, _ in items], probs))
+
+
+def _jpeg(item) -> dict:
+    return {"content": item[1], "headers": {"content-type": "image/jpeg"}}
+
+
+def _check(result: dict, expected: np.ndarray) -> None:
+    assert result["class"] == CLASSES[int(expected.argmax())]
+    got = np.array([result["probabilities"][c] for c in CLASSES])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _assert_still_serving(client, item) -> None:
+    r = client.post("/v1/classify", **_jpeg(item))
+    assert r.status_code == 200, r.text
+
+
+# -- health, model ----------------------------------------------------------------------------
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert r.json()["model"]["name"] == "tiny_bilstm"
+
+
+def test_model_route_reports_checkpoint(client, checkpoint):
+    m = client.get("/v1/model").json()
+    assert m["name"] == "tiny_bilstm"
+    assert m["classes"] == list(CLASSES)
+    assert m["input_size"] == [3, 120, 160]
+    assert m["metrics"] == {"val_loss": 1.23, "val_acc": 0.5}
+    assert m["checkpoint"] == checkpoint and len(m["version"]) == 12
+    assert m["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+    assert m["backend"] == "onnx"  # backend auto on CPU; answers still match eager (tests below)
+
+
+def test_openapi_lists_routes(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/classify/batch", "/healthz", "/readyz", "/v1/model"} <= set(paths)
+
+
+# -- correct answers ----------------------------------------------------------------------------
+
+
+def test_single_matches_direct_model(client, direct):
+    items, expected = direct
+    assert len({int(p.argmax()) for p in expected.values()}) > 1, "model predicts one class only"
+    for item in items[::3]:
+        r = client.post("/v1/classify", **_jpeg(item))
+        assert r.status_code == 200, r.text
+        _check(r.json(), expected[item[0]])
+        assert r.json()["model"]["name"] == "tiny_bilstm"
+    # The same image as a multipart upload.
+    r = client.post("/v1/classify", files={"file": (items[0][0], items[0][1], "image/jpeg")})
+    assert r.status_code == 200, r.text
+    _check(r.json(), expected[items[0][0]])
+
+
+def test_batch_keeps_order(client, direct):
+    items, expected = direct
+    chosen = [items[i] for i in np.random.default_rng(1).permutation(len(items))[:MAX_IMAGES]]
+    files = [("files", (n, b, "image/jpeg")) for n, b in chosen]
+    r = client.post("/v1/classify/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == [n for n, _ in chosen]
+    assert [x["index"] for x in results] == list(range(len(chosen)))
+    for res, (n, _) in zip(results, chosen):
+        _check(res, expected[n])
+    # JSON with base64 images gives the same answers.
+    body = {"images": [base64.b64encode(b).decode() for _, b in chosen[:3]]}
+    r = client.post("/v1/classify/batch", json=body)
+    assert r.status_code == 200, r.text
+    for res, (n, _) in zip(r.json()["results"], chosen[:3]):
+        _check(res, expected[n])
+
+
+def test_64_concurrent_requests(url, direct):
+    items, expected = direct
+    picks = [items[i % len(items)] for i in range(64)]
+
+    async def run():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(c.post("/v1/classify", **_jpeg(it)) for it in picks))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 64
+    for r, (n, _) in zip(responses, picks):
+        _check(r.json(), expected[n])
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def _png_bomb(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels of one colour: tiny file, huge when decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    z, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _bad_requests(good: bytes) -> dict:
+    img = {"content-type": "image/jpeg"}
+    return {
+        "empty": ("/v1/classify", {"content": b"", "headers": img}, 400, "empty"),
+        "not_an_image": (
+            "/v1/classify",
+            {"content": b"hello, not an image" * 10, "headers": img},
+            422,
+            "not_an_image",
+        ),
+        "truncated": (
+            "/v1/classify",
+            {"content": good[: len(good) // 2], "headers": img},
+            422,
+            "truncated",
+        ),
+        "bomb": (
+            "/v1/classify",
+            {"content": _png_bomb(), "headers": {"content-type": "image/png"}},
+            413,
+            "too_large",
+        ),
+        "content_type": (
+            "/v1/classify",
+            {"content": good, "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        "no_content_type": ("/v1/classify", {"content": good}, 415, "unsupported_media_type"),
+        "two_images_single_route": (
+            "/v1/classify",
+            {"files": [("f", ("a.jpeg", good, "image/jpeg"))] * 2},
+            400,
+            "wrong_image_count",
+        ),
+        "too_many": (
+            "/v1/classify/batch",
+            {"files": [("f", ("a.jpeg", good, "image/jpeg"))] * (MAX_IMAGES + 1)},
+            413,
+            "too_many_images",
+        ),
+        "no_images": (
+            "/v1/classify/batch",
+            {"data": {"note": "x"}, "files": {}},
+            415,
+            "unsupported_media_type",
+        ),
+        "bad_item_in_batch": (
+            "/v1/classify/batch",
+            {
+                "files": [
+                    ("f", ("a.jpeg", good, "image/jpeg")),
+                    ("f", ("b.jpeg", b"junk", "image/jpeg")),
+                ]
+            },
+            422,
+            "not_an_image",
+        ),
+        "bad_base64": ("/v1/classify/batch", {"json": {"images": ["%%%"]}}, 400, "bad_base64"),
+        "bad_json": (
+            "/v1/classify/batch",
+            {"content": b"{", "headers": {"content-type": "application/json"}},
+            400,
+            "bad_json",
+        ),
+        "body_too_large": (
+            "/v1/classify",
+            {"content": good + b"\0" * BODY_LIMIT, "headers": img},
+            413,
+            "body_too_large",
+        ),
+        # No Content-Length: the limit is enforced while the body streams in.
+        "body_too_large_chunked": (
+            "/v1/classify",
+            {"content": iter([good] + [b"\0" * 65536] * 20), "headers": img},
+            413,
+            "body_too_large",
+        ),
+    }
+
+
+BAD = list(_bad_requests(b"").keys())
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_a_4xx_and_service_keeps_serving(client, direct, case):
+    items, _ = direct
+    route, kwargs, status, reason = _bad_requests(items[0][1])[case]
+    r = client.post(route, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["reason"] == reason and err["message"]
+    if case == "bad_item_in_batch":
+        assert err["index"] == 1 and err["filename"] == "b.jpeg"
+    _assert_still_serving(client, items[0])
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_endpoint_has_app_counters(client, direct, ray_session):
+    items, _ = direct
+    client.post("/v1/classify", **_jpeg(items[0]))
+    client.post("/v1/classify", content=b"", headers={"content-type": "image/jpeg"})
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    text, deadline = "", time.monotonic() + 60
+    while time.monotonic() < deadline:  # metrics are pushed every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "cellmodel_predictions" in text and "cellmodel_rejected_inputs" in text:
+            break
+        time.sleep(2)
+    lines = text.splitlines()
+    assert any("cellmodel_predictions" in ln and 'class_name="' in ln for ln in lines)
+    assert any("cellmodel_rejected_inputs" in ln and 'reason="empty"' in ln for ln in lines)
+    assert any(ln.startswith("ray_serve_num_http_requests") for ln in lines)
+
+
+def test_user_config_changes_batching_in_place(client, checkpoint, direct):
+    from ray import serve
+
+    from serve.app import Classifier, Ingress
+    from serve.settings import AppArgs
+
+    args = AppArgs(
+        checkpoint=checkpoint, max_body_bytes=BODY_LIMIT, max_images_per_request=MAX_IMAGES
+    )
+    batching = {"max_batch_size": 4, "batch_wait_timeout_s": 0.001}
+    classifier = Classifier.options(user_config=batching).bind(checkpoint, args.backend, None)
+    serve.run(Ingress.bind(classifier, args.model_dump()), name="cellmodel", route_prefix="/")
+    assert client.get("/v1/model").json()["batching"] == batching
+    _assert_still_serving(client, direct[0][0])
+
+
+# -- builder, config, manifest (no HTTP) ---------------------------------------------------------
+
+
+def test_build_app_refuses_a_missing_checkpoint(tmp_path):
+    from serve.app import build_app
+    from serve.settings import AppArgs
+
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        build_app(AppArgs(checkpoint=str(tmp_path / "nothing")))
+
+
+def test_config_yaml_is_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import Classifier, Ingress
+    from serve.settings import AppArgs, BatchConfig
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = (
+        ServeDeploySchema.model_validate(cfg)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(cfg)
+    )
+    (app,) = schema.applications
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    AppArgs.model_validate(app.args)
+    deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
+    assert set(deps) == {Classifier.name, Ingress.name}
+    BatchConfig.model_validate(deps["Classifier"]["user_config"])
+    assert deps["Classifier"]["autoscaling_config"]["max_replicas"] > 1
+
+
+def test_rayservice_manifest_is_generated_from_config():
+    from serve import manifest
+
+    text = (ROOT / "infra" / "rayservice.yaml").read_text()
+    cfg = manifest.load_config()
+    assert text == manifest.render(cfg), "stale: run `python -m serve.manifest`"
+    embedded = manifest.embedded_config(text)
+    assert embedded["applications"] == cfg["applications"]
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    assert manifest.main(["--check"]) == 0
+
+
+def test_manifest_check_fails_on_stale_file(tmp_path, capsys):
+    from serve import manifest
+
+    stale = tmp_path / "rayservice.yaml"
+    stale.write_text("kind: RayService\n")
+    assert manifest.main(["--check", "--out", str(stale)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert manifest.main(["--config", str(tmp_path / "missing.yaml")]) == 2
