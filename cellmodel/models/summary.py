@@ -40,7 +40,9 @@ def count_flops(model: nn.Module, batch: int = 1) -> int:
     return int(total)
 
 
-def time_forwards(models: dict[str, nn.Module], batch: int = 8, repeats: int = 3) -> dict[str, float]:
+def time_forwards(
+    models: dict[str, nn.Module], batch: int = 8, repeats: int = 3
+) -> dict[str, float]:
     """Median seconds of an eval-mode CPU forward at ``batch`` for each model.
 
     Models are timed in turn within each repeat (after one warm-up each), so a burst of load
