@@ -54,6 +54,8 @@ class CnnRnnClassifier(nn.Module):
             if self.cnns:
                 self.cnn_proj = nn.Linear(self.cnn_dim, cfg.fusion_dim)
                 self.rnn_proj = nn.Linear(rnn_dim, cfg.fusion_dim)
+                norm = nn.LayerNorm if cfg.fusion_norm else (lambda _: nn.Identity())
+                self.cnn_norm, self.rnn_norm = norm(cfg.fusion_dim), norm(cfg.fusion_dim)
                 self.num_features = cfg.fusion_dim
             else:
                 self.num_features = rnn_dim
@@ -89,7 +91,7 @@ class CnnRnnClassifier(nn.Module):
         r = self.forward_rnn(x)
         if cnn_feats is None:
             return r
-        return self.cnn_proj(cnn_feats) * self.rnn_proj(r)
+        return self.cnn_norm(self.cnn_proj(cnn_feats)) * self.rnn_norm(self.rnn_proj(r))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.forward_cnn(x) if self.cnns else None, x)

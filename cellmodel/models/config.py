@@ -24,6 +24,10 @@ class ModelConfig:
     rnn_layers: int = 1
     rnn_downsample: int = 1  # average-pool the grayscale map by this factor before the LSTM
     fusion_dim: int = 512  # width both branches are projected to before the multiplication
+    # Layer-normalise each projected vector before the multiplication, so the product's scale
+    # does not depend on the CNN's activation scale (which jumps when a randomly initialised
+    # CNN is thawed and its batch norm switches from running to batch statistics).
+    fusion_norm: bool = True
     drop_rate: float = 0.2
     num_classes: int = len(CLASSES)
     classes: tuple[str, ...] = CLASSES
