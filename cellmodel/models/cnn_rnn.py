@@ -80,15 +80,23 @@ class CnnRnnClassifier(nn.Module):
 
     def forward_rnn(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states of both directions of the last LSTM layer: (B, 2 * hidden)."""
-        _, (h, _) = self.rnn(self.gray_map(x))
+        return self.rnn_from_gray(self.gray_map(x))
+
+    def rnn_from_gray(self, gray: torch.Tensor) -> torch.Tensor:
+        """The RNN branch over an already computed grayscale map (the phase-1 cache keeps it)."""
+        _, (h, _) = self.rnn(gray)
         return torch.cat([h[-2], h[-1]], dim=1)
 
     # -- timm-style API ---------------------------------------------------------------------
     def fuse(self, cnn_feats: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Merge precomputed CNN features with the RNN branch over ``x`` (the phase-1 path)."""
+        return self.fuse_gray(cnn_feats, self.gray_map(x) if self.cfg.has_rnn else None)
+
+    def fuse_gray(self, cnn_feats: torch.Tensor | None, gray: torch.Tensor | None) -> torch.Tensor:
+        """``fuse`` given the grayscale map instead of the image: the single merge rule."""
         if not self.cfg.has_rnn:
             return cnn_feats
-        r = self.forward_rnn(x)
+        r = self.rnn_from_gray(gray)
         if cnn_feats is None:
             return r
         return self.cnn_norm(self.cnn_proj(cnn_feats)) * self.rnn_norm(self.rnn_proj(r))

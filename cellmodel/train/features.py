@@ -21,8 +21,8 @@ from cellmodel.train.loop import Batch, autocast
 class CachedForward(nn.Module):
     """``forward(feats, gray)`` equals ``model(x)`` for the image ``x`` they were computed from.
 
-    Mirrors ``CnnRnnClassifier.fuse`` with the grayscale map already computed; a test checks
-    it against the model's own forward so the two cannot drift apart unnoticed.
+    Calls the model's own ``fuse_gray`` (the merge rule lives in one place); a test checks
+    it against the model's forward.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -31,12 +31,7 @@ class CachedForward(nn.Module):
 
     def forward(self, feats: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if not m.cfg.has_rnn:
-            fused = feats
-        else:
-            _, (h, _) = m.rnn(gray)
-            r = torch.cat([h[-2], h[-1]], dim=1)
-            fused = m.cnn_proj(feats) * m.rnn_proj(r) if len(m.cnns) else r
+        fused = m.fuse_gray(feats if len(m.cnns) else None, gray if m.cfg.has_rnn else None)
         return m.forward_head(fused)
 
 
