@@ -49,7 +49,7 @@ def load_manifest(uri: str) -> dict:
     ingested there, or an ingest was interrupted (its shards are not a dataset).
     """
     path = storage.join(str(uri), MANIFEST)
-    fs, fpath = fresh_fs(path)
+    fs, fpath = storage.get_fs(path)
     try:
         with fs.open(fpath, "rb") as f:
             raw = f.read()
@@ -70,18 +70,6 @@ def load_manifest(uri: str) -> dict:
             f"{SCHEMA_VERSION}: re-run the ingest with this version"
         )
     return manifest
-
-
-def fresh_fs(uri: str):
-    """``storage.get_fs`` with the object-store listing cache dropped for ``uri``.
-
-    s3fs caches directory listings per process; another process (an ingest finishing or
-    being replaced) changes them, and a stale cache would hide or resurrect a manifest.
-    """
-    fs, path = storage.get_fs(uri)
-    fs.invalidate_cache(path)
-    fs.invalidate_cache(path.rstrip("/").rsplit("/", 1)[0])
-    return fs, path
 
 
 def split_names(manifest: Mapping) -> list[str]:
@@ -176,7 +164,7 @@ def read_split(uri: str, split: str, preprocessing=None, *, columns: list[str] |
 
 
 def _open_shard(shard_uri: str) -> pq.ParquetFile:
-    fs, path = fresh_fs(shard_uri)
+    fs, path = storage.get_fs(shard_uri)
     return pq.ParquetFile(fs.open(path, "rb"))
 
 
@@ -232,7 +220,7 @@ def iter_split(
 def file_sha256(uri: str) -> str:
     """Hex sha256 of the bytes of one file."""
     h = hashlib.sha256()
-    fs, path = fresh_fs(uri)
+    fs, path = storage.get_fs(uri)
     with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -247,7 +235,7 @@ def verify(uri: str) -> list[str]:
     for split, info in manifest["splits"].items():
         for s in info["shards"]:
             shard = storage.join(str(uri), s["path"])
-            fs, path = fresh_fs(shard)
+            fs, path = storage.get_fs(shard)
             if not fs.exists(path):
                 problems.append(f"{s['path']}: missing")
                 continue

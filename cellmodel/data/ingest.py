@@ -35,7 +35,6 @@ from cellmodel.data.dataset import (
     SCHEMA,
     SCHEMA_VERSION,
     SPLITS,
-    fresh_fs,
     load_manifest,
 )
 from cellmodel.data.transforms import decode_image
@@ -90,7 +89,7 @@ def _render(item: sources.Item, aug: Aug) -> bytes:
 def _clear_destination(out: str) -> None:
     """Make ``out`` hold no dataset: the old manifest goes first (on object stores the
     dataset vanishes for readers at once), then every shard of ours, old or stray."""
-    fs, root = fresh_fs(out)
+    fs, root = storage.get_fs(out)
     fs.invalidate_cache()  # listings below must be current, not this process's old view
     manifest_path = posixpath.join(root, MANIFEST)
     old_shards = []
@@ -362,7 +361,7 @@ def _remove_marker(out: str) -> None:
 
 def _check_destination(out: str, overwrite: bool) -> None:
     """Fail early, before any work, when ``out`` holds a dataset and no ``overwrite``."""
-    fs, root = fresh_fs(out)
+    fs, root = storage.get_fs(out)
     try:
         exists = fs.exists(posixpath.join(root, MANIFEST))
     except Exception as e:  # credentials, unreachable endpoint...: one line for the user
