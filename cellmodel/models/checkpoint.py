@@ -7,6 +7,7 @@ never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -46,13 +47,16 @@ def save_checkpoint(
     model = _unwrap(model)
     cfg: ModelConfig = model.cfg
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), st_save(tensors))
+    weights = st_save(tensors)
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_name": cfg.name,
         "config": cfg.to_dict(),
         "classes": list(cfg.classes),
         "preprocessing": cfg.preprocessing(),
+        # Names the exact weights: loaders verify it, serving derives the model version from it.
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "metrics": metrics or {},
         "extra": extra or {},
         "versions": {"cellmodel": cellmodel.__version__, "torch": torch.__version__},
@@ -81,10 +85,14 @@ def read_checkpoint_meta(uri: str) -> dict:
     return meta
 
 
-def load_checkpoint(uri: str, map_location: str | torch.device = "cpu"):
+def load_checkpoint(
+    uri: str, map_location: str | torch.device = "cpu", *, expected_sha256: str | None = None
+):
     """Rebuild the model from the checkpoint's own config and load its weights.
 
-    Returns ``(model, meta)``; the model is in eval mode.
+    Returns ``(model, meta)``; the model is in eval mode. The weights must hash to the
+    ``weights_sha256`` in ``checkpoint.json`` (when it has one, i.e. any checkpoint saved since
+    it was added) and to ``expected_sha256`` when given; otherwise ``CheckpointError``.
     """
     from cellmodel.models.registry import build_from_config
 
@@ -92,9 +100,20 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu"):
     cfg = ModelConfig.from_dict(meta["config"])
     model = build_from_config(cfg)
     try:
-        tensors = st_load(storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
+        weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
     except FileNotFoundError as e:
         raise CheckpointError(f"{uri}: {WEIGHTS_FILE} is missing") from e
+    digest = hashlib.sha256(weights).hexdigest()
+    for want, what in ((meta.get("weights_sha256"), META_FILE), (expected_sha256, "the caller")):
+        if want and want != digest:
+            raise CheckpointError(
+                f"{uri}: {WEIGHTS_FILE} has sha256 {digest[:12]}..., but {what} names "
+                f"{want[:12]}...: the folder changed (a save in progress, or another model "
+                "written over it); refusing to load a model other than the one named"
+            )
+    meta.setdefault("weights_sha256", digest)  # older checkpoints: the digest just computed
+    try:
+        tensors = st_load(weights)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{uri}: {WEIGHTS_FILE} is unreadable ({e})") from e
     result = model.load_state_dict(tensors, strict=False)
