@@ -1,21 +1,27 @@
-"""The typed run configuration: one TOML file, a few ``section.key=value`` overrides.
+"""Settings for every job: typed pydantic models, one TOML file, ``section.key=value`` overrides.
 
-A run is described by ``TrainConfig`` (sections ``run``, ``data``, ``model``, ``scaling``,
-``phase1``, ``phase2``, ``loss``, ``debug``). ``load_config(path, overrides)`` reads the
-file, applies the overrides and checks every key and type, so a typo fails before any
-cluster work starts. ``TrainConfig.to_toml()`` writes the resolved config back out; the
-trainer saves it in the run directory, where it can be passed to ``--config`` again.
+One mechanism serves training, ingest, the slide job and Serve:
+
+- a settings class is a pydantic model whose fields are sections (themselves models) or
+  values, with unknown keys refused (``extra="forbid"``);
+- ``load_settings(cls, path, overrides)`` reads the TOML file, applies the overrides and
+  validates, reporting every problem at once in one ``ConfigError``;
+- ``to_toml(settings)`` writes the resolved settings back out, in a form ``load_settings``
+  reads to an equal object (a training run saves it as ``config.toml``).
+
+A training run is ``TrainConfig`` (sections ``run``, ``data``, ``model``, ``scaling``,
+``phase1``, ``phase2``, ``augment``, ``loss``, ``tracking``, ``debug``); ``load_config``
+is ``load_settings(TrainConfig, ...)`` plus the run-name default.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,137 +31,194 @@ else:  # pragma: no cover - Python 3.10
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "off")
 
+S = TypeVar("S", bound=BaseModel)
+
 
 class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds a value of the wrong type."""
 
 
-@dataclass(kw_only=True)
-class RunSection:
+class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# -- training -----------------------------------------------------------------------------------
+class RunSection(Section):
     """Where and under which name a run lives; the run directory is ``storage/name``."""
 
     name: str = ""  # empty: the config file's stem ("paper" for paper.toml)
     storage: str = "runs"  # local folder or s3:// URI holding one folder per run
     seed: int = 0
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the latest checkpoint
     resume: bool = True  # a run directory that already exists is resumed, not overwritten
 
 
-@dataclass(kw_only=True)
-class DataSection:
+class DataSection(Section):
     """The Parquet shard dataset (``manifest.json`` + ``<split>/part-*.parquet``)."""
 
     uri: str = ""
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 32  # per worker
-    shuffle_buffer: int = 256  # rows in Ray Data's local shuffle buffer; 0 turns shuffling off
+    batch_size: int = Field(32, ge=1)  # per worker
+    shuffle_buffer: int = Field(256, ge=0)  # rows in the local shuffle buffer; 0: no shuffle
+    # Keep each worker's decoded (uint8, model-sized) images in memory after the first epoch
+    # and reshuffle them there: decoding leaves the critical path. Off: stream every epoch.
+    cache_decoded: bool = True
 
 
-@dataclass(kw_only=True)
-class ModelSection:
-    """A registered model variant plus ``ModelConfig`` overrides (e.g. a smaller input)."""
+class ModelSection(Section):
+    """A registered model variant plus ``ModelConfig`` overrides (e.g. a smaller input).
+
+    ``pretrained`` holds one weights file (path or s3:// URI) per CNN branch, in branch order;
+    ``preprocessing`` optionally names the mean/std those weights expect (``"imagenet"`` or
+    ``"inception"``: mean = std = 0.5, as TF-ported Xception and InceptionV3 weights want).
+    Classes default to the dataset's (its manifest) when ``overrides.classes`` is not set.
+    """
 
     name: str = "xception_bilstm"
-    overrides: dict = field(default_factory=dict)  # e.g. {input_size = [3, 120, 160]}
-    pretrained: list = field(default_factory=list)  # one backbone weights URI per CNN branch
+    overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {input_size = [3, 120, 160]}
+    pretrained: list[str] = Field(default_factory=list)
+    preprocessing: Literal["", "imagenet", "inception"] = ""
 
 
-@dataclass(kw_only=True)
-class ScalingSection:
+class ScalingSection(Section):
     """Ray Train workers: DDP over ``num_workers`` processes (nccl on GPUs, gloo on CPUs)."""
 
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
 
 
-@dataclass(kw_only=True)
-class PhaseSection:
-    """One training phase: its length, optimizer and numerics."""
+class PhaseSection(Section):
+    """One training phase: its length, what trains, the optimizer, schedule and numerics."""
 
-    epochs: int = 0
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    momentum: float = 0.0  # RMSProp / SGD only
-    amp: str = "auto"  # "auto": bf16 autocast on CUDA, off on CPU; "bf16"; "off"
-    channels_last: str = "auto"  # "auto": on CUDA only; "on"; "off"
-    feature_cache: bool = False  # phase 1 only: compute frozen-CNN features once, reuse each epoch
+    epochs: int = Field(0, ge=0)
+    freeze_cnn: bool = False  # phase 1 of the paper: the CNN branch fixed, the rest trains
+    optimizer: Literal["rmsprop", "adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0)  # RMSProp / SGD only
+    schedule: Literal["constant", "cosine"] = "constant"  # per-step learning-rate schedule
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from lr/100, then the schedule
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # >0: evaluate, select and save EMA weights
+    amp: Literal["auto", "bf16", "off"] = "auto"  # "auto": bf16 autocast on CUDA only
+    channels_last: Literal["auto", "on", "off"] = "auto"  # "auto": on CUDA only
+    feature_cache: bool = False  # frozen CNN only: compute its features once, reuse each epoch
 
 
-@dataclass(kw_only=True)
-class LossSection:
-    label_smoothing: float = 0.1
+class AugmentSection(Section):
+    """Online augmentation of each training batch (on top of ingest's offline rotations).
+
+    All off by default (the paper's protocol). Colour and stain jitter model slides stained
+    and imaged on other days; scale and shift jitter model other framings of the cell.
+    """
+
+    flips: bool = False  # random horizontal and vertical flips
+    scale: tuple[float, float] = (1.0, 1.0)  # random zoom factor range (1, 1: off)
+    translate: float = Field(0.0, ge=0, le=0.5)  # random shift, as a fraction of the size
+    brightness: float = Field(0.0, ge=0, le=1)  # multiplicative, 1 +- brightness
+    contrast: float = Field(0.0, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+    stain: float = Field(0.0, ge=0, le=1)  # per-channel optical-density scale, 1 +- stain
 
 
-@dataclass(kw_only=True)
-class DebugSection:
+class LossSection(Section):
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class TrackingSection(Section):
+    """Experiment tracking: ``mlflow`` logs params and per-epoch metrics to ``uri``."""
+
+    mlflow: bool = False
+    uri: str = "mlruns"  # a local folder (file store) or a tracking server URL
+    experiment: str = "cellmodel"
+
+
+class DebugSection(Section):
     """Fault injection for testing recovery: worker ``crash_rank`` exits hard once, mid-epoch."""
 
     crash_at_epoch: int = -1  # -1: never
     crash_rank: int = 0
 
 
-def _phase1() -> PhaseSection:
-    return PhaseSection(epochs=100, optimizer="rmsprop", lr=1e-3, feature_cache=True)
+PHASE_DEFAULTS = {
+    "phase1": {"epochs": 100, "freeze_cnn": True, "optimizer": "rmsprop", "lr": 1e-3,
+               "feature_cache": True},
+    "phase2": {"epochs": 70, "optimizer": "adam", "lr": 1e-4},
+}  # fmt: skip
 
 
-def _phase2() -> PhaseSection:
-    return PhaseSection(epochs=70, optimizer="adam", lr=1e-4)
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Everything one training run needs; defaults are the paper's two-phase schedule."""
 
-    run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    phase1: PhaseSection = field(default_factory=_phase1)
-    phase2: PhaseSection = field(default_factory=_phase2)
-    loss: LossSection = field(default_factory=LossSection)
-    debug: DebugSection = field(default_factory=DebugSection)
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    phase1: PhaseSection = Field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["phase1"]))
+    phase2: PhaseSection = Field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["phase2"]))
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
 
-    def validate(self) -> TrainConfig:
-        """Check values that types alone cannot; returns self. Raises ``ConfigError``."""
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_defaults(cls, d: Any) -> Any:
+        """A ``[phase1]`` table fills in from phase 1's defaults, not from phase 2's."""
+        if isinstance(d, dict):
+            d = dict(d)
+            for key, base in PHASE_DEFAULTS.items():
+                if isinstance(d.get(key), dict):
+                    d[key] = {**base, **d[key]}
+        return d
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        problems = []
+        if self.phase1.epochs + self.phase2.epochs == 0:
+            problems.append("phase1.epochs + phase2.epochs is 0: nothing to train")
+        for key in ("phase1", "phase2"):
+            p = getattr(self, key)
+            if p.feature_cache and not p.freeze_cnn:
+                problems.append(f"{key}.feature_cache needs {key}.freeze_cnn = true")
+        lo, hi = self.augment.scale
+        if not 0 < lo <= hi:
+            problems.append(f"augment.scale must be (low, high) with 0 < low <= high, got {lo, hi}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def validate_run(self) -> TrainConfig:
+        """Check what a run needs beyond the types (a dataset and a name); returns self."""
         problems = []
         if not self.data.uri:
             problems.append("data.uri is empty: set it to the dataset folder or s3:// URI")
         if not self.run.name:
             problems.append("run.name is empty: name the run (it is also the resume key)")
-        for key, p in (("phase1", self.phase1), ("phase2", self.phase2)):
-            if p.epochs < 0:
-                problems.append(f"{key}.epochs must be >= 0, got {p.epochs}")
-            if p.optimizer not in OPTIMIZERS:
-                problems.append(f"{key}.optimizer {p.optimizer!r}: choose one of {OPTIMIZERS}")
-            if p.amp not in AMP_MODES:
-                problems.append(f"{key}.amp {p.amp!r}: choose one of {AMP_MODES}")
-            if p.channels_last not in ("auto", "on", "off"):
-                problems.append(f"{key}.channels_last {p.channels_last!r}: auto, on or off")
-            if p.lr <= 0:
-                problems.append(f"{key}.lr must be > 0, got {p.lr}")
-        if self.phase1.epochs + self.phase2.epochs == 0:
-            problems.append("phase1.epochs + phase2.epochs is 0: nothing to train")
-        if self.scaling.num_workers < 1:
-            problems.append(f"scaling.num_workers must be >= 1, got {self.scaling.num_workers}")
-        if self.data.batch_size < 1:
-            problems.append(f"data.batch_size must be >= 1, got {self.data.batch_size}")
-        if not 0.0 <= self.loss.label_smoothing < 1.0:
-            problems.append(
-                f"loss.label_smoothing must be in [0, 1), got {self.loss.label_smoothing}"
-            )
         if problems:
             raise ConfigError("; ".join(problems))
         return self
 
-    def model_config(self):
-        """The ``ModelConfig`` this run trains (registry defaults plus ``model.overrides``)."""
+    def build_model_config(self, classes: list[str] | None = None):
+        """The ``ModelConfig`` this run trains: registry defaults, then the dataset's
+        ``classes`` (unless ``model.overrides`` sets them), then ``model.overrides``."""
         from cellmodel.models import model_config
+        from cellmodel.models.config import PREPROCESSING
 
+        kwargs: dict[str, Any] = {}
+        if classes is not None and "classes" not in self.model.overrides:
+            kwargs.update(classes=list(classes), num_classes=len(classes))
+        if self.model.preprocessing:
+            kwargs.update(PREPROCESSING[self.model.preprocessing])
+        kwargs.update(self.model.overrides)
+        if "classes" in kwargs and "num_classes" not in kwargs:
+            kwargs["num_classes"] = len(kwargs["classes"])
         try:
-            return model_config(self.model.name, **self.model.overrides)
+            return model_config(self.model.name, **kwargs)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"[model] {e.args[0] if e.args else e}") from e
 
@@ -166,95 +229,49 @@ class TrainConfig:
         return storage.join(self.run.storage, self.run.name)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def to_toml(self) -> str:
-        """The config as TOML that ``load_config`` reads back to an equal config."""
-        lines: list[str] = []
-        for sec_name, sec in self.to_dict().items():
-            lines.append(f"[{sec_name}]")
-            tables = []
-            for k, v in sec.items():
-                if isinstance(v, dict):
-                    tables.append((k, v))
-                else:
-                    lines.append(f"{k} = {_toml_value(v)}")
-            for k, v in tables:
-                lines.append(f"\n[{sec_name}.{k}]")
-                lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
-            lines.append("")
-        return "\n".join(lines)
+        return to_toml(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        return _build(cls, d, "")
+        return validate_settings(cls, d)
 
     @classmethod
     def from_toml(cls, text: str) -> TrainConfig:
-        """Parse TOML text (such as a run's saved ``config.toml``); not validated."""
-        return _build(cls, tomllib.loads(text), "")
+        """Parse TOML text (such as a run's saved ``config.toml``)."""
+        return validate_settings(cls, tomllib.loads(text))
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to TOML")
+# -- the mechanism ------------------------------------------------------------------------------
+def _problem(err: dict, cls: type[BaseModel]) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or cls.__name__
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(cls, err["loc"][:-1])
+        return f"unknown key {where}; known keys there: {', '.join(known)}"
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"{where}: {err['msg']}{shown}"
 
 
-def _check_type(value, tp, where: str):
-    """Coerce ints to floats for float fields; refuse anything else that does not fit."""
-    origin = typing.get_origin(tp) or tp
-    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no unions today
-        return value
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is int and isinstance(value, bool):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if not isinstance(value, origin):
-        raise ConfigError(
-            f"{where} must be {origin.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
+def _known_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = cls
+    for part in loc:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        node = field.annotation
+    return sorted(getattr(node, "model_fields", {}))
 
 
-def _build(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the config"
-        raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
-            f"known: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(value, tp, prefix + name)
-    if cls is TrainConfig:
-        # Sections left out keep their own defaults (phase1 is not phase2's default).
-        for name, f in fields.items():
-            kwargs.setdefault(name, f.default_factory())
-        for key in ("phase1", "phase2"):
-            if key in d:
-                base = fields[key].default_factory()
-                kwargs[key] = _build(
-                    PhaseSection, {**dataclasses.asdict(base), **d[key]}, key + "."
-                )
-    return cls(**kwargs)
+def validate_settings(cls: type[S], d: dict) -> S:
+    """``cls`` built from the nested dict ``d``; every problem in one ``ConfigError``."""
+    try:
+        return cls.model_validate(d)
+    except ValidationError as e:
+        problems = [_problem(err, cls) for err in e.errors(include_url=False)]
+        raise ConfigError("; ".join(problems)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -285,22 +302,35 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML config (or start from defaults with ``path=None``), apply overrides, validate.
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config FILE.toml")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from e
 
-    ``run.name`` defaults to the file's stem, so running the same config again resumes.
-    """
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config FILE.toml")
-        try:
-            d = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+
+def load_settings(
+    cls: type[S], path: str | Path | None = None, overrides: list[str] | None = None
+) -> S:
+    """Settings of type ``cls`` from a TOML file (or the defaults with ``path=None``) plus
+    ``section.key=value`` overrides, validated."""
+    d = read_toml(path) if path is not None else {}
     apply_overrides(d, list(overrides or []))
-    cfg = TrainConfig.from_dict(d)
+    return validate_settings(cls, d)
+
+
+def to_toml(settings: BaseModel) -> str:
+    """TOML that ``load_settings`` reads back to equal settings."""
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A training config: ``load_settings(TrainConfig, ...)``; ``run.name`` defaults to the
+    file's stem, so running the same config again resumes."""
+    cfg = load_settings(TrainConfig, path, overrides)
     if not cfg.run.name and path is not None:
         cfg.run.name = Path(path).stem
-    return cfg.validate()
+    return cfg.validate_run()

@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as TOML and exit"
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="train in this process without Ray (one device: a single GPU, or a laptop's CPU)",
+    )
     return p.parse_args(argv)
 
 
@@ -38,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.model_config()  # an unknown model or override fails here, before Ray starts
+        cfg.build_model_config()  # an unknown model or override fails here, before Ray starts
         if args.print_config:
             print(cfg.to_toml())
             return 0
-        from cellmodel.train import run_training
+        from cellmodel.train import run_local, run_training
 
-        result = run_training(cfg)
+        result = run_local(cfg) if args.local else run_training(cfg)
     except (ConfigError, DatasetNotFoundError, CheckpointError, WeightsError) as e:
         # A user's mistake: one line that says what to fix, no traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -18,14 +18,14 @@ from cellmodel.config import ConfigError, TrainConfig, load_config
 from cellmodel.models import build_model, load_checkpoint
 from cellmodel.train import (
     CachedForward,
+    PhaseTrainer,
     build_cache,
-    evaluate,
     make_loss,
-    make_optimizer,
+    run_local,
     run_training,
-    train_epoch,
 )
 from cellmodel.train.history import read_history
+from cellmodel.train.trainer import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 # -- config ---------------------------------------------------------------------------------
 def test_config_files_parse_and_overrides_apply():
     paper = load_config(CONFIGS / "paper.toml")
-    assert paper.model.name == "xception_bilstm" and paper.model_config().input_size == (
+    assert paper.model.name == "xception_bilstm" and paper.build_model_config().input_size == (
         3,
         240,
         320,
@@ -53,7 +53,7 @@ def test_config_files_parse_and_overrides_apply():
          "loss.label_smoothing=0"],
     )  # fmt: skip
     assert quick.model.name == "resnet50" and quick.phase1.epochs == 3
-    assert quick.model_config().input_size == (3, 120, 160)
+    assert quick.build_model_config().input_size == (3, 120, 160)
     assert quick.loss.label_smoothing == 0.0 and isinstance(quick.loss.label_smoothing, float)
     # The saved form reads back to an equal config.
     assert TrainConfig.from_toml(quick.to_toml()) == quick
@@ -112,12 +112,12 @@ def test_cached_forward_matches_the_model_and_phase1_freezes_the_cnn():
     # One cached phase-1 epoch trains the RNN and head and leaves every CNN tensor as it was.
     cnn_before = {k: v.clone() for k, v in model.cnns.state_dict().items()}
     rnn_before = model.rnn.weight_hh_l0.detach().clone()
-    net = CachedForward(model)
-    opt = make_optimizer(net.parameters(), load_config(CONFIGS / "quickstart.toml").phase1)
-    loss_fn = make_loss(0.1)
-    first = train_epoch(net, cache.batches(8, shuffle=True), opt, loss_fn, device=CPU)
+    cfg = load_config(CONFIGS / "quickstart.toml")
+    trainer = PhaseTrainer(model, cfg.phase1, cfg, device=CPU, steps_per_epoch=3)
+    trainer.build_cache([(x[:12], y[:12]), (x[12:], y[12:])], [(x, y)])
+    first = trainer.train_epoch(trainer.train_cache.batches(8, shuffle=True))
     for _ in range(15):
-        last = train_epoch(net, cache.batches(8, shuffle=True, seed=1), opt, loss_fn, device=CPU)
+        last = trainer.train_epoch(trainer.train_cache.batches(8, shuffle=True, seed=1))
     for k, v in model.cnns.state_dict().items():
         assert torch.equal(v, cnn_before[k]), k
     assert not torch.equal(model.rnn.weight_hh_l0, rnn_before)
@@ -130,19 +130,84 @@ def test_cached_and_uncached_epochs_compute_the_same_loss():
     for cached in (False, True):
         torch.manual_seed(0)
         model = build_model("tiny_bilstm")
-        model.freeze_cnn()
+        cfg = load_config(CONFIGS / "quickstart.toml", [f"phase1.feature_cache={str(cached).lower()}",
+                          "phase1.optimizer=sgd", "phase1.lr=0.1"])  # fmt: skip
+        trainer = PhaseTrainer(model, cfg.phase1, cfg, device=CPU, steps_per_epoch=2)
+        data = [(x[:8], y[:8]), (x[8:], y[8:])]
         if cached:
-            c = build_cache(model, [(x, y)], device=CPU)
-            net, batches = CachedForward(model), c.batches(8)
-        else:
-            net, batches = model, [((x[:8],), y[:8]), ((x[8:],), y[8:])]
-        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+            trainer.build_cache(data, [(x, y)])
         torch.manual_seed(1)  # same dropout masks in both paths
-        tr = train_epoch(net, batches, opt, make_loss(0.1), device=CPU)
-        ev_batches = c.batches(16) if cached else [((x,), y)]
-        ev = evaluate(net, ev_batches, make_loss(0.1), device=CPU)
+        batches = trainer.train_cache.batches(8) if cached else data
+        tr = trainer.train_epoch(batches)
+        ev = trainer.evaluate(trainer.val_cache.batches(16) if cached else [(x, y)])
         losses.append((tr["loss"], ev["loss"]))
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    cfg = load_config(CONFIGS / "quickstart.toml", ["phase2.schedule=cosine",
+                      "phase2.warmup_epochs=1", "phase2.epochs=4", "phase2.min_lr_ratio=0.1"])  # fmt: skip
+    f = lr_factor(cfg.phase2, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.01) and f(5) < f(10) == pytest.approx(1.0)
+    assert f(10) > f(25) > f(39) >= 0.1 and f(40) == pytest.approx(0.1)
+
+
+def test_ema_weights_are_evaluated_and_saved(tmp_path):
+    from cellmodel.train.worker import write_epoch_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("tiny_bilstm")
+    cfg = load_config(CONFIGS / "quickstart.toml", ["phase2.ema_decay=0.9", "phase2.lr=1e-2"])
+    trainer = PhaseTrainer(model, cfg.phase2, cfg, device=CPU, steps_per_epoch=3)
+    x, y = _images(24)
+    trainer.train_epoch([(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)])
+    ema, raw = trainer.save_model, trainer.model
+    assert ema is not raw and not torch.equal(ema.fc.weight, raw.fc.weight)
+    state = {"epoch": 0, "phase": 2, "phase_epoch": 0, "history": []}
+    write_epoch_checkpoint(str(tmp_path), trainer, {"val_loss": 1.0}, state, cfg, {})
+    saved, _ = load_checkpoint(str(tmp_path))
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[k], v, msg=k)
+    # Evaluation reads the EMA weights too: the same loss as the EMA module by hand.
+    ev = trainer.evaluate([(x, y)])
+    with torch.no_grad():
+        ema.eval()
+        ref = make_loss(0.1)(ema(x), y).item() * 24
+    assert ev["loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_batch_augment_keeps_shape_and_changes_pixels():
+    from cellmodel.train.batch_aug import BatchAugment
+
+    cfg = load_config(CONFIGS / "quickstart.toml", ["augment.flips=true", "augment.scale=[0.9, 1.1]",
+                      "augment.translate=0.05", "augment.stain=0.1", "augment.saturation=0.2"])  # fmt: skip
+    pre = build_model("tiny_bilstm").cfg.preprocessing()
+    aug = BatchAugment(cfg.augment, pre["mean"], pre["std"])
+    x, _ = _images(8)
+    out = aug(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.allclose(out, x)
+    off = BatchAugment(load_config(CONFIGS / "quickstart.toml").augment, pre["mean"], pre["std"])
+    assert off(x) is x
+
+
+def test_local_run_from_random_weights_learns_in_every_phase(local_shards, tmp_path):
+    """The from-scratch recipe: the CNN trains in phase 1 too, so both phases lower the loss."""
+    cfg = _cfg(local_shards, str(tmp_path), "scratch", "phase1.epochs=4", "phase2.epochs=3",
+               "phase1.freeze_cnn=false", "phase1.feature_cache=false", "phase1.optimizer=adamw",
+               "phase1.lr=3e-3", "phase1.schedule=cosine", "phase1.warmup_epochs=1",
+               "phase2.lr=1e-3", "phase2.ema_decay=0.9", "augment.flips=true")  # fmt: skip
+    result = run_local(cfg, device="cpu")
+    hist = result.history
+    assert [r["phase"] for r in hist] == [1] * 4 + [2] * 3
+    for phase in (1, 2):
+        losses = [r["train_loss"] for r in hist if r["phase"] == phase]
+        assert min(losses[1:]) < losses[0], (phase, losses)
+    assert hist[-1]["ema"] and not hist[0]["ema"]
+    meta = json.loads(Path(result.model_uri, "checkpoint.json").read_text())
+    assert meta["data"]["classes"] == meta["classes"] and meta["data"]["uri"] == local_shards
+    # The same name again resumes: nothing left to run, the history is unchanged.
+    again = run_local(cfg, device="cpu")
+    assert again.history == hist
 
 
 # -- Ray Train runs ---------------------------------------------------------------------------
@@ -206,9 +271,10 @@ def test_two_workers_from_s3_shards_to_s3_checkpoints(ray_session, s3_bucket):
     # Reloading the best checkpoint reproduces its validation metrics.
     model, meta = load_checkpoint(result.model_uri)
     assert meta["metrics"]["epoch"] == best["epoch"]
-    batches = (((torch.from_numpy(x),), torch.from_numpy(y))
+    batches = ((torch.from_numpy(x), torch.from_numpy(y))
                for x, y in iter_split(shards, "val", model.cfg, batch_size=16))  # fmt: skip
-    ev = evaluate(model, batches, make_loss(cfg.loss.label_smoothing), device=CPU)
+    trainer = PhaseTrainer(model, cfg.phase2, cfg, device=CPU, steps_per_epoch=1)
+    ev = trainer.evaluate(batches)
     assert ev["n"] == best["val_n"]
     assert ev["loss"] / ev["n"] == pytest.approx(best["val_loss"], abs=1e-4)
     assert ev["correct"] / ev["n"] == pytest.approx(best["val_acc"])

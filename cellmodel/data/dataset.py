@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellmodel import storage
-from cellmodel.data.transforms import stack_bytes
+from cellmodel.data.transforms import stack_bytes, stack_bytes_uint8
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -127,17 +127,26 @@ def _preprocessing(preprocessing) -> dict:
 
 
 class _Decode:
-    """Ray ``map_batches`` function: encoded images -> normalised ``x`` plus ``label``."""
+    """Ray ``map_batches`` function: encoded images -> ``x`` (normalised float32, or resized
+    uint8 that the consumer normalises) plus ``label``."""
 
-    def __init__(self, pre: dict) -> None:
-        self.pre = pre
+    def __init__(self, pre: dict, uint8: bool = False) -> None:
+        self.pre, self.uint8 = pre, uint8
 
     def __call__(self, batch: dict) -> dict:
-        x = stack_bytes(list(batch["image"]), self.pre)
+        stack = stack_bytes_uint8 if self.uint8 else stack_bytes
+        x = stack(list(batch["image"]), self.pre)
         return {"x": x, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
-def read_split(uri: str, split: str, preprocessing=None, *, columns: list[str] | None = None):
+def read_split(
+    uri: str,
+    split: str,
+    preprocessing=None,
+    *,
+    columns: list[str] | None = None,
+    uint8: bool = False,
+):
     """A ``ray.data.Dataset`` over one split of the dataset at ``uri``.
 
     Without ``preprocessing`` the rows are the raw shard columns (or ``columns``). With a
@@ -160,7 +169,7 @@ def read_split(uri: str, split: str, preprocessing=None, *, columns: list[str] |
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
     if preprocessing is None:
         return ds
-    return ds.map_batches(_Decode(_preprocessing(preprocessing)), batch_format="numpy")
+    return ds.map_batches(_Decode(_preprocessing(preprocessing), uint8), batch_format="numpy")
 
 
 def _open_shard(shard_uri: str) -> pq.ParquetFile:
@@ -185,16 +194,19 @@ def iter_split(
     seed: int = 0,
     *,
     drop_last: bool = False,
+    uint8: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches ``(x (B,3,H,W) float32, y (B,) int64)`` of one split, without Ray.
 
     ``shuffle`` permutes the shard order and the rows within each shard (ingest already
     writes rows in a seeded random order, so every shard mixes classes and sources); the
     same ``seed`` gives the same order. Memory holds one shard's encoded images at a time.
+    ``uint8``: ``x`` is resized uint8, not normalised (``transforms.normalize`` finishes it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pre = _preprocessing(preprocessing)
+    stack = stack_bytes_uint8 if uint8 else stack_bytes
     shards = shard_uris(uri, split)
     rng = np.random.default_rng(seed)
     if shuffle:
@@ -211,10 +223,10 @@ def iter_split(
             images.append(col_img[i])
             labels.append(col_lab[i])
             if len(images) == batch_size:
-                yield stack_bytes(images, pre), np.asarray(labels, dtype=np.int64)
+                yield stack(images, pre), np.asarray(labels, dtype=np.int64)
                 images, labels = [], []
     if images and not drop_last:
-        yield stack_bytes(images, pre), np.asarray(labels, dtype=np.int64)
+        yield stack(images, pre), np.asarray(labels, dtype=np.int64)
 
 
 def file_sha256(uri: str) -> str:

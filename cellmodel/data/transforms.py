@@ -91,3 +91,32 @@ def stack_bytes(items: Sequence[bytes], cfg) -> np.ndarray:
     for i, b in enumerate(items):
         out[i] = bytes_to_array(b, pre)
     return out
+
+
+def to_uint8(img: Image.Image, cfg) -> np.ndarray:
+    """Resized to the model's input size but not normalised: uint8 (3, H, W), a quarter of
+    the float32 bytes; ``normalize`` finishes the job where the tensor is used."""
+    pre = _pre(cfg)
+    _, h, w = pre["input_size"]
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[pre.get("interpolation", "bilinear")])
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def stack_bytes_uint8(items: Sequence[bytes], cfg) -> np.ndarray:
+    """A (N, 3, H, W) uint8 batch from encoded images; raises on the first bad one."""
+    pre = _pre(cfg)
+    out = np.empty((len(items), *pre["input_size"]), dtype=np.uint8)
+    for i, b in enumerate(items):
+        out[i] = to_uint8(decode_image(b), pre)
+    return out
+
+
+def normalize(x, cfg):
+    """uint8 (N, 3, H, W) torch tensor -> float32 model input, on the tensor's own device."""
+    import torch
+
+    pre = _pre(cfg)
+    mean = torch.tensor(pre["mean"], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std

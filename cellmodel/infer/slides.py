@@ -438,8 +438,9 @@ def run_slides(
         "%d slides at %s: %d already done, %d to do", len(slides), input_uri, n_done, len(todo)
     )
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        from cellmodel.cluster import ensure_ray
+
+        ensure_ray()
         ds = ray.data.from_items(
             [{"slide_id": s, "uri": u} for s, u in todo],
             override_num_blocks=max(1, min(len(todo) // cfg.find_batch_size, 200)),

@@ -42,8 +42,13 @@ def save_checkpoint(
     *,
     metrics: dict | None = None,
     extra: dict | None = None,
+    data: dict | None = None,
 ) -> str:
-    """Write a checkpoint folder at ``uri``; the JSON is written last, so it marks completion."""
+    """Write a checkpoint folder at ``uri``; the JSON is written last, so it marks completion.
+
+    ``data``: what the model learned from (dataset URI, classes, crop geometry and pixel
+    scale from the dataset's manifest); the slide job and Serve read the geometry here.
+    """
     model = _unwrap(model)
     cfg: ModelConfig = model.cfg
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -58,6 +63,7 @@ def save_checkpoint(
         # Names the exact weights: loaders verify it, serving derives the model version from it.
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "metrics": metrics or {},
+        "data": data or {},
         "extra": extra or {},
         "versions": {"cellmodel": cellmodel.__version__, "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -9,6 +9,13 @@ from cellmodel import CLASSES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+# Named input normalisations: what pretrained weights expect (TF-ported Xception and
+# InceptionV3 weights: "inception"; torchvision/timm ResNets: "imagenet").
+PREPROCESSING = {
+    "imagenet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "inception": {"mean": INCEPTION_MEAN, "std": INCEPTION_STD},
+}
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cellmodel.train.loop import Batch, autocast
+from cellmodel.train.loop import autocast
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
 class CachedForward(nn.Module):

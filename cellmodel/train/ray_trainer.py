@@ -16,23 +16,14 @@ run directory ``<run.storage>/<run.name>``:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from cellmodel import storage
+from cellmodel.cluster import ensure_ray
 from cellmodel.config import ConfigError, TrainConfig
 from cellmodel.train.history import read_history
 
 SUMMARY_FILE, CONFIG_FILE, MODEL_DIR = "summary.json", "config.toml", "model"
-_ENV_FOR_WORKERS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
 
 
 @dataclass
@@ -51,22 +42,6 @@ def _absolute(uri: str) -> str:
     return uri if storage.is_remote(uri) else storage.get_fs(uri)[1]
 
 
-def ensure_ray(num_cpus_needed: float = 0) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray with room for Ray Data tasks."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    env = {k: os.environ[k] for k in _ENV_FOR_WORKERS if k in os.environ}
-    # Training workers hold their CPUs for the whole run; reading and decoding shards needs
-    # CPUs too, so a laptop gets a few logical CPUs more than the training workers take.
-    num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2)
-    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False)
-
-
 def _check_run_dir(cfg: TrainConfig, run_dir: str) -> bool:
     """True when ``run_dir`` holds an earlier run to resume; refuses a mismatching one."""
     old_cfg_uri = storage.join(run_dir, CONFIG_FILE)
@@ -78,7 +53,7 @@ def _check_run_dir(cfg: TrainConfig, run_dir: str) -> bool:
             "run.name, delete that folder, or set run.resume=true to continue it"
         )
     old = TrainConfig.from_toml(storage.read_bytes(old_cfg_uri).decode())
-    if old.model_config() != cfg.model_config():
+    if old.model.name != cfg.model.name or old.model.overrides != cfg.model.overrides:
         raise ConfigError(
             f"run {cfg.run.name!r} in {run_dir} trained model {old.model.name!r} with other "
             "settings; resuming it with this model would mix weights. Choose another run.name"
@@ -103,7 +78,8 @@ def _uri_of(storage_uri: str, fs_path: str) -> str:
 
 
 def check_dataset(cfg: TrainConfig, model_cfg) -> dict:
-    """The dataset's manifest, after checking it has the splits and classes this run needs."""
+    """The dataset's manifest, after checking it has the splits and classes this run needs
+    (the model's classes come from the manifest unless ``model.overrides.classes`` is set)."""
     from cellmodel.data.dataset import load_manifest, split_names
 
     manifest = load_manifest(cfg.data.uri)  # DatasetNotFoundError names the missing manifest
@@ -115,7 +91,7 @@ def check_dataset(cfg: TrainConfig, model_cfg) -> dict:
     if classes and list(classes) != list(model_cfg.classes):
         raise ConfigError(
             f"dataset classes {classes} differ from model classes {list(model_cfg.classes)}; "
-            "set model.overrides.classes to the dataset's classes"
+            "remove model.overrides.classes (the dataset's classes are used) or ingest again"
         )
     return manifest
 
@@ -129,9 +105,37 @@ def build_datasets(cfg: TrainConfig, model_cfg) -> dict:
     # Per-epoch progress bars of every split are noise in a job log; epochs print one line.
     ray.data.DataContext.get_current().enable_progress_bars = False
     return {
-        "train": read_split(cfg.data.uri, cfg.data.train_split, model_cfg),
-        "val": read_split(cfg.data.uri, cfg.data.val_split, model_cfg),
+        "train": read_split(cfg.data.uri, cfg.data.train_split, model_cfg, uint8=True),
+        "val": read_split(cfg.data.uri, cfg.data.val_split, model_cfg, uint8=True),
     }
+
+
+def resolve(cfg: TrainConfig) -> tuple[dict, object]:
+    """The dataset's manifest and the model config trained on it (classes from the manifest)."""
+    from cellmodel.data.dataset import load_manifest
+
+    manifest = load_manifest(cfg.data.uri)
+    model_cfg = cfg.build_model_config(manifest.get("classes"))
+    check_dataset(cfg, model_cfg)
+    return manifest, model_cfg
+
+
+def data_meta(cfg: TrainConfig, manifest: dict) -> dict:
+    """What a checkpoint records of the data it learned from (read by evaluate, Serve, slides)."""
+    src = manifest.get("source", {})
+    return {
+        "uri": cfg.data.uri,
+        "classes": manifest.get("classes"),
+        **manifest.get("geometry", {}),
+        "source_unit": src.get("source_unit"),
+        "source_known": src.get("source_known"),
+    }
+
+
+def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
+    rows = manifest["splits"][cfg.data.train_split]["rows"]
+    per_worker = rows // cfg.scaling.num_workers
+    return max(1, -(-per_worker // cfg.data.batch_size))
 
 
 def _data_config():
@@ -159,12 +163,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     from cellmodel.train.worker import train_loop_per_worker
 
-    cfg.validate()
+    cfg.validate_run()
     cfg.run.storage = _absolute(cfg.run.storage)
-    model_cfg = cfg.model_config()
+    manifest, model_cfg = resolve(cfg)  # before Ray starts: a wrong path fails in a second
     run_dir = cfg.run_dir
     _check_run_dir(cfg, run_dir)
-    check_dataset(cfg, model_cfg)  # before Ray starts: a wrong path fails in a second
     sc = cfg.scaling
     ensure_ray(sc.num_workers * sc.cpus_per_worker)
     datasets = build_datasets(cfg, model_cfg)
@@ -173,7 +176,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     storage_path, storage_fs = _ray_storage(cfg.run.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "run_dir": run_dir},
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "model": model_cfg.to_dict(),
+            "run_dir": run_dir,
+            "data_meta": data_meta(cfg, manifest),
+            "steps_per_epoch": steps_per_epoch(cfg, manifest),
+        },
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
@@ -197,13 +206,18 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 
 def _finish(cfg: TrainConfig, run_dir: str, result) -> TrainResult:
-    """Pick the lowest-validation-loss checkpoint, copy it to ``model/``, write the summary."""
+    """Pick the lowest-validation-loss checkpoint of a Ray Train result and ``finish``."""
     best = [(c, m) for c, m in (result.best_checkpoints or []) if "val_loss" in m]
     if not best or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint in {run_dir}")
     best_ckpt, best_metrics = min(best, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
     best_uri = _uri_of(cfg.run.storage, best_ckpt.path)
     last_uri = _uri_of(cfg.run.storage, result.checkpoint.path)
+    return finish(cfg, run_dir, best_uri, last_uri, best_metrics)
+
+
+def finish(cfg: TrainConfig, run_dir: str, best_uri: str, last_uri: str, best_metrics: dict):
+    """Copy the best checkpoint to ``model/``, write ``summary.json``, return the result."""
     model_uri = storage.join(run_dir, MODEL_DIR)
     # Weights first, JSON last: the copy is only a checkpoint once it is complete.
     for name in ("model.safetensors", "checkpoint.json"):

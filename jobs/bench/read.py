@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from cellmodel.cluster import ensure_ray
 from jobs.bench.ingest import DEFAULT_TRAIN, crop_subset, start_s3
-
-_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 def train_rate(name: str, batch: int, steps: int) -> float:
@@ -101,8 +99,7 @@ def main(argv: list[str]) -> int:
         for _, uri in targets:
             m = ingest(str(source), uri, progress=False)
     rows = m["splits"]["train"]["rows"]
-    env = {k: os.environ[k] for k in _ENV if k in os.environ}
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ensure_ray(quiet=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"train split: {rows} rows from {args.source}; batch {args.batch}")
     for name in args.models.split(","):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellmodel.cluster import ensure_ray
+
 DEFAULT_SLIDES = (
     Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "bccd" / "JPEGImages"
 )
@@ -85,7 +87,7 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     finder_sps = len(slides) / (time.perf_counter() - t0)
 
     # End to end on a local Ray instance (start-up of Ray itself is not counted).
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ensure_ray(num_cpus=args.num_cpus, quiet=True)
     cfg = SlidesConfig.from_dict(
         {
             "batch_size": args.batch_size,

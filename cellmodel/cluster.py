@@ -1,0 +1,49 @@
+"""One way to join or start Ray, for every job and benchmark.
+
+``ensure_ray()`` joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it) or,
+on a laptop, starts a local Ray with a few logical CPUs more than the machine has, so that
+training workers, Serve replicas and Ray Data tasks all fit. S3 settings from the driver's
+environment travel to the workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_FOR_WORKERS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def worker_env() -> dict[str, str]:
+    """The S3 settings of this process, for a Ray ``runtime_env``."""
+    return {k: os.environ[k] for k in ENV_FOR_WORKERS if k in os.environ}
+
+
+def ensure_ray(num_cpus_needed: float = 0, *, num_cpus: int | None = None, quiet: bool = False):
+    """Join the cluster in RAY_ADDRESS, or start a local Ray; a no-op when Ray is running.
+
+    ``num_cpus_needed``: CPUs that long-lived actors (training workers) will hold; the local
+    Ray gets at least that plus 2 logical CPUs for data tasks. ``num_cpus`` fixes the count.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
+        return
+    if num_cpus is None:
+        num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2)
+    ray.init(
+        num_cpus=num_cpus,
+        runtime_env={"env_vars": worker_env()},
+        include_dashboard=False,
+        log_to_driver=not quiet,
+    )
