@@ -1,37 +1,82 @@
 """The Serve application: a FastAPI ingress in front of a batching classifier deployment.
 
-Ingress: reads and decodes the upload (refusing bad input with a 4xx before it reaches a
-model), preprocesses it with the checkpoint's own preprocessing, and sends one array per
-image to the classifier. Classifier: loads the checkpoint once and runs dynamic batches
-(``@serve.batch``) whose size and wait time come from its ``user_config``.
+Ingress: admits a request only while it has room (else 503 with Retry-After at once), reads
+and decodes the upload under the format allow-list and pixel limits (refusing bad input with
+a 4xx before it reaches a model), resizes each image to the model's input and sends it to
+the classifier as uint8. Calls to the classifier have a deadline; one that fails because its
+replica died is retried once, and anything the client cannot fix is a 503 with Retry-After.
+Classifier: loads the checkpoint once, refusing weights other than the ones the application
+was built with, normalises and runs dynamic batches (``@serve.batch``) whose size and wait
+time come from its ``user_config``.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real ``Request`` type on the
 # route methods, which Serve ships to replicas by value.
 import asyncio
+import contextlib
 import hashlib
-import json
+import logging
 
 import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 import cellmodel
-from cellmodel.data.transforms import ImageDecodeError, decode_image, to_array
+from cellmodel import storage
+from cellmodel.data.transforms import ImageDecodeError
 from cellmodel.infer.predictor import Predictor
-from cellmodel.models.checkpoint import read_checkpoint_meta
+from cellmodel.models.checkpoint import WEIGHTS_FILE, CheckpointError, read_checkpoint_meta
+from serve import images as imgs
 from serve import metrics
-from serve.requests import ApiError, Image, decode_error, read_images
+from serve import openapi as oa
+from serve.requests import ApiError, Image, decode_error, read_images, unavailable
 from serve.settings import AppArgs, BatchConfig
+
+log = logging.getLogger("ray.serve")
+
+# A call that failed because its replica died or went away: worth one more try elsewhere.
+RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, WorkerCrashedError)
 
 
 def model_version(meta: dict) -> str:
-    """A short digest of the checkpoint's metadata: changes whenever a new checkpoint is saved."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    """The served model's version: the first 12 hex digits of its weights' sha256."""
+    return meta["weights_sha256"][:12]
+
+
+def pinned_meta(checkpoint: str) -> dict:
+    """The checkpoint's metadata with ``weights_sha256`` checked against the weights file.
+
+    The application is built from this one reading: the ingress describes, and every
+    classifier replica must load, exactly these weights. A folder whose weights do not hash
+    to what its checkpoint.json names (a save in progress, a file replaced by hand) is
+    refused with ``CheckpointError``.
+    """
+    meta = read_checkpoint_meta(checkpoint)
+    try:
+        digest = hashlib.sha256(
+            storage.read_bytes(storage.join(checkpoint, WEIGHTS_FILE))
+        ).hexdigest()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{checkpoint}: {WEIGHTS_FILE} is missing") from e
+    named = meta.get("weights_sha256")
+    if named and named != digest:
+        raise CheckpointError(
+            f"{checkpoint}: {WEIGHTS_FILE} has sha256 {digest[:12]}..., but checkpoint.json "
+            f"names {named[:12]}...; refusing to serve a model other than the one named"
+        )
+    return {**meta, "weights_sha256": digest}
 
 
 def _replica_cpus() -> int:
@@ -39,18 +84,41 @@ def _replica_cpus() -> int:
     return max(1, int(round(cpus)))
 
 
+async def _result_of(response):
+    """Await a DeploymentResponse (``asyncio.wait_for`` wants a coroutine)."""
+    return await response
+
+
 @serve.deployment(
     name="Classifier",
     max_ongoing_requests=32,
+    max_queued_requests=256,
     ray_actor_options={"num_cpus": 1},
     user_config=BatchConfig().model_dump(),
 )
 class Classifier:
-    """Holds one loaded checkpoint; classifies preprocessed arrays in dynamic batches."""
+    """Holds one loaded checkpoint; classifies resized uint8 images in dynamic batches."""
 
-    def __init__(self, checkpoint: str, backend: str = "auto", torch_threads: int | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        backend: str = "auto",
+        torch_threads: int | None = None,
+        *,
+        weights_sha256: str | None = None,
+        tta: bool = False,
+        int8_calibration: str | None = None,
+    ):
+        # expected_sha256: a replica started after the folder was rewritten (a retrain into
+        # the same place) refuses to load, instead of serving another model than the ingress
+        # names. Redeploy to serve the new one.
         self.predictor = Predictor(
-            checkpoint, backend=backend, num_threads=torch_threads or _replica_cpus()
+            checkpoint,
+            backend=backend,
+            num_threads=torch_threads or _replica_cpus(),
+            tta=tta,
+            expected_sha256=weights_sha256,
+            calibration=int8_calibration,
         )
         self.classes = self.predictor.classes
         self._predictions = metrics.predictions_counter()
@@ -66,9 +134,10 @@ class Classifier:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        """Probabilities for each (3, H, W) array; Serve gathers concurrent calls into ``xs``."""
+        """Probabilities for each resized RGB uint8 image (H, W, 3); Serve gathers concurrent
+        calls into ``xs``."""
         # The forward runs off the event loop so new requests keep queueing for the next batch.
-        probs = await asyncio.to_thread(self.predictor.predict_arrays, np.stack(xs))
+        probs = await asyncio.to_thread(self.predictor.predict_uint8, np.stack(xs))
         self._batch_sizes.observe(len(xs))
         for k, n in zip(*np.unique(probs.argmax(axis=1), return_counts=True)):
             self._predictions.inc(int(n), {"class_name": self.classes[k]})
@@ -77,7 +146,10 @@ class Classifier:
     def info(self) -> dict:
         return {
             "backend": self.predictor.backend,
+            "backend_timings_ms": self.predictor.backend_timings,
             "device": str(self.predictor.device),
+            "tta": self.predictor.tta,
+            "weights_sha256": self.predictor.weights_sha256,
             "batching": self.batch_config.model_dump(),
         }
 
@@ -86,6 +158,9 @@ api = FastAPI(
     title="cellmodel",
     version=cellmodel.__version__,
     description="White-blood-cell classification (EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL).",
+    openapi_url=None,  # served by the ingress itself, with this deployment's limits filled in
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -94,7 +169,7 @@ _rejected = None
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    """Every client mistake: its 4xx JSON body, and one count in the rejected-inputs metric."""
+    """Every refusal: its JSON body, and one count in the rejected-inputs metric."""
     global _rejected
     if _rejected is None:  # created in the replica process, where the metric is exported
         _rejected = metrics.rejected_counter()
@@ -102,30 +177,143 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return e.response()
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(
+    name="Ingress",
+    # Above max_inflight_images, so that requests over the limit reach the ingress and get
+    # its quick JSON 503 instead of waiting in the proxy.
+    max_ongoing_requests=256,
+    max_queued_requests=256,
+    ray_actor_options={"num_cpus": 0.5},
+)
 @serve.ingress(api)
 class Ingress:
-    """HTTP routes; decoding and validation happen here, inference in the classifier."""
+    """HTTP routes; admission, decoding and validation happen here, inference in the
+    classifier."""
 
-    def __init__(self, classifier: DeploymentHandle, args: dict) -> None:
+    def __init__(self, classifier: DeploymentHandle, args: dict, meta: dict | None = None):
         self.classifier = classifier
         self.args = AppArgs.model_validate(args)
         self.checkpoint = self.args.resolved_checkpoint()
-        self.meta = read_checkpoint_meta(self.checkpoint)
+        # The metadata build_app read and pinned (else read and pinned now).
+        self.meta = meta or pinned_meta(self.checkpoint)
         self.pre = self.meta["preprocessing"]
+        _, h, w = self.pre["input_size"]
+        self.size = (int(w), int(h))
         self.classes = list(self.meta["classes"])
         self.model = {"name": self.meta["model_name"], "version": model_version(self.meta)}
+        self._inflight = 0  # images admitted and not yet answered, on this replica
+        self._openapi: dict | None = None
 
-    # -- helpers ----------------------------------------------------------------------------
+    # -- admission ----------------------------------------------------------------------------
+    def _overloaded(self) -> ApiError:
+        return unavailable(
+            "overloaded",
+            f"the service is at its limit of {self.args.max_inflight_images} images in flight",
+            self.args.retry_after_s,
+        )
+
+    def _check_room(self) -> None:
+        """Refuse at once, before reading the body, when this replica is full."""
+        if self._inflight >= self.args.max_inflight_images:
+            raise self._overloaded()
+
+    @contextlib.contextmanager
+    def _admit(self, n: int):
+        """Hold room for ``n`` images while the request runs; 503 when there is none (a
+        request is always admitted when nothing else is in flight, however many images)."""
+        if self._inflight and self._inflight + n > self.args.max_inflight_images:
+            raise self._overloaded()
+        self._inflight += n
+        try:
+            yield
+        finally:
+            self._inflight -= n
+
+    # -- decoding -----------------------------------------------------------------------------
     def _decode(self, images: list[Image]) -> list[np.ndarray]:
-        out = []
+        """Probe every image (format, size), check the request's pixel budget, then decode."""
+        many = len(images) > 1
+        probed = []
         for i, im in enumerate(images):
             try:
-                img = decode_image(im.data, max_pixels=self.args.max_image_pixels)
+                probed.append(
+                    imgs.probe(
+                        im.data,
+                        input_size=self.size,
+                        formats=self.args.formats,
+                        max_pixels=self.args.max_image_pixels,
+                    )
+                )
+            except (ImageDecodeError, imgs.UnsupportedFormat) as e:
+                raise decode_error(e, i if many else None, im.filename) from e
+        total, budget = sum(p.pixels for p in probed), self.args.max_request_pixels
+        if total > budget:
+            raise ApiError(
+                413,
+                "pixel_budget",
+                f"the images of this request decode to {total} pixels, over the budget of "
+                f"{budget} per request; send fewer or smaller images per request",
+                limit_pixels=budget,
+                pixels=total,
+            )
+        out = []
+        for i, (im, p) in enumerate(zip(images, probed)):
+            try:
+                out.append(imgs.load(p, self.size, self.pre.get("interpolation", "bilinear")))
             except ImageDecodeError as e:
-                raise decode_error(e, None if len(images) == 1 else i, im.filename) from e
-            out.append(to_array(img, self.pre))
+                raise decode_error(e, i if many else None, im.filename) from e
         return out
+
+    # -- model calls --------------------------------------------------------------------------
+    async def _call(self, x: np.ndarray, deadline: float) -> np.ndarray:
+        """One image through the classifier: retried once if its replica dies, bounded by the
+        request's deadline; every failure the client cannot fix becomes a 503."""
+        loop, retry_after = asyncio.get_running_loop(), self.args.retry_after_s
+        last: Exception | None = None
+        for _ in range(2):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            response = self.classifier.classify.remote(x)
+            try:
+                return await asyncio.wait_for(_result_of(response), remaining)
+            except TimeoutError:
+                response.cancel()
+                break
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except BackPressureError as e:
+                raise unavailable("overloaded", "the model's queue is full", retry_after) from e
+            except DeploymentUnavailableError as e:
+                raise unavailable(
+                    "model_unavailable", "the model is not deployed", retry_after
+                ) from e
+            except RETRYABLE as e:
+                log.warning("classifier call failed (%s); retrying once", type(e).__name__)
+                last = e
+        if last is not None and deadline - loop.time() > 0:
+            raise unavailable(
+                "model_unavailable",
+                f"the model replica failed twice ({type(last).__name__})",
+                retry_after,
+            )
+        raise unavailable(
+            "model_timeout",
+            f"no answer from the model within {self.args.model_timeout_s:g} s",
+            retry_after,
+        )
+
+    async def _classify(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        # One call per image: Serve's batching groups them with other clients' images.
+        deadline = asyncio.get_running_loop().time() + self.args.model_timeout_s
+        tasks = [asyncio.ensure_future(self._call(a, deadline)) for a in arrays]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
 
     def _result(self, p: np.ndarray) -> dict:
         k = int(p.argmax())
@@ -136,14 +324,20 @@ class Ingress:
             "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
         }
 
-    async def _classify(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        # One call per image: Serve's batching groups them with other clients' images.
-        return await asyncio.gather(*(self.classifier.classify.remote(a) for a in arrays))
+    async def _info(self, timeout: float = 2.0) -> dict:
+        return await asyncio.wait_for(_result_of(self.classifier.info.remote()), timeout)
 
-    # -- routes -----------------------------------------------------------------------------
-    @api.post("/v1/classify", summary="Classify one cell image")
-    async def classify(self, request: Request) -> dict:
+    # -- routes -------------------------------------------------------------------------------
+    @api.post(
+        "/v1/classify",
+        summary="Classify one cell image",
+        response_model=None,
+        responses=oa.classify_responses(oa.ClassifyResult),
+        openapi_extra=oa.single_body(),
+    )
+    async def classify(self, request: Request):
         """One image as a raw ``image/*`` body, or one file part of a multipart form."""
+        self._check_room()
         images = await read_images(request, self.args.max_body_bytes, allow_json=False)
         if len(images) != 1:
             raise ApiError(
@@ -151,13 +345,21 @@ class Ingress:
                 "wrong_image_count",
                 f"expected exactly one image, got {len(images)}; post several to /v1/classify/batch",
             )
-        arrays = await run_in_threadpool(self._decode, images)
-        (p,) = await self._classify(arrays)
+        with self._admit(1):
+            arrays = await run_in_threadpool(self._decode, images)
+            (p,) = await self._classify(arrays)
         return {**self._result(p), "model": self.model}
 
-    @api.post("/v1/classify/batch", summary="Classify several cell images, results in order")
-    async def classify_batch(self, request: Request) -> dict:
+    @api.post(
+        "/v1/classify/batch",
+        summary="Classify several cell images, results in order",
+        response_model=None,
+        responses=oa.classify_responses(oa.BatchResult),
+        openapi_extra=oa.batch_body(64),
+    )
+    async def classify_batch(self, request: Request):
         """Multipart file parts, or JSON ``{"images": [base64, ...]}``; one result per image."""
+        self._check_room()
         images = await read_images(request, self.args.max_body_bytes, allow_json=True)
         n, limit = len(images), self.args.max_images_per_request
         if n == 0:
@@ -170,32 +372,71 @@ class Ingress:
                 f"of at most {limit}",
                 limit=limit,
             )
-        arrays = await run_in_threadpool(self._decode, images)
-        probs = await self._classify(arrays)
+        with self._admit(n):
+            arrays = await run_in_threadpool(self._decode, images)
+            probs = await self._classify(arrays)
         results = [
             {"index": i, "filename": im.filename, **self._result(p)}
             for i, (im, p) in enumerate(zip(images, probs))
         ]
         return {"results": results, "model": self.model}
 
-    @api.get("/healthz", summary="Liveness")
-    async def healthz(self) -> dict:
+    @api.get(
+        "/healthz",
+        summary="Liveness: the ingress answers",
+        response_model=None,
+        responses={200: {"model": oa.Health, "description": "alive"}},
+    )
+    async def healthz(self):
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Readiness: a classifier replica has the model loaded")
-    async def readyz(self) -> JSONResponse:
+    @api.get(
+        "/readyz",
+        summary="Readiness: a classifier replica has the named model loaded",
+        response_model=None,
+        responses={
+            200: {"model": oa.Ready, "description": "ready"},
+            503: {"model": oa.NotReady, "description": "not ready", "headers": oa.RETRY_AFTER},
+        },
+    )
+    async def readyz(self):
+        headers = {"Retry-After": str(self.args.retry_after_s)}
         try:
-            info = await asyncio.wait_for(self.classifier.info.remote(), timeout=5)
+            info = await self._info()
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             body = {"status": "not_ready", "reason": f"{type(e).__name__}: {e}"[:300]}
-            return JSONResponse(body, status_code=503)
+            return JSONResponse(body, status_code=503, headers=headers)
+        if info.get("weights_sha256") != self.meta["weights_sha256"]:
+            body = {
+                "status": "not_ready",
+                "reason": f"the classifier serves weights {str(info.get('weights_sha256'))[:12]}, "
+                f"not {self.model['version']}",
+            }
+            return JSONResponse(body, status_code=503, headers=headers)
         return JSONResponse({"status": "ready", "model": self.model, **info})
 
-    @api.get("/v1/model", summary="The served model: name, classes, input size, metrics")
-    async def model_info(self) -> dict:
-        info = await self.classifier.info.remote()
+    @api.get(
+        "/v1/model",
+        summary="The served model: name, version, classes, input size, metrics, limits",
+        response_model=None,
+        responses={
+            200: {"description": "the model and the service's limits"},
+            503: oa.error_response("no classifier replica answered", headers=oa.RETRY_AFTER),
+        },
+    )
+    async def model_info(self):
+        try:
+            info = await self._info()
+        except Exception as e:  # noqa: BLE001
+            raise unavailable(
+                "model_unavailable",
+                f"no classifier answered ({type(e).__name__})",
+                self.args.retry_after_s,
+            ) from e
+        a = self.args
         return {
             **self.model,
+            "weights_sha256": self.meta["weights_sha256"],
             "classes": self.classes,
             "input_size": self.pre["input_size"],
             "preprocessing": self.pre,
@@ -203,24 +444,59 @@ class Ingress:
             "created": self.meta.get("created"),
             "checkpoint": self.checkpoint,
             "limits": {
-                "max_images_per_request": self.args.max_images_per_request,
-                "max_body_bytes": self.args.max_body_bytes,
-                "max_image_pixels": self.args.max_image_pixels,
+                "max_images_per_request": a.max_images_per_request,
+                "max_body_bytes": a.max_body_bytes,
+                "max_image_pixels": a.max_image_pixels,
+                "max_request_pixels": a.max_request_pixels,
+                "formats": list(a.formats),
+                "max_inflight_images": a.max_inflight_images,
+                "model_timeout_s": a.model_timeout_s,
             },
             **info,
         }
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self):
+        """The OpenAPI document, with this deployment's image-count limit in the schemas."""
+        if self._openapi is None:
+            doc = get_openapi(
+                title=api.title, version=api.version, description=api.description, routes=api.routes
+            )
+            body = doc["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]
+            body["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] = (
+                self.args.max_images_per_request
+            )
+            body["application/json"]["schema"]["properties"]["images"]["maxItems"] = (
+                self.args.max_images_per_request
+            )
+            self._openapi = doc
+        return JSONResponse(self._openapi)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self):
+        return HTMLResponse(
+            get_swagger_ui_html(openapi_url="/openapi.json", title="cellmodel").body
+        )
 
 
 def build_app(args: AppArgs) -> serve.Application:
     """The application for ``serve run serve.app:build_app checkpoint=...`` and config.yaml.
 
-    Reads the checkpoint's metadata first, so a wrong path fails here with a clear message
-    instead of in a replica that restarts forever.
+    Reads the checkpoint's metadata and hashes its weights first, so a wrong path or
+    inconsistent folder fails here with a clear message instead of in a replica that restarts
+    forever; the ingress and every classifier replica are then pinned to those weights.
     """
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     ckpt = args.resolved_checkpoint()
-    read_checkpoint_meta(ckpt)
+    meta = pinned_meta(ckpt)
     resolved = args.model_copy(update={"checkpoint": ckpt})
-    classifier = Classifier.bind(ckpt, args.backend, args.torch_threads)
-    return Ingress.bind(classifier, resolved.model_dump())
+    classifier = Classifier.bind(
+        ckpt,
+        args.backend,
+        args.torch_threads,
+        weights_sha256=meta["weights_sha256"],
+        tta=args.tta,
+        int8_calibration=args.int8_calibration,
+    )
+    return Ingress.bind(classifier, resolved.model_dump(), meta)

@@ -17,21 +17,36 @@ from fastapi.responses import JSONResponse
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cellmodel.data.transforms import ImageDecodeError
+from serve.images import UnsupportedFormat
 
 
 class ApiError(Exception):
     """A client error: HTTP status, a machine-readable reason and a sentence saying what to do."""
 
-    def __init__(self, status: int, reason: str, message: str, **details) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, *, headers: dict | None = None, **details
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.headers = headers or {}
         self.details = details
 
     def response(self) -> JSONResponse:
         body = {"error": {"reason": self.reason, "message": self.message, **self.details}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def unavailable(reason: str, message: str, retry_after_s: int) -> ApiError:
+    """A 503 that tells the client when to try again: overload, timeout, no model replica."""
+    return ApiError(
+        503,
+        reason,
+        f"{message}; retry after {retry_after_s} s",
+        headers={"Retry-After": str(retry_after_s)},
+        retry_after_s=retry_after_s,
+    )
 
 
 # HTTP status per ImageDecodeError.reason; a pixel bomb is "too large", the rest unusable content.
@@ -39,10 +54,12 @@ DECODE_STATUS = {"empty": 400, "too_large": 413, "not_an_image": 422, "truncated
 
 
 def decode_error(
-    e: ImageDecodeError, index: int | None = None, name: str | None = None
+    e: ImageDecodeError | UnsupportedFormat, index: int | None = None, name: str | None = None
 ) -> ApiError:
     where = "" if index is None else f"image {index}" + (f" ({name})" if name else "") + ": "
     details = {} if index is None else {"index": index, "filename": name}
+    if isinstance(e, UnsupportedFormat):
+        return ApiError(415, "unsupported_format", where + str(e), format=e.format, **details)
     return ApiError(DECODE_STATUS.get(e.reason, 422), e.reason, where + str(e), **details)
 
 

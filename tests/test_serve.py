@@ -79,8 +79,12 @@ def url(checkpoint) -> str:
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Room for the 64 concurrent requests below (the default admits 48 images in flight).
     args = AppArgs(
-        checkpoint=checkpoint, max_body_bytes=BODY_LIMIT, max_images_per_request=MAX_IMAGES
+        checkpoint=checkpoint,
+        max_body_bytes=BODY_LIMIT,
+        max_images_per_request=MAX_IMAGES,
+        max_inflight_images=64,
     )
     serve.run(build_app(args), name="cellmodel", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -319,7 +323,8 @@ def test_metrics_endpoint_has_app_counters(client, direct, ray_session):
     text, deadline = "", time.monotonic() + 60
     while time.monotonic() < deadline:  # metrics are pushed every few seconds
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if "cellmodel_predictions" in text and "cellmodel_rejected_inputs" in text:
+        wanted = ("cellmodel_predictions", "cellmodel_rejected_inputs", "ray_serve_num_http")
+        if all(w in text for w in wanted):
             break
         time.sleep(2)
     lines = text.splitlines()

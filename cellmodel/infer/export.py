@@ -1,12 +1,17 @@
-"""ONNX export of a classifier and an ONNX Runtime session that stands in for its forward.
+"""ONNX export of a classifier, and the runtimes that stand in for its forward on CPU.
 
 The export runs in memory when a predictor starts (no file to keep in sync with the
-checkpoint), and is checked against eager PyTorch on a random batch before it is used.
+checkpoint). ONNX Runtime (fp32) and OpenVINO (fp32) are checked against eager PyTorch on a
+random batch before they are used. The int8 path (ONNX Runtime static quantisation,
+calibrated on real images) cannot match within 1e-4 by design: its accuracy is measured
+against the fp32 model on held-out images instead (``python -m jobs.bench serve --parts int8``).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -45,16 +50,43 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], opset: int =
 
 
 class OnnxForward:
-    """Logits from an ONNX model through ONNX Runtime on CPU."""
+    """Logits from an ONNX model through ONNX Runtime on CPU.
 
-    def __init__(self, onnx_bytes: bytes, num_threads: int | None = None) -> None:
+    ``optimization``: ONNX Runtime's graph optimisation level (``all``: constant folding,
+    node fusions and layout changes; ``extended``; ``basic``; ``none``). ``spin``: whether idle
+    intra-op threads busy-wait for work; off by default, because on a CPU shared by several
+    replicas (or other jobs) spinning threads burn the cores the others need.
+    """
+
+    LEVELS = ("none", "basic", "extended", "all")
+
+    def __init__(
+        self,
+        onnx_bytes: bytes,
+        num_threads: int | None = None,
+        *,
+        optimization: str = "all",
+        spin: bool = False,
+    ) -> None:
         import onnxruntime as ort
 
+        levels = dict(
+            zip(
+                self.LEVELS,
+                (
+                    ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                    ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                    ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                ),
+            )
+        )
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = levels[optimization]
         if num_threads:
             opts.intra_op_num_threads = num_threads
             opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(
             onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"]
         )
@@ -75,13 +107,124 @@ def onnx_forward(
     Raises ``ExportError`` when the largest logit difference on a random batch exceeds ``atol``.
     """
     runner = OnnxForward(export_onnx(model, input_size), num_threads)
+    check_against_eager(runner, model, input_size, atol, seed, "ONNX Runtime")
+    return runner
+
+
+def check_against_eager(runner, model, input_size, atol: float, seed: int, what: str) -> float:
+    """The largest logit difference between ``runner`` and eager PyTorch on a random batch;
+    raises ``ExportError`` when it is over ``atol``."""
     x = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         ref = model.eval()(x).float().numpy()
     diff = float(np.abs(runner(x.numpy()) - ref).max())
     if not diff <= atol:
         raise ExportError(
-            f"ONNX Runtime logits differ from eager PyTorch by {diff:.2e} (> {atol:.0e}); "
+            f"{what} logits differ from eager PyTorch by {diff:.2e} (> {atol:.0e}); "
             "use backend 'eager'"
         )
+    return diff
+
+
+class OpenVinoForward:
+    """Logits from the ONNX export compiled by OpenVINO for the CPU, in fp32.
+
+    OpenVINO may run a CPU in bf16 where the hardware has it; the precision hint keeps fp32
+    so that the load-time check against eager holds.
+    """
+
+    def __init__(self, onnx_bytes: bytes, num_threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as d:  # read_model wants a path
+            path = os.path.join(d, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(onnx_bytes)
+            model = core.read_model(path)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if num_threads:
+            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.output = self.compiled.output(0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.asarray(self.compiled(x)[self.output])
+
+
+def openvino_forward(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    num_threads: int | None = None,
+    atol: float = ATOL,
+    seed: int = 0,
+) -> OpenVinoForward:
+    """``model`` exported and compiled by OpenVINO, checked against eager like ONNX Runtime."""
+    try:
+        runner = OpenVinoForward(export_onnx(model, input_size), num_threads)
+    except ImportError:
+        raise
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises its own RuntimeError types
+        raise ExportError(f"OpenVINO could not compile {type(model).__name__}: {e}") from e
+    check_against_eager(runner, model, input_size, atol, seed, "OpenVINO")
     return runner
+
+
+def quantize_int8(onnx_bytes: bytes, calibration: np.ndarray, *, per_channel: bool = True) -> bytes:
+    """Static int8 quantisation (QDQ, int8 weights per channel, int8 activations with ranges
+    from ``calibration``, a preprocessed float32 batch of real images) of an fp32 ONNX model.
+
+    Convolutions and matrix products are quantised; the LSTM stays fp32 (ONNX Runtime has
+    no static int8 LSTM). Raises ``ExportError`` when quantisation fails.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray) -> None:
+            self.items = iter([{"x": x[i : i + 8]} for i in range(0, len(x), 8)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, pre, out = (os.path.join(d, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        with open(src, "wb") as f:
+            f.write(onnx_bytes)
+        try:
+            quant_pre_process(src, pre, skip_symbolic_shape=True)
+            quantize_static(
+                pre,
+                out,
+                Reader(np.ascontiguousarray(calibration, dtype=np.float32)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": True},
+            )
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"int8 quantisation failed: {e}") from e
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def int8_forward(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    calibration: np.ndarray,
+    num_threads: int | None = None,
+) -> OnnxForward:
+    """``model`` exported, quantised to int8 on ``calibration`` and run by ONNX Runtime."""
+    return OnnxForward(quantize_int8(export_onnx(model, input_size), calibration), num_threads)
