@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 
 import numpy as np
 import ray
@@ -149,6 +150,7 @@ class Classifier:
             "backend_timings_ms": self.predictor.backend_timings,
             "device": str(self.predictor.device),
             "tta": self.predictor.tta,
+            "pid": os.getpid(),
             "weights_sha256": self.predictor.weights_sha256,
             "batching": self.batch_config.model_dump(),
         }
@@ -456,19 +458,22 @@ class Ingress:
         }
 
     @api.get("/openapi.json", include_in_schema=False)
-    async def openapi_json(self):
-        """The OpenAPI document, with this deployment's image-count limit in the schemas."""
+    async def openapi_json(self, request: Request):
+        """The OpenAPI document, with this deployment's image-count limit in the schemas and
+        its route prefix as the server URL."""
         if self._openapi is None:
+            root = request.scope.get("root_path") or ""
             doc = get_openapi(
-                title=api.title, version=api.version, description=api.description, routes=api.routes
+                title=api.title,
+                version=api.version,
+                description=api.description,
+                routes=api.routes,
+                servers=[{"url": root}] if root else None,
             )
             body = doc["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]
-            body["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] = (
-                self.args.max_images_per_request
-            )
-            body["application/json"]["schema"]["properties"]["images"]["maxItems"] = (
-                self.args.max_images_per_request
-            )
+            n = self.args.max_images_per_request
+            body["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] = n
+            body["application/json"]["schema"]["properties"]["images"]["maxItems"] = n
             self._openapi = doc
         return JSONResponse(self._openapi)
 

@@ -108,7 +108,12 @@ def classify_responses(ok: type[BaseModel]) -> dict:
 
 # -- request bodies -----------------------------------------------------------------------------
 
-_BINARY = {"type": "string", "format": "binary"}
+_BINARY = {"type": "string", "format": "binary", "minLength": 1}
+# Standard base64 (RFC 4648 section 4) with padding, as Python's strict decoder accepts it.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+_PART_TYPES = ", ".join(MEDIA_TYPES.values())
 
 
 def _raw_images() -> dict:
@@ -129,7 +134,8 @@ def single_body() -> dict:
                         "type": "object",
                         "properties": {"file": _BINARY},
                         "required": ["file"],
-                    }
+                    },
+                    "encoding": {"file": {"contentType": _PART_TYPES}},
                 },
             },
         }
@@ -156,7 +162,8 @@ def batch_body(max_images: int) -> dict:
                             }
                         },
                         "required": ["files"],
-                    }
+                    },
+                    "encoding": {"files": {"contentType": _PART_TYPES}},
                 },
                 "application/json": {
                     "schema": {
@@ -164,7 +171,12 @@ def batch_body(max_images: int) -> dict:
                         "properties": {
                             "images": {
                                 "type": "array",
-                                "items": {"type": "string", "contentEncoding": "base64"},
+                                "items": {
+                                    "type": "string",
+                                    "contentEncoding": "base64",
+                                    "pattern": BASE64_PATTERN,
+                                    "minLength": 4,
+                                },
                                 "minItems": 1,
                                 "maxItems": max_images,
                             }
