@@ -72,15 +72,17 @@ class ModelSection(Section):
     """A registered model variant plus ``ModelConfig`` overrides (e.g. a smaller input).
 
     ``pretrained`` holds one weights file (path or s3:// URI) per CNN branch, in branch order;
-    ``preprocessing`` optionally names the mean/std those weights expect (``"imagenet"`` or
-    ``"inception"``: mean = std = 0.5, as TF-ported Xception and InceptionV3 weights want).
+    ``preprocessing`` names the normalisation those weights expect (``"imagenet"``, or
+    ``"inception"``: mean = std = 0.5, as TF-ported Xception and InceptionV3 weights want):
+    one name sets the input's normalisation, one per CNN branch gives each branch its own
+    (the input then keeps the first). Both travel in the checkpoint.
     Classes default to the dataset's (its manifest) when ``overrides.classes`` is not set.
     """
 
     name: str = "xception_bilstm"
     overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {input_size = [3, 120, 160]}
     pretrained: list[str] = Field(default_factory=list)
-    preprocessing: Literal["", "imagenet", "inception"] = ""
+    preprocessing: list[Literal["imagenet", "inception"]] = Field(default_factory=list)
 
 
 class ScalingSection(Section):
@@ -212,8 +214,11 @@ class TrainConfig(Section):
         kwargs: dict[str, Any] = {}
         if classes is not None and "classes" not in self.model.overrides:
             kwargs.update(classes=list(classes), num_classes=len(classes))
-        if self.model.preprocessing:
-            kwargs.update(PREPROCESSING[self.model.preprocessing])
+        pre = self.model.preprocessing
+        if pre:
+            kwargs.update(PREPROCESSING[pre[0]])
+        if len(pre) > 1:
+            kwargs["branch_norms"] = tuple(pre)
         kwargs.update(self.model.overrides)
         if "classes" in kwargs and "num_classes" not in kwargs:
             kwargs["num_classes"] = len(kwargs["classes"])

@@ -1,14 +1,20 @@
-"""Train and evaluate the paper's Table 1 variants under one protocol; write a comparison table.
+"""Train and evaluate variants under one protocol over several seeds; write a comparison table.
 
     python -m jobs.compare --config jobs/configs/paper.toml [--models ...] [--seeds 0 1 2]
-        [--eval-data PATH_OR_URI] [--out DIR] [section.key=value ...]
+        [--weights MODEL=URI[,URI]] [--eval-data PATH_OR_URI] [--out DIR] [section.key=value ...]
+    python -m jobs.compare --config jobs/configs/cpu_proxy.toml --variant ema="phase2.ema_decay=0.999"
+        --variant base="" --seeds 0 1 2 --local --parallel 3
 
-Every variant is trained with the same config (only ``model.name``, ``run.name`` and
-``run.seed`` change), then scored on the same data: the config's validation split, or
-``--eval-data`` (a class-folder tree such as a TEST split, or a shard dataset). Runs are
-named ``<config run name>-<model>-s<seed>``: a finished run is not trained again, and an
-interrupted one resumes. Writes ``comparison.md`` and ``comparison.json`` into ``--out``,
-next to the accuracies the paper reports.
+A variant is a model of the paper's Table 1 (``--models``; each may take its own weights
+file per CNN branch with ``--weights``) or a named set of overrides (``--variant``, for
+recipe ablations). Every run is trained with the same config plus its variant's settings,
+then scored on the same data: the config's validation split, or ``--eval-data`` (a
+class-folder tree, or a shard dataset). Runs are named ``<run name>-<variant>-s<seed>``: a
+finished run is not trained again, an interrupted one resumes. Accuracy is reported per
+image and per source cell (vote over its copies) when the data knows its sources, as mean
+and standard deviation over seeds. ``--local`` trains in-process (no Ray) and
+``--parallel N`` runs N of them at once (e.g. on one large GPU). Writes ``comparison.md``
+and ``comparison.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,24 @@ TABLE1 = list(PAPER_ACCURACY)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="TOML run config shared by every variant")
-    p.add_argument("--models", nargs="+", default=TABLE1, help="variants (default: Table 1's)")
+    p.add_argument("--models", nargs="+", default=None, help="variants (default: Table 1's)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='NAME="k=v k=v"',
+        help="a named set of overrides (repeatable); replaces --models",
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="MODEL=URI[,URI]",
+        help="weights files for MODEL's CNN branches, in branch order (repeatable)",
+    )
+    p.add_argument("--local", action="store_true", help="train in-process, without Ray")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (with --local)")
+    p.add_argument("--tta", action="store_true", help="score with test-time augmentation too")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     p.add_argument("--eval-data", default=None, help="data to score on (default: the val split)")
     p.add_argument("--split", default=None, help="split of a shard dataset to score on")
@@ -43,31 +66,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_one(config: str, overrides: list[str], model: str, seed: int, args) -> dict:
+def variants(args) -> dict[str, list[str]]:
+    """``{variant name: its overrides}`` from --variant, or one per --models entry."""
+    if args.variant:
+        out = {}
+        for v in args.variant:
+            name, _, rest = v.partition("=")
+            if not name.strip():
+                raise ValueError(f'--variant {v!r}: give NAME="section.key=value ..."')
+            out[name.strip()] = rest.strip().strip('"').split()
+        return out
+    weights = {}
+    for w in args.weights:
+        model, _, uris = w.partition("=")
+        weights[model] = [u for u in uris.split(",") if u]
+    out = {}
+    for model in args.models or TABLE1:
+        extra = [f"model.name={model}"]
+        if model in weights:
+            extra.append("model.pretrained=" + json.dumps(weights[model]))
+        out[model] = extra
+    return out
+
+
+def run_one(config: str, overrides: list[str], variant: str, extra: list[str], seed: int,
+            args) -> dict:  # fmt: skip
     """Train (or reuse) one run and evaluate its best checkpoint; returns its figures."""
     from cellmodel import storage
     from cellmodel.config import load_config
     from cellmodel.evaluate import evaluate_checkpoint
-    from cellmodel.train import run_training
+    from cellmodel.train import run_local, run_training
 
     base = load_config(config, overrides)
-    name = f"{base.run.name}-{model}-s{seed}"
-    cfg = load_config(
-        config, [*overrides, f"model.name={model}", f"run.name={name}", f"run.seed={seed}"]
-    )
+    name = f"{base.run.name}-{variant}-s{seed}"
+    cfg = load_config(config, [*overrides, *extra, f"run.name={name}", f"run.seed={seed}"])
     summary_uri = storage.join(cfg.run_dir, "summary.json")
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))
         model_uri, best = summary["model_uri"], summary["best_metrics"]
         print(f"[{name}] already trained; reusing {model_uri}")
     else:
-        result = run_training(cfg)
+        result = run_local(cfg) if args.local else run_training(cfg)
         model_uri, best = result.model_uri, result.metrics
     data = args.eval_data or cfg.data.uri
     split = args.split or cfg.data.val_split
     m = evaluate_checkpoint(model_uri, data, storage.join(args.out, name), split=split)
+    tta = None
+    if args.tta:
+        tta = evaluate_checkpoint(model_uri, data, split=split, tta=True)
+    per_source = m.get("per_source") or {}
     return {
-        "model": model,
+        "model": variant,
+        "model_name": cfg.model.name,
         "seed": seed,
         "run": name,
         "checkpoint": model_uri,
@@ -78,7 +128,28 @@ def run_one(config: str, overrides: list[str], model: str, seed: int, args) -> d
         "macro_f1": m["macro_f1"],
         "ece": m.get("ece"),
         "n": m.get("n_images", m.get("n")),
+        "source_accuracy": per_source.get("vote_accuracy"),
+        "n_sources": per_source.get("n_sources"),
+        "tta_accuracy": tta["accuracy"] if tta else None,
+        "tta_source_accuracy": (tta.get("per_source") or {}).get("vote_accuracy") if tta else None,
+        "train_s": sum(r.get("epoch_s", 0) for r in _history(cfg.run_dir)),
     }
+
+
+def _history(run_dir: str) -> list[dict]:
+    from cellmodel.train.history import read_history
+
+    try:
+        return read_history(run_dir)
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+
+
+def _mean_sd(values: list) -> tuple[float | None, float | None]:
+    vals = [v * 100 for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def summarize(runs: list[dict], models: list[str]) -> list[dict]:
@@ -88,14 +159,23 @@ def summarize(runs: list[dict], models: list[str]) -> list[dict]:
         f1s = [r["macro_f1"] * 100 for r in runs if r["model"] == model]
         if not accs:
             continue
+        mine = [r for r in runs if r["model"] == model]
+        src_m, src_sd = _mean_sd([r.get("source_accuracy") for r in mine])
+        tta_m, tta_sd = _mean_sd([r.get("tta_accuracy") for r in mine])
         rows.append(
             {
                 "model": model,
                 "runs": len(accs),
                 "accuracy_mean": statistics.fmean(accs),
                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "source_accuracy_mean": src_m,
+                "source_accuracy_std": src_sd,
+                "tta_accuracy_mean": tta_m,
+                "tta_accuracy_std": tta_sd,
                 "macro_f1_mean": statistics.fmean(f1s),
-                "paper_accuracy": PAPER_ACCURACY.get(model),
+                "paper_accuracy": PAPER_ACCURACY.get(mine[0].get("model_name", model))
+                if model in PAPER_ACCURACY
+                else None,
             }
         )
     return rows
@@ -105,14 +185,21 @@ def to_markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | runs | accuracy % (mean ± sd) | macro F1 % | paper accuracy % | difference |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | runs | accuracy % (mean ± sd) | per source cell % | with TTA % "
+        "| macro F1 % | paper accuracy % | difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pm(m, sd) -> str:
+        return f"{m:.2f} ± {sd:.2f}" if m is not None else "-"
+
     for r in rows:
         paper = r["paper_accuracy"]
         diff = f"{r['accuracy_mean'] - paper:+.2f}" if paper is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['runs']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} "
+            f"| {r['model']} | {r['runs']} | {pm(r['accuracy_mean'], r['accuracy_std'])} "
+            f"| {pm(r.get('source_accuracy_mean'), r.get('source_accuracy_std'))} "
+            f"| {pm(r.get('tta_accuracy_mean'), r.get('tta_accuracy_std'))} "
             f"| {r['macro_f1_mean']:.2f} | {paper if paper is not None else '-'} | {diff} |"
         )
     lines += [
@@ -131,32 +218,60 @@ def main(argv: list[str] | None = None) -> int:
     from cellmodel.data.dataset import DatasetNotFoundError
     from cellmodel.evaluate.data import EvalDataError
 
-    unknown = [m for m in args.models if m not in PAPER_ACCURACY and not _registered(m)]
+    unknown = [m for m in args.models or [] if m not in PAPER_ACCURACY and not _registered(m)]
     if unknown:
         print(f"error: unknown model(s) {unknown}; see python -m cellmodel.models", file=sys.stderr)
         return 2
-    runs = []
+    if args.parallel > 1 and not args.local:
+        print("error: --parallel needs --local (Ray Train schedules its own workers)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
-        for model in args.models:
-            for seed in args.seeds:
-                runs.append(run_one(args.config, args.overrides, model, seed, args))
-                rows = summarize(runs, args.models)
-                header = f"# Comparison under `{args.config}`" + (
-                    f" {' '.join(args.overrides)}" if args.overrides else ""
-                )
-                storage.write_bytes(
-                    storage.join(args.out, "comparison.md"), to_markdown(rows, header).encode()
-                )
-                storage.write_bytes(
-                    storage.join(args.out, "comparison.json"),
-                    json.dumps({"summary": rows, "runs": runs}, indent=2).encode(),
-                )
+        todo = variants(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = list(todo)
+    header = f"# Comparison under `{args.config}`" + (
+        f" {' '.join(args.overrides)}" if args.overrides else ""
+    )
+    jobs = [
+        (args.config, args.overrides, v, todo[v], seed, args) for v in names for seed in args.seeds
+    ]
+    runs = []
+
+    def record(run: dict) -> None:
+        runs.append(run)
+        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
+        storage.write_bytes(
+            storage.join(args.out, "comparison.md"), to_markdown(rows, header).encode()
+        )
+        storage.write_bytes(
+            storage.join(args.out, "comparison.json"),
+            json.dumps({"summary": rows, "runs": runs}, indent=2).encode(),
+        )
+
+    try:
+        if args.parallel > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("spawn")  # CUDA cannot be forked
+            with ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
+                for run in pool.map(_run_star, jobs):
+                    record(run)
+        else:
+            for job in jobs:
+                record(run_one(*job))
     except (ConfigError, DatasetNotFoundError, EvalDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(summarize(runs, args.models), "# Comparison"))
+    print(to_markdown(summarize(runs, names), header))
     print(f"written to {storage.join(args.out, 'comparison.md')}")
     return 0
+
+
+def _run_star(job: tuple) -> dict:
+    return run_one(*job)
 
 
 def _registered(name: str) -> bool:

@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--featuremap-image", help="image (path or URI) for the feature maps (default: the first)"
     )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each image over its 8 flips and quarter turns (8x the compute)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             top_mistakes=args.mistakes,
             featuremap_image=args.featuremap_image,
             progress=not args.quiet,
+            tta=args.tta,
         )
     except (CheckpointError, EvalDataError, EvalOutputError, ImageDecodeError, ValueError) as e:
         # A user's mistake: one line that says what to fix, no traceback.

@@ -35,6 +35,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix")
     p.add_argument("--layout", choices=("auto", "crops", "slides"), default="auto")
     p.add_argument(
+        "--classes",
+        type=lambda t: [c for c in t.split(",") if c.strip()],
+        default=[],
+        help="comma-separated classes to keep (default: every class folder or slide label)",
+    )
+    p.add_argument(
+        "--min-sources-per-class",
+        type=int,
+        default=5,
+        help="skip classes with fewer source cells (default 5: BCCD's 3 BASOPHIL slides)",
+    )
+    p.add_argument(
+        "--crop-size",
+        type=lambda t: tuple(int(v) for v in t.lower().split("x")),
+        default=(320, 240),
+        help="WIDTHxHEIGHT of every stored crop (default 320x240)",
+    )
+    p.add_argument(
+        "--group",
+        choices=("auto", "file", "near_duplicate", "slides"),
+        default="auto",
+        help="trace crops of a crop folder to their source cell: near-duplicate grouping, or "
+        "matching to --slides; 'file' makes each file its own source (the split may leak)",
+    )
+    p.add_argument("--slides", default="", help="VOC slide folder the crops were cut from")
+    p.add_argument(
         "--target-per-class",
         type=int,
         default=None,
@@ -61,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset at --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    # Fault injection for tests: SIGKILL the ingest after N shards are written.
+    p.add_argument("--kill-after-shards", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -78,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.source,
                 args.out,
                 layout=args.layout,
+                classes=args.classes,
+                min_sources_per_class=args.min_sources_per_class,
+                crop_size=args.crop_size,
+                group=args.group,
+                slides=args.slides,
                 target_per_class=args.target_per_class,
                 val_fraction=args.val_fraction,
                 test_fraction=args.test_fraction,
@@ -90,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=args.progress,
                 workers=args.workers,
+                kill_after_shards=args.kill_after_shards,
             )
     except (IngestError, SourceError, ValueError, PermissionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

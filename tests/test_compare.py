@@ -51,3 +51,31 @@ def test_compare_rejects_unknown_models(capsys):
     argv = ["--config", str(ROOT / "jobs/configs/quickstart.toml"), "--models", "vgg16"]
     assert compare.main(argv) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
+    """A recipe ablation: two named override sets x two seeds, trained in-process, two at a
+    time; each row has the mean and spread over its seeds, per image and per source."""
+    shards = str(tmp_path / "shards")
+    ingest(str(ROOT / "data/sample/crops"), shards, target_per_class=16, progress=False,
+           workers=1, group="file")  # fmt: skip
+    out = tmp_path / "compare"
+    argv = [
+        "--config", str(ROOT / "jobs/configs/quickstart.toml"),
+        "--variant", "base=",
+        "--variant", 'ema="phase2.ema_decay=0.9 augment.flips=true"',
+        "--seeds", "0", "1", "--local", "--parallel", "2", "--tta",
+        "--out", str(out),
+        f"run.storage={tmp_path / 'runs'}", f"data.uri={shards}",
+        "phase1.epochs=1", "phase2.epochs=1",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    rows = {r["model"]: r for r in result["summary"]}
+    assert set(rows) == {"base", "ema"} and all(r["runs"] == 2 for r in rows.values())
+    assert all(r["accuracy_std"] >= 0 and r["tta_accuracy_mean"] is not None for r in rows.values())
+    runs = {(r["model"], r["seed"]): r for r in result["runs"]}
+    assert set(runs) == {("base", 0), ("base", 1), ("ema", 0), ("ema", 1)}
+    assert runs[("ema", 0)]["checkpoint"] != runs[("base", 0)]["checkpoint"]
+    _, meta = load_checkpoint(runs[("ema", 1)]["checkpoint"])
+    assert meta["metrics"]["ema"] is True

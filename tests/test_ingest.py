@@ -26,7 +26,7 @@ from cellmodel.data.dataset import (
     read_split,
     verify,
 )
-from cellmodel.data.ingest import KILL_AFTER_SHARDS_ENV, DatasetExistsError, IngestError, ingest
+from cellmodel.data.ingest import DatasetExistsError, IngestError, ingest
 from cellmodel.models import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,12 @@ def _bucket(endpoint: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def crops_s3(s3_server, sample_dir) -> tuple[str, dict]:
-    """The 160-crop sample ingested once to S3, balanced to 40 per class in train."""
+    """The 160-crop sample ingested once to S3, balanced to 40 per class in train, each
+    file its own source (``group="file"``: the split may leak, and the ingest says so)."""
     uri = _bucket(s3_server, "ingest-crops") + "/ds"
     with pytest.warns(UserWarning, match="source cells unknown"):
-        m = ingest(str(sample_dir / "crops"), uri, target_per_class=40, progress=False)
+        m = ingest(str(sample_dir / "crops"), uri, target_per_class=40, progress=False,
+                   group="file")  # fmt: skip
     return uri, m
 
 
@@ -127,7 +129,7 @@ def test_slides_split_by_slide_and_bad_slides_reported(slides_local):
     assert m["source"] == {**m["source"], "layout": "slides", "source_known": True}
     reasons = {s["item"]: s["reason"] for s in m["skipped"]}
     assert reasons == {
-        "BloodImage_00008": "class_not_trained",  # BASOPHIL
+        "BloodImage_00008": "class_too_rare",  # BASOPHIL, one slide
         "BloodImage_00117": "unlabelled",
         "BloodImage_00133": "no_wbc_box",
     }
@@ -173,13 +175,13 @@ def test_bad_files_skipped_and_reported(sample_dir, tmp_path, s3_bucket):
     (src / "BASOPHIL").mkdir()
     (src / "BASOPHIL" / "x.jpeg").write_bytes(good)
     with pytest.warns(UserWarning):
-        m = ingest(str(src), s3_bucket + "/ds", val_fraction=0.25, progress=False)
+        m = ingest(str(src), s3_bucket + "/ds", val_fraction=0.25, progress=False, group="file")
     reasons = {s["item"]: s["reason"] for s in m["skipped"]}
     assert reasons == {
         "EOSINOPHIL/_9_truncated.jpeg": "truncated",
         "LYMPHOCYTE/_9_empty.jpeg": "empty",
         "MONOCYTE/_9_text.jpeg": "not_an_image",
-        "BASOPHIL/": "class_not_trained",
+        "BASOPHIL/x.jpeg": "class_too_rare",  # a class folder of one cell
     }
     ids = {r["id"] for s in m["splits"] for r in iter_rows(s3_bucket + "/ds", s, ["id"])}
     assert not any("_9_" in i for i in ids)
@@ -224,7 +226,7 @@ def test_bad_slide_files_skipped(sample_dir, tmp_path):
 def test_killed_mid_write_leaves_no_dataset(sample_dir, s3_bucket):
     out = s3_bucket + "/ds"
     args = ["--source", str(sample_dir / "crops"), "--out", out, "--target-per-class", "40"]
-    r = _cli(*args, "--shard-rows", "32", env={KILL_AFTER_SHARDS_ENV: "2"})
+    r = _cli(*args, "--shard-rows", "32", "--kill-after-shards", "2")
     assert r.returncode == -9, r.stderr
     assert len(_shard_files(out)) == 2  # shards were written, but no manifest
     with pytest.raises(DatasetNotFoundError, match="manifest.json is missing"):

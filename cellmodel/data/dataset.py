@@ -172,17 +172,37 @@ def read_split(
     return ds.map_batches(_Decode(_preprocessing(preprocessing), uint8), batch_format="numpy")
 
 
-def _open_shard(shard_uri: str) -> pq.ParquetFile:
+def open_shard(shard_uri: str) -> pq.ParquetFile:
     fs, path = storage.get_fs(shard_uri)
     return pq.ParquetFile(fs.open(path, "rb"))
 
 
+def iter_record_batches(
+    uri: str,
+    split: str,
+    columns: list[str] | None = None,
+    batch_rows: int = 256,
+    *,
+    manifest: Mapping | None = None,
+    shards: list[str] | None = None,
+) -> Iterator[tuple[str, int, dict]]:
+    """The one shard reader: ``(shard_uri, first_row, {column: values})`` per record batch
+    of one split, shard by shard, in order. Training's plain path, evaluation, the benches
+    and the tests all read shards through here (Ray Data reads them in ``read_split``)."""
+    for shard in shards if shards is not None else shard_uris(uri, split, manifest):
+        row = 0
+        for rb in open_shard(shard).iter_batches(batch_size=batch_rows, columns=columns):
+            d = rb.to_pydict()
+            yield shard, row, d
+            row += rb.num_rows
+
+
 def iter_rows(uri: str, split: str, columns: list[str] | None = None) -> Iterator[dict]:
     """Raw rows (dicts of column values) of one split, shard by shard, without Ray."""
-    for shard in shard_uris(uri, split):
-        pf = _open_shard(shard)
-        for i in range(pf.num_row_groups):
-            yield from pf.read_row_group(i, columns=columns).to_pylist()
+    for _, _, d in iter_record_batches(uri, split, columns):
+        keys = list(d)
+        for values in zip(*(d[k] for k in keys)):
+            yield dict(zip(keys, values))
 
 
 def iter_split(
@@ -214,11 +234,13 @@ def iter_split(
     images: list[bytes] = []
     labels: list[int] = []
     for shard in shards:
-        pf = _open_shard(shard)
-        table = pf.read(columns=["image", "label"])
-        order = rng.permutation(table.num_rows) if shuffle else range(table.num_rows)
-        col_img = table.column("image").to_pylist()
-        col_lab = table.column("label").to_pylist()
+        # One shard at a time, shuffled within it.
+        cols = {"image": [], "label": []}
+        for _, _, d in iter_record_batches(uri, split, ["image", "label"], 4096, shards=[shard]):
+            cols["image"] += d["image"]
+            cols["label"] += d["label"]
+        col_img, col_lab = cols["image"], cols["label"]
+        order = rng.permutation(len(col_lab)) if shuffle else range(len(col_lab))
         for i in order:
             images.append(col_img[i])
             labels.append(col_lab[i])
@@ -254,7 +276,7 @@ def verify(uri: str) -> list[str]:
             digest = file_sha256(shard)
             if digest != s["sha256"]:
                 problems.append(f"{s['path']}: sha256 {digest} != manifest {s['sha256']}")
-            rows = _open_shard(shard).metadata.num_rows
+            rows = open_shard(shard).metadata.num_rows
             if rows != s["rows"]:
                 problems.append(f"{s['path']}: {rows} rows != manifest {s['rows']} ({split})")
     return problems

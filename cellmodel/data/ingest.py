@@ -18,16 +18,18 @@ import posixpath
 import signal
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 from tqdm.auto import tqdm
 
 import cellmodel
-from cellmodel import CLASSES, storage
+from cellmodel import storage
+from cellmodel.config import Section, validate_settings
 from cellmodel.data import augment, sources
 from cellmodel.data.augment import DEFAULT_ANGLES, Aug
 from cellmodel.data.dataset import (
@@ -38,11 +40,35 @@ from cellmodel.data.dataset import (
     load_manifest,
 )
 from cellmodel.data.transforms import decode_image
+from cellmodel.data.voc import CROP_SIZE
 
-# Test hook (documented in docs/ingest.md): SIGKILL this process right after N shards are
-# written, to check that a run killed mid-write leaves no visible dataset.
-KILL_AFTER_SHARDS_ENV = "CELLMODEL_INGEST_KILL_AFTER_SHARDS"
 IN_PROGRESS = "_INGEST_IN_PROGRESS"
+
+
+class IngestSettings(Section):
+    """Everything an ingest takes besides where from and where to (``jobs.ingest`` flags)."""
+
+    layout: Literal["auto", "crops", "slides"] = "auto"
+    classes: list[str] = Field(default_factory=list)  # empty: every class the source has
+    min_sources_per_class: int = Field(5, ge=1)  # rarer classes are skipped (class_too_rare)
+    crop_size: tuple[int, int] = CROP_SIZE  # (width, height) of every stored crop
+    # How crops of a crop folder are traced to their source cell: "auto" groups augmented
+    # copies (near_duplicate), or matches them to the slides they were cut from when
+    # ``slides`` is given; "file" makes every file its own source (may leak).
+    group: Literal["auto", "file", "near_duplicate", "slides"] = "auto"
+    slides: str = ""  # VOC slide folder (JPEGImages, Annotations, labels.csv) for group=slides
+    target_per_class: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    angles: tuple[float, ...] = DEFAULT_ANGLES
+    flips: bool = True
+    augment_val: bool = False
+    shard_rows: int = Field(2048, ge=1)
+    row_group_rows: int = Field(256, ge=1)
+    overwrite: bool = False
+    progress: bool = True
+    workers: int = Field(4, ge=1)
 
 
 class IngestError(RuntimeError):
@@ -54,7 +80,10 @@ class DatasetExistsError(IngestError):
 
 
 def _split_sources(
-    by_class: dict[str, set[str]], fractions: dict[str, float], rng: np.random.Generator
+    by_class: dict[str, set[str]],
+    fractions: dict[str, float],
+    rng: np.random.Generator,
+    classes: list[str],
 ) -> dict[str, str]:
     """``{source_id: split}``: per class, a seeded shuffle of its sources cut by fraction.
 
@@ -62,7 +91,7 @@ def _split_sources(
     sources to leave one for training.
     """
     out = {}
-    for cls in CLASSES:
+    for cls in classes:
         ids = sorted(by_class.get(cls, []))
         ids = [ids[i] for i in rng.permutation(len(ids))]
         start = 0
@@ -146,11 +175,12 @@ def _plan_split(
     rng: np.random.Generator,
     notes: list[str],
     warn: list[str],
+    classes: list[str],
 ) -> list[Row]:
     """The rows of one split in a seeded random order (so every shard mixes classes and
     sources); with a ``target``, each class is topped up to it by augmented copies."""
     plan: list[Row] = []
-    for cls in CLASSES:
+    for cls in classes:
         idx = groups.get(cls, [])
         if not idx:
             warn.append(f"split {split!r} has no {cls} cells")
@@ -166,12 +196,13 @@ def _plan_split(
 class _ShardWriter:
     """Renders rows (in a thread pool: decode, rotate, encode) and writes numbered shards."""
 
-    def __init__(self, out, items, shard_rows, row_group_rows, workers) -> None:
-        self.out, self.items = out, items
+    def __init__(self, out, items, shard_rows, row_group_rows, workers, classes,
+                 kill_after: int = 0) -> None:  # fmt: skip
+        self.out, self.items, self.classes = out, items, classes
         self.shard_rows, self.row_group_rows = shard_rows, row_group_rows
         self.pool = ThreadPoolExecutor(max(1, workers))
         self.written = 0
-        self.kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0") or 0)
+        self.kill_after = kill_after
 
     def __enter__(self) -> _ShardWriter:
         return self
@@ -185,7 +216,7 @@ class _ShardWriter:
         return {
             "id": f"{it.key}#{k}",
             "image": image,
-            "label": CLASSES.index(it.label_name),
+            "label": self.classes.index(it.label_name),
             "label_name": it.label_name,
             "source_id": it.source_id,
             "aug": json.dumps(aug.to_dict()),
@@ -215,37 +246,35 @@ class _ShardWriter:
 def ingest(
     source: str,
     out: str,
+    settings: IngestSettings | None = None,
     *,
-    layout: str = "auto",
-    target_per_class: int | None = None,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
-    seed: int = 0,
-    angles: Sequence[float] = DEFAULT_ANGLES,
-    flips: bool = True,
-    augment_val: bool = False,
-    shard_rows: int = 2048,
-    row_group_rows: int = 256,
-    overwrite: bool = False,
-    progress: bool = True,
-    workers: int = 4,
+    kill_after_shards: int = 0,
+    **kwargs,
 ) -> dict:
     """Ingest ``source`` (crop folder or slides, local or fsspec URI) into ``out``; returns
-    the manifest.
+    the manifest. Settings come as an ``IngestSettings`` or as its fields by keyword.
 
     ``target_per_class``: rows per class in train (default: the largest class's count of
     cells), reached by rotated/flipped copies; classes above it keep all their cells.
     Held-out splits (``val_fraction``, ``test_fraction`` of each class's sources) hold the
     original cells only, unless ``augment_val`` balances them too. Same inputs and seed give
-    the same shards, byte for byte.
+    the same shards, byte for byte. ``kill_after_shards`` (tests): SIGKILL this process
+    after that many shards, to check that a killed run leaves no visible dataset.
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+    if settings is None:
+        settings = validate_settings(IngestSettings, kwargs)
+    elif kwargs:
+        settings = settings.model_copy(update=kwargs)
+    st = settings
+    if st.val_fraction + st.test_fraction >= 1:
         raise ValueError("val_fraction and test_fraction must be in [0, 1) with a sum below 1")
-    if shard_rows < 1 or row_group_rows < 1:
-        raise ValueError("shard_rows and row_group_rows must be >= 1")
-    if target_per_class is not None and target_per_class < 1:
-        raise ValueError(f"target_per_class must be >= 1, got {target_per_class}")
-    src = sources.open_source(source, layout)
+    layout, target_per_class, seed, workers, progress = (
+        st.layout, st.target_per_class, st.seed, st.workers, st.progress)  # fmt: skip
+    val_fraction, test_fraction, angles, flips = (
+        st.val_fraction, st.test_fraction, st.angles, st.flips)  # fmt: skip
+    augment_val, shard_rows, row_group_rows, overwrite = (
+        st.augment_val, st.shard_rows, st.row_group_rows, st.overwrite)  # fmt: skip
+    src = sources.open_source(source, layout, st.classes or None, st.crop_size)
     _check_destination(out, overwrite)
     _write_marker(out)
 
@@ -265,6 +294,13 @@ def ingest(
         )
 
     warn = []
+    grouping = None
+    if src.layout == "crops" and st.group != "file":
+        grouping = _group(items, st, warn)
+        if grouping is not None:
+            src.source_known, src.grouping = True, grouping["method"]
+    classes = _keep_common_classes(items, skipped, st, src.classes, warn)
+    skip_counts = dict(sorted(Counter(s.reason for s in skipped).items()))
     if not src.source_known:
         warn.append(
             "source cells unknown (crop-folder layout): each file is its own source, but the "
@@ -276,7 +312,11 @@ def ingest(
     by_class: dict[str, set[str]] = defaultdict(set)
     for it in items:
         by_class[it.label_name].add(it.source_id)
-    split_of = _split_sources(by_class, {"val": val_fraction, "test": test_fraction}, rng)
+    for cls in classes:
+        if len(by_class[cls]) == 1 and (val_fraction or test_fraction):
+            warn.append(f"class {cls} has a single source cell: all of it goes to train, so it "
+                        "is not validated; add cells of other slides to validate it")  # fmt: skip
+    split_of = _split_sources(by_class, {"val": val_fraction, "test": test_fraction}, rng, classes)
     per_split: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, it in enumerate(items):
         per_split[split_of[it.source_id]][it.label_name].append(i)
@@ -289,13 +329,15 @@ def ingest(
             target = target_per_class if split == "train" and target_per_class else target
         targets[split] = target
         plans[split] = _plan_split(
-            split, per_split[split], target, augment.variants(angles, flips), rng, notes, warn
-        )
+            split, per_split[split], target, augment.variants(angles, flips), rng, notes, warn,
+            classes,
+        )  # fmt: skip
     for w in warn:
         warnings.warn(w, stacklevel=2)
 
     _clear_destination(out)
-    writer = _ShardWriter(out, items, shard_rows, row_group_rows, workers)
+    writer = _ShardWriter(out, items, shard_rows, row_group_rows, workers, classes,
+                          kill_after_shards)  # fmt: skip
     bar = tqdm(
         total=sum(map(len, plans.values())), desc="write shards", unit="img", disable=not progress
     )
@@ -305,11 +347,11 @@ def ingest(
             shards = writer.write_split(split, plan, bar)
             counts = Counter(items[i].label_name for i, _, _ in plan)
             originals = Counter(items[i].label_name for i, k, _ in plan if k == 0)
-            sources_n = {c: len({items[i].source_id for i in per_split[split][c]}) for c in CLASSES}
+            sources_n = {c: len({items[i].source_id for i in per_split[split][c]}) for c in classes}
             split_info[split] = {
                 "rows": len(plan),
-                "counts": {c: counts.get(c, 0) for c in CLASSES},
-                "originals": {c: originals.get(c, 0) for c in CLASSES},
+                "counts": {c: counts.get(c, 0) for c in classes},
+                "originals": {c: originals.get(c, 0) for c in classes},
                 "sources": sources_n,
                 "target_per_class": targets[split],
                 "shards": shards,
@@ -321,7 +363,8 @@ def ingest(
         "format": "cellmodel-parquet-shards",
         "created": _now(),
         "cellmodel_version": cellmodel.__version__,
-        "classes": list(CLASSES),
+        "classes": list(classes),
+        "geometry": _geometry(items, st),
         "columns": {f.name: str(f.type) for f in SCHEMA},
         "source": {
             "uri": str(source),
@@ -329,8 +372,13 @@ def ingest(
             "source_known": src.source_known,
             "source_unit": src.grouping,
             "cells": len(items),
+            "grouping": grouping,
         },
         "params": {
+            "classes_asked": list(st.classes),
+            "min_sources_per_class": st.min_sources_per_class,
+            "group": st.group,
+            "slides": st.slides,
             "seed": seed,
             "target_per_class": target_per_class,
             "val_fraction": val_fraction,
@@ -351,6 +399,81 @@ def ingest(
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     _remove_marker(out)
     return manifest
+
+
+def _group(items: list, st: IngestSettings, warn: list[str]) -> dict | None:
+    """Trace each crop to its source cell (in place: ``item.source_id``); returns the report.
+
+    Rows no method could place keep their own file as source (reported, never merged)."""
+    try:
+        from cellmodel.data import grouping as g
+    except ImportError:  # pragma: no cover - a build without the grouping module
+        warn.append("source grouping is not available in this build; each file is its source")
+        return None
+    from cellmodel.data.transforms import decode_image
+
+    method = st.group
+    if method == "auto":
+        method = "slides" if st.slides else "near_duplicate"
+    if method == "slides" and not st.slides:
+        raise IngestError("group=slides needs the slide folder: pass --slides DIR (VOC layout)")
+    images = [decode_image(it.image) for it in items]
+    labels = [it.label_name for it in items]
+    if method == "slides":
+        result = g.match_to_slides(images, labels, st.slides)
+    else:
+        result = g.group_crops(images, labels)
+    unassigned = 0
+    for it, sid in zip(items, result.source_id):
+        if sid is None:
+            unassigned += 1  # its own source: the file
+        else:
+            it.source_id = f"{it.label_name}/{sid}" if method != "slides" else str(sid)
+    if unassigned:
+        warn.append(f"{unassigned} crop(s) matched no group ({method}); each stays its own "
+                    "source (listed in manifest source.grouping)")  # fmt: skip
+    return {"method": method, "unassigned": unassigned, **result.report()}
+
+
+def _keep_common_classes(items, skipped, st: IngestSettings, found: list[str], warn) -> list[str]:
+    """The classes with at least ``min_sources_per_class`` sources; rarer ones are skipped
+    (their items move to ``skipped`` as ``class_too_rare``), never silently merged."""
+    n_sources: dict[str, set] = defaultdict(set)
+    for it in items:
+        n_sources[it.label_name].add(it.source_id)
+    keep = sorted(c for c in n_sources if len(n_sources[c]) >= st.min_sources_per_class)
+    rare = sorted(set(n_sources) - set(keep))
+    for cls in rare:
+        gone = [it for it in items if it.label_name == cls]
+        for it in gone:
+            skipped.append(sources.Skip(it.key, "class_too_rare", f"{cls}: {len(n_sources[cls])} "
+                           f"source(s) < min_sources_per_class {st.min_sources_per_class}"))  # fmt: skip
+        warn.append(f"class {cls} skipped: {len(n_sources[cls])} source cell(s), fewer than "
+                    f"min_sources_per_class={st.min_sources_per_class}; lower it to train on it")  # fmt: skip
+    items[:] = [it for it in items if it.label_name in keep]
+    if not items:
+        raise IngestError(f"no class has {st.min_sources_per_class} or more source cells "
+                          f"(found {dict((c, len(v)) for c, v in n_sources.items())}); lower "
+                          "--min-sources-per-class")  # fmt: skip
+    return keep
+
+
+def _geometry(items: list, st: IngestSettings) -> dict:
+    """Crop size and, when it can be estimated, the pixel scale (median red-cell diameter)."""
+    geo: dict = {"crop_size": list(st.crop_size)}
+    try:
+        from cellmodel.data.scale import estimate_rbc_diameter
+    except ImportError:
+        return geo
+    from cellmodel.data.transforms import decode_image
+
+    step = max(1, len(items) // 48)
+    got = [estimate_rbc_diameter(decode_image(it.image)) for it in items[::step][:48]]
+    got = [float(d) for d in got if d]
+    if got:
+        geo["rbc_diameter_px"] = round(float(np.median(got)), 2)
+        geo["rbc_diameter_images"] = len(got)
+    return geo
 
 
 def _remove_marker(out: str) -> None:

@@ -1,8 +1,11 @@
 """Find and load the cells of an ingest source: a crop folder or BCCD-style slides.
 
-Each valid cell becomes an ``Item``: its 320x240 crop (encoded), class and source id (the
-unit a train/val split must not cut through). Anything unusable becomes a ``Skip`` with a
-reason code, so the ingest can report it and carry on.
+Each valid cell becomes an ``Item``: its crop (encoded, at the dataset's crop size), class
+and source id (the unit a train/val split must not cut through). Anything unusable becomes
+a ``Skip`` with a reason code, so the ingest can report it and carry on.
+
+Classes are data: a crop folder's class folders, a slide folder's ``labels.csv`` categories,
+or the list the user gives (``classes``); anything else is skipped as ``class_not_listed``.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cellmodel import CLASSES, storage
-from cellmodel.data.transforms import ImageDecodeError, decode_image
+from cellmodel import storage
+from cellmodel.data.transforms import IMAGE_EXTS, ImageDecodeError, decode_image
 from cellmodel.data.voc import CROP_SIZE, AnnotationError, crop_around, parse_voc, read_labels_csv
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("auto", "crops", "slides")
 _SLIDE_RE = re.compile(r"(\d+)$")
 
@@ -32,7 +34,7 @@ class Item:
     key: str  # path relative to the source root, for reports and row ids
     label_name: str
     source_id: str
-    image: bytes  # encoded 320x240 crop
+    image: bytes  # encoded crop at the dataset's crop size
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Source:
     )
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # found (or given), sorted
 
     def load(self, workers: int = 4) -> Iterator[Item | Skip]:
         """Load every candidate (I/O and decoding in a thread pool), in a stable order."""
@@ -64,18 +67,19 @@ class Source:
                 yield from result if isinstance(result, list) else [result]
 
 
-def _class_of(name: str) -> str | None:
-    up = name.strip().upper()
-    return up if up in CLASSES else None
+def class_name(name: str) -> str:
+    """The canonical spelling of a class: upper case, no surrounding blanks."""
+    return name.strip().upper()
 
 
-def _as_crop(data: bytes) -> bytes:
-    """Validated crop bytes; re-cut (not rescaled) to 320x240 when the file has another size."""
+def _as_crop(data: bytes, crop_size: tuple[int, int] = CROP_SIZE) -> bytes:
+    """Validated crop bytes; re-cut (not rescaled) to ``crop_size`` when the file has another
+    size."""
     img = decode_image(data)
     jpeg_or_png = data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
-    if img.size == CROP_SIZE and jpeg_or_png:
+    if img.size == tuple(crop_size) and jpeg_or_png:
         return data
-    crop = crop_around(img, (img.size[0] / 2, img.size[1] / 2), CROP_SIZE)
+    crop = crop_around(img, (img.size[0] / 2, img.size[1] / 2), tuple(crop_size))
     buf = io.BytesIO()
     crop.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
@@ -97,21 +101,25 @@ def detect_layout(uri: str) -> str:
     return "crops"
 
 
-def crop_folder(uri: str) -> Source:
+def crop_folder(
+    uri: str, classes: list[str] | None = None, crop_size: tuple[int, int] = CROP_SIZE
+) -> Source:
     """``<uri>/<CLASS>/*.jpeg``: each file is one cell and, as names do not identify the
-    source cell, its own source (``source_known`` false)."""
+    source cell, its own source (``source_known`` false) until ingest groups the copies.
+
+    Every class folder is a class, unless ``classes`` lists the ones to keep."""
     fs, root = storage.get_fs(uri)
     src = Source(str(uri), "crops", source_known=False, grouping="file")
     subdirs = sorted(p for p in fs.ls(root, detail=False) if fs.isdir(p))
+    wanted = {class_name(c) for c in classes} if classes else None
     found = set()
     for d in subdirs:
         folder = posixpath.basename(d.rstrip("/"))
-        cls = _class_of(folder)
-        if cls is None:
+        cls = class_name(folder)
+        if wanted is not None and cls not in wanted:
             n = len(fs.find(d))
-            src.skipped.append(
-                Skip(folder + "/", "class_not_trained", f"folder of {n} files; trained: {CLASSES}")
-            )
+            src.skipped.append(Skip(folder + "/", "class_not_listed",
+                                    f"folder of {n} files; classes asked for: {sorted(wanted)}"))  # fmt: skip
             continue
         found.add(cls)
         files = sorted(fs.find(d))
@@ -124,19 +132,20 @@ def crop_folder(uri: str) -> Source:
             src.skipped.append(Skip(folder + "/", "empty_class_folder", "no image files"))
         for f in images:
             rel = posixpath.relpath(f, root)
-            src.tasks.append((rel, _crop_task(fs, f, rel, cls)))
-    for cls in CLASSES:
+            src.tasks.append((rel, _crop_task(fs, f, rel, cls, crop_size)))
+    for cls in sorted(wanted or ()):
         if cls not in found:
             src.skipped.append(Skip(cls + "/", "missing_class_folder", "no folder for this class"))
+    src.classes = sorted(found)
     return src
 
 
-def _crop_task(fs, path: str, rel: str, cls: str):
+def _crop_task(fs, path: str, rel: str, cls: str, crop_size: tuple[int, int]):
     def run() -> Item | Skip:
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()
-            data = _as_crop(data)
+            data = _as_crop(data, crop_size)
         except ImageDecodeError as e:
             return Skip(rel, e.reason, str(e))
         except OSError as e:
@@ -147,7 +156,9 @@ def _crop_task(fs, path: str, rel: str, cls: str):
     return run
 
 
-def slide_folder(uri: str) -> Source:
+def slide_folder(
+    uri: str, classes: list[str] | None = None, crop_size: tuple[int, int] = CROP_SIZE
+) -> Source:
     """BCCD layout: ``JPEGImages/*.jpg``, ``Annotations/*.xml``, ``labels.csv``.
 
     The slide is the source. A slide is skipped (and reported) when it is unlabelled,
@@ -170,6 +181,8 @@ def slide_folder(uri: str) -> Source:
             if ext.lower() in IMAGE_EXTS and m:
                 images[int(m.group(1))] = p
     numbers = sorted(set(images) | set(labels))
+    wanted = {class_name(c) for c in classes} if classes else None
+    found = set()
     for n in numbers:
         name = f"BloodImage_{n:05d}"
         cats = labels.get(n)
@@ -182,16 +195,18 @@ def slide_folder(uri: str) -> Source:
         if len(set(cats)) > 1:
             src.skipped.append(Skip(name, "multi_labelled", ", ".join(cats)))
             continue
-        cls = _class_of(cats[0])
-        if cls is None:
-            src.skipped.append(Skip(name, "class_not_trained", cats[0]))
+        cls = class_name(cats[0])
+        if wanted is not None and cls not in wanted:
+            src.skipped.append(Skip(name, "class_not_listed", cats[0]))
             continue
+        found.add(cls)
         xml = posixpath.join(ann_dir, posixpath.splitext(posixpath.basename(images[n]))[0] + ".xml")
-        src.tasks.append((name, _slide_task(fs, images[n], xml, name, cls, src.notes)))
+        src.tasks.append((name, _slide_task(fs, images[n], xml, name, cls, src.notes, crop_size)))
+    src.classes = sorted(found)
     return src
 
 
-def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: list[str]):
+def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: list[str], crop_size):
     def run() -> Item | Skip:
         try:
             xml = fs.cat_file(xml_path)
@@ -218,7 +233,7 @@ def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: li
         box = max(inside, key=lambda b: (b.xmax - b.xmin) * (b.ymax - b.ymin))
         if len(inside) > 1:
             notes.append(f"{name}: {len(inside)} WBC boxes and one label; used the largest")
-        crop = crop_around(img, box.center, CROP_SIZE)
+        crop = crop_around(img, box.center, tuple(crop_size))
         buf = io.BytesIO()
         crop.save(buf, format="JPEG", quality=95)
         return Item(name, cls, name, buf.getvalue())
@@ -226,10 +241,16 @@ def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: li
     return run
 
 
-def open_source(uri: str, layout: str = "auto") -> Source:
+def open_source(
+    uri: str,
+    layout: str = "auto",
+    classes: list[str] | None = None,
+    crop_size: tuple[int, int] = CROP_SIZE,
+) -> Source:
     """The ``Source`` at ``uri``; ``layout`` is ``auto``, ``crops`` or ``slides``."""
     if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     detected = detect_layout(uri)
     layout = detected if layout == "auto" else layout
-    return slide_folder(uri) if layout == "slides" else crop_folder(uri)
+    make = slide_folder if layout == "slides" else crop_folder
+    return make(uri, classes, tuple(crop_size))

@@ -12,6 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# The image files every reader accepts (crop folders, slide folders, evaluation folders).
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 # A 640x480 slide is 0.3 MP; anything past 50 MP is not a blood-cell image and may be a bomb.
 MAX_PIXELS = 50_000_000
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellmodel import storage
-
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff")
+from cellmodel.data.transforms import IMAGE_EXTS as IMAGE_EXTENSIONS
 
 
 class EvalDataError(ValueError):
@@ -115,18 +114,17 @@ class ClassFolders:
 class ShardDataset:
     """One split of a Parquet shard dataset (``manifest.json`` + ``<split>/part-*.parquet``).
 
-    Read with pyarrow directly rather than through Ray, because the report needs the ``id``
-    and ``source_id`` columns next to each prediction; labels are matched by ``label_name``
-    so a dataset whose class order differs from the checkpoint's is still scored right.
+    Read through the project's one shard reader (``iter_record_batches``) rather than Ray,
+    because the report needs the ``id`` and ``source_id`` columns next to each prediction;
+    labels are matched by ``label_name`` so a dataset whose class order differs from the
+    checkpoint's is still scored right.
     """
 
     kind = "shards"
     COLUMNS = ("id", "image", "label_name")
 
     def __init__(self, uri: str, classes: Sequence[str], split: str) -> None:
-        import pyarrow.parquet as pq
-
-        from cellmodel.data.dataset import DatasetNotFoundError, shard_uris
+        from cellmodel.data.dataset import DatasetNotFoundError, open_shard, shard_uris
 
         self.uri = uri
         self.split = split
@@ -139,11 +137,7 @@ class ShardDataset:
         if not parts:
             raise EvalDataError(f"{uri}: the {split!r} split has no shards")
         self.parts = parts
-        self.files = []
-        for p in parts:
-            fs, path = storage.get_fs(p)
-            self.files.append(pq.ParquetFile(fs.open(path, "rb")))
-        names = set(self.files[0].schema_arrow.names)
+        names = set(open_shard(parts[0]).schema_arrow.names)
         missing = [c for c in self.COLUMNS if c not in names]
         if missing:
             raise EvalDataError(
@@ -152,8 +146,8 @@ class ShardDataset:
             )
         self.has_sources = "source_id" in names
         label_names: list[str] = []
-        for f in self.files:
-            label_names += f.read(columns=["label_name"]).column(0).to_pylist()
+        for _, _, d in self._read(["label_name"], 8192):
+            label_names += d["label_name"]
         self._n = len(label_names)
         if not self._n:
             raise EvalDataError(f"{uri}: the {split!r} split is empty (0 rows)")
@@ -163,21 +157,23 @@ class ShardDataset:
     def __len__(self) -> int:
         return self._n
 
+    def _read(self, columns: list[str], batch_rows: int, shards: list[str] | None = None):
+        from cellmodel.data.dataset import iter_record_batches
+
+        return iter_record_batches(self.uri, self.split, columns, batch_rows,
+                                   shards=shards if shards is not None else self.parts)  # fmt: skip
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         cols = list(self.COLUMNS) + (["source_id"] if self.has_sources else [])
-        for part, f in zip(self.parts, self.files):
-            row = 0
-            for rb in f.iter_batches(batch_size=batch_size, columns=cols):
-                d = rb.to_pydict()
-                n = len(d["id"])
-                yield Batch(
-                    ids=[str(i) for i in d["id"]],
-                    refs=[f"{part}#{row + i}" for i in range(n)],
-                    labels=np.array([self.mapping[x] for x in d["label_name"]], dtype=np.int64),
-                    sources=[str(s) for s in d["source_id"]] if self.has_sources else None,
-                    images=[b if b is not None else b"" for b in d["image"]],
-                )
-                row += n
+        for part, row, d in self._read(cols, batch_size):
+            n = len(d["id"])
+            yield Batch(
+                ids=[str(i) for i in d["id"]],
+                refs=[f"{part}#{row + i}" for i in range(n)],
+                labels=np.array([self.mapping[x] for x in d["label_name"]], dtype=np.int64),
+                sources=[str(s) for s in d["source_id"]] if self.has_sources else None,
+                images=[b if b is not None else b"" for b in d["image"]],
+            )
 
     def fetch(self, refs: Sequence[str]) -> list[bytes]:
         out = []
@@ -185,8 +181,8 @@ class ShardDataset:
         for r in refs:
             part, row = r.rsplit("#", 1)
             if part not in cache:
-                f = self.files[self.parts.index(part)]
-                cache[part] = f.read(columns=["image"]).column(0).to_pylist()
+                cache[part] = [b for _, _, d in self._read(["image"], 8192, [part])
+                               for b in d["image"]]  # fmt: skip
             out.append(cache[part][int(row)] or b"")
         return out
 

@@ -113,13 +113,15 @@ def evaluate_checkpoint(
     top_mistakes: int = 16,
     featuremap_image: str | None = None,
     progress: bool = False,
+    tta: bool = False,
 ) -> dict:
     """Score a checkpoint on a class-folder tree or one split of a shard dataset.
 
     Returns the metrics dict (the content of ``metrics.json``). With ``out_dir`` (a local
     folder or URI) also writes ``report.md``, ``metrics.json``, ``predictions.csv`` and the
     PNGs there. ``featuremap_image`` is an image path/URI for the feature-map picture
-    (default: the first image of the data). Raises ``CheckpointError``, ``EvalDataError``
+    (default: the first image of the data). ``tta`` averages each image's softmax over its 8
+    flips and quarter turns (test-time augmentation; 8x the compute). Raises ``CheckpointError``, ``EvalDataError``
     or ``EvalOutputError`` with a message that names the bad input.
     """
     from cellmodel.evaluate.data import EvalDataError
@@ -138,7 +140,7 @@ def evaluate_checkpoint(
         except ImageDecodeError as e:
             raise EvalDataError(f"feature-map image {featuremap_image}: {e}") from e
     started = time.time()
-    predictor = Predictor(checkpoint_uri, device=device)
+    predictor = Predictor(checkpoint_uri, device=device, tta=tta)
     data = open_data(data_uri, predictor.classes, split)
     preds = predict_data(predictor, data, batch_size, progress)
     if not len(preds.labels):
@@ -160,6 +162,7 @@ def evaluate_checkpoint(
         {
             "checkpoint": checkpoint_uri,
             "model_name": predictor.cfg.name,
+            "tta": bool(tta),
             "checkpoint_metrics": predictor.meta.get("metrics", {}),
             "data": data_uri,
             "data_kind": data.kind,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellmodel.models.config import ModelConfig
+from cellmodel.models.config import PREPROCESSING, ModelConfig
 from cellmodel.models.tiny import TinyCNN
 
 # ITU-R BT.601 luma weights: the grayscale map the RNN reads.
@@ -36,13 +36,23 @@ class CnnRnnClassifier(nn.Module):
         self.cnns = nn.ModuleList(create_backbone(n, **cfg.cnn_kwargs) for n in cfg.cnn)
         self.cnn_dim = sum(int(m.num_features) for m in self.cnns)
         self._cnn_frozen = False
+        mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.register_buffer("in_mean", mean, persistent=False)
+        self.register_buffer("in_std", std, persistent=False)
+        # Per-branch normalisation: (scale, shift) mapping the input's normalisation to the
+        # one each branch's weights expect, x_b = x * scale + shift.
+        for i, name in enumerate(cfg.branch_norms):
+            b = PREPROCESSING[name]
+            bm, bs = (
+                torch.tensor(b["mean"]).view(1, 3, 1, 1),
+                torch.tensor(b["std"]).view(1, 3, 1, 1),
+            )
+            self.register_buffer(f"branch{i}_scale", std / bs, persistent=False)
+            self.register_buffer(f"branch{i}_shift", (mean - bm) / bs, persistent=False)
 
         if cfg.has_rnn:
             self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
-            mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-            std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-            self.register_buffer("in_mean", mean, persistent=False)
-            self.register_buffer("in_std", std, persistent=False)
             self.rnn = nn.LSTM(
                 input_size=cfg.width // cfg.rnn_downsample,
                 hidden_size=cfg.rnn_hidden,
@@ -67,7 +77,13 @@ class CnnRnnClassifier(nn.Module):
     # -- branches ---------------------------------------------------------------------------
     def forward_cnn(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled CNN features, concatenated over branches: (B, cnn_dim)."""
-        feats = [m(x) for m in self.cnns]
+        if self.cfg.branch_norms:
+            feats = [
+                m(x * getattr(self, f"branch{i}_scale") + getattr(self, f"branch{i}_shift"))
+                for i, m in enumerate(self.cnns)
+            ]
+        else:
+            feats = [m(x) for m in self.cnns]
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
     def gray_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,10 @@ class ModelConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     cnn_kwargs: dict = field(default_factory=dict)
+    # Per CNN branch, the normalisation its pretrained weights expect ("imagenet" or
+    # "inception"), when it differs from the input's ``mean``/``std``: the branch then sees
+    # its input re-normalised. Empty: every branch takes the input as it is.
+    branch_norms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.cnn = tuple(self.cnn)
@@ -50,6 +54,15 @@ class ModelConfig:
         self.input_size = tuple(int(v) for v in self.input_size)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        self.branch_norms = tuple(self.branch_norms)
+        if self.branch_norms and len(self.branch_norms) != len(self.cnn):
+            raise ValueError(
+                f"model {self.name!r}: {len(self.branch_norms)} branch_norms for "
+                f"{len(self.cnn)} CNN branch(es); give one per branch"
+            )
+        unknown = [n for n in self.branch_norms if n not in PREPROCESSING]
+        if unknown:
+            raise ValueError(f"unknown branch_norms {unknown}; known: {sorted(PREPROCESSING)}")
         if len(self.classes) != self.num_classes:
             raise ValueError(
                 f"model {self.name!r}: {len(self.classes)} class names for num_classes="
@@ -97,4 +110,5 @@ class ModelConfig:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "classes": list(self.classes),
+            "branch_norms": list(self.branch_norms),
         }
