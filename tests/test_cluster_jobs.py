@@ -132,7 +132,8 @@ def start_head(num_cpus: int = 4) -> Head:
     token_path.write_text(token)
     token_path.chmod(0o600)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Nothing of this process's own Ray (address, token) leaks into the head.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # The head's `python` (which runs job entry points) is the project's environment.
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(auth, RAY_USAGE_STATS_ENABLED="0")
@@ -264,6 +265,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(head.dashboard, headers=head.headers)
+    clock = _Clock()
     shards = tmp_path / "shards"
     runs = tmp_path / "runs"
 
@@ -272,6 +274,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
         client,
         submit(client, head, f"python -m jobs.ingest --source data/sample/crops --out {shards}"),
     )
+    clock.lap("ingest")
     manifest = json.loads((shards / "manifest.json").read_text())
     assert set(manifest["classes"]) == CLASSES, logs[-2000:]
     assert {"train", "val"} <= set(manifest["splits"])
@@ -282,6 +285,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
         f" phase1.epochs=2 phase2.epochs=1 run.storage={runs} data.uri={shards}"
     )
     logs = wait_job(client, submit(client, head, train))
+    clock.lap("train")
     run_dir = runs / "quickstart"
     summary = json.loads((run_dir / "summary.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
@@ -305,6 +309,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
     )
     wait_job(client, eval_id)
     wait_job(client, slides_id)
+    clock.lap("evaluate + slides")
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["n"] == manifest["splits"]["val"]["rows"] > 0
     assert (evaluation / "report.md").is_file()
@@ -321,7 +326,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
     app["args"]["checkpoint"] = str(model)
     serve_cfg = tmp_path / "serve.yaml"
     serve_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(head.env)
     # `serve` imports this repository's serve/ package; run it from a neutral directory
     deploy = subprocess.run(
@@ -335,8 +340,25 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     crop = next((SAMPLE / "crops" / "NEUTROPHIL").glob("*.jpeg"))
     result = _classify_when_ready(f"http://127.0.0.1:{port}", crop.read_bytes(), head)
+    clock.lap("serve deploy + first answer")
     assert result["class"] in CLASSES
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-3
+    print("cluster path timings:", clock)
+
+
+class _Clock:
+    """Wall time per step, printed for the report (never asserted on)."""
+
+    def __init__(self):
+        self.t0, self.laps = time.monotonic(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self.t0, 1)
+        self.t0 = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v} s" for k, v in self.laps.items())
 
 
 def _classify_when_ready(url: str, image: bytes, head: Head, timeout: float = 300) -> dict:
