@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
         help="WIDTHxHEIGHT of every stored crop (default 320x240)",
     )
     p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="store crops resized by this factor (e.g. 0.6: 320x240 windows kept as 192x144)",
+    )
+    p.add_argument(
         "--group",
         choices=("auto", "file", "near_duplicate", "slides"),
         default="auto",
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 classes=args.classes,
                 min_sources_per_class=args.min_sources_per_class,
                 crop_size=args.crop_size,
+                scale=args.scale,
                 group=args.group,
                 slides=args.slides,
                 target_per_class=args.target_per_class,

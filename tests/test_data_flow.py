@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -42,10 +43,16 @@ def test_five_class_folder_ingests_trains_evaluates_and_predicts(five_class_fold
 
     shards = str(tmp_path / "shards")
     m = ingest(str(five_class_folder), shards, group="file", target_per_class=40,
-               progress=False, workers=1, crop_size=(160, 120))  # fmt: skip
+               progress=False, workers=1, scale=0.5)  # fmt: skip
     classes = ["BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
     assert m["classes"] == classes
-    assert m["geometry"]["crop_size"] == [160, 120]
+    assert m["geometry"]["crop_size"] == [160, 120] and m["geometry"]["window"] == [320, 240]
+    from PIL import Image
+
+    from cellmodel.data.dataset import iter_rows
+
+    row = next(iter_rows(shards, "train", ["image"]))
+    assert Image.open(io.BytesIO(row["image"])).size == (160, 120)
     assert m["splits"]["train"]["counts"] == {c: 40 for c in classes}
 
     cfg = load_config(CONFIGS / "quickstart.toml", [

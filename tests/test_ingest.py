@@ -175,7 +175,8 @@ def test_bad_files_skipped_and_reported(sample_dir, tmp_path, s3_bucket):
     (src / "BASOPHIL").mkdir()
     (src / "BASOPHIL" / "x.jpeg").write_bytes(good)
     with pytest.warns(UserWarning):
-        m = ingest(str(src), s3_bucket + "/ds", val_fraction=0.25, progress=False, group="file")
+        m = ingest(str(src), s3_bucket + "/ds", val_fraction=0.25, progress=False, group="file",
+                   min_sources_per_class=2)  # fmt: skip
     reasons = {s["item"]: s["reason"] for s in m["skipped"]}
     assert reasons == {
         "EOSINOPHIL/_9_truncated.jpeg": "truncated",
@@ -210,7 +211,7 @@ def test_bad_slide_files_skipped(sample_dir, tmp_path):
     jpg = src / "JPEGImages" / "BloodImage_00045.jpg"
     jpg.write_bytes(jpg.read_bytes()[:2000])
     (src / "JPEGImages" / "BloodImage_00107.jpg").unlink()
-    m = ingest(str(src), str(tmp_path / "ds"), progress=False)
+    m = ingest(str(src), str(tmp_path / "ds"), progress=False, min_sources_per_class=2)
     reasons = {s["item"]: s["reason"] for s in m["skipped"]}
     expected = {
         21: "malformed_annotation",

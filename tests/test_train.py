@@ -153,7 +153,7 @@ def test_cosine_schedule_warms_up_then_decays():
 
 
 def test_ema_weights_are_evaluated_and_saved(tmp_path):
-    from cellmodel.train.worker import write_epoch_checkpoint
+    from cellmodel.train.trainer import write_epoch_checkpoint
 
     torch.manual_seed(0)
     model = build_model("tiny_bilstm")

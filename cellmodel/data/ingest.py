@@ -51,7 +51,8 @@ class IngestSettings(Section):
     layout: Literal["auto", "crops", "slides"] = "auto"
     classes: list[str] = Field(default_factory=list)  # empty: every class the source has
     min_sources_per_class: int = Field(5, ge=1)  # rarer classes are skipped (class_too_rare)
-    crop_size: tuple[int, int] = CROP_SIZE  # (width, height) of every stored crop
+    crop_size: tuple[int, int] = CROP_SIZE  # (width, height) of the window cut around a cell
+    scale: float = Field(1.0, gt=0, le=4)  # stored crops are the window resized by this
     # How crops of a crop folder are traced to their source cell: "auto" groups augmented
     # copies (near_duplicate), or matches them to the slides they were cut from when
     # ``slides`` is given; "file" makes every file its own source (may leak).
@@ -274,7 +275,7 @@ def ingest(
         st.val_fraction, st.test_fraction, st.angles, st.flips)  # fmt: skip
     augment_val, shard_rows, row_group_rows, overwrite = (
         st.augment_val, st.shard_rows, st.row_group_rows, st.overwrite)  # fmt: skip
-    src = sources.open_source(source, layout, st.classes or None, st.crop_size)
+    src = sources.open_source(source, layout, st.classes or None, st.crop_size, st.scale)
     _check_destination(out, overwrite)
     _write_marker(out)
 
@@ -460,7 +461,11 @@ def _keep_common_classes(items, skipped, st: IngestSettings, found: list[str], w
 
 def _geometry(items: list, st: IngestSettings) -> dict:
     """Crop size and, when it can be estimated, the pixel scale (median red-cell diameter)."""
-    geo: dict = {"crop_size": list(st.crop_size)}
+    geo: dict = {
+        "crop_size": list(sources.stored_size(st.crop_size, st.scale)),
+        "window": list(st.crop_size),
+        "scale": st.scale,
+    }
     try:
         from cellmodel.data.scale import estimate_rbc_diameter
     except ImportError:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from cellmodel import storage
 from cellmodel.data.transforms import IMAGE_EXTS, ImageDecodeError, decode_image
 from cellmodel.data.voc import CROP_SIZE, AnnotationError, crop_around, parse_voc, read_labels_csv
@@ -72,17 +74,28 @@ def class_name(name: str) -> str:
     return name.strip().upper()
 
 
-def _as_crop(data: bytes, crop_size: tuple[int, int] = CROP_SIZE) -> bytes:
-    """Validated crop bytes; re-cut (not rescaled) to ``crop_size`` when the file has another
-    size."""
-    img = decode_image(data)
-    jpeg_or_png = data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
-    if img.size == tuple(crop_size) and jpeg_or_png:
-        return data
-    crop = crop_around(img, (img.size[0] / 2, img.size[1] / 2), tuple(crop_size))
+def stored_size(crop_size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The size crops are stored at: the ``crop_size`` window resized by ``scale``."""
+    return max(1, round(crop_size[0] * scale)), max(1, round(crop_size[1] * scale))
+
+
+def _encode(crop, scale: float) -> bytes:
+    if scale != 1.0:
+        crop = crop.resize(stored_size(crop.size, scale), Image.BILINEAR)
     buf = io.BytesIO()
     crop.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def _as_crop(data: bytes, crop_size: tuple[int, int] = CROP_SIZE, scale: float = 1.0) -> bytes:
+    """Validated crop bytes; re-cut (not rescaled) to ``crop_size`` when the file has another
+    size, then resized by ``scale``."""
+    img = decode_image(data)
+    jpeg_or_png = data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
+    if img.size == tuple(crop_size) and jpeg_or_png and scale == 1.0:
+        return data
+    crop = crop_around(img, (img.size[0] / 2, img.size[1] / 2), tuple(crop_size))
+    return _encode(crop, scale)
 
 
 def detect_layout(uri: str) -> str:
@@ -102,7 +115,10 @@ def detect_layout(uri: str) -> str:
 
 
 def crop_folder(
-    uri: str, classes: list[str] | None = None, crop_size: tuple[int, int] = CROP_SIZE
+    uri: str,
+    classes: list[str] | None = None,
+    crop_size: tuple[int, int] = CROP_SIZE,
+    scale: float = 1.0,
 ) -> Source:
     """``<uri>/<CLASS>/*.jpeg``: each file is one cell and, as names do not identify the
     source cell, its own source (``source_known`` false) until ingest groups the copies.
@@ -132,7 +148,7 @@ def crop_folder(
             src.skipped.append(Skip(folder + "/", "empty_class_folder", "no image files"))
         for f in images:
             rel = posixpath.relpath(f, root)
-            src.tasks.append((rel, _crop_task(fs, f, rel, cls, crop_size)))
+            src.tasks.append((rel, _crop_task(fs, f, rel, cls, crop_size, scale)))
     for cls in sorted(wanted or ()):
         if cls not in found:
             src.skipped.append(Skip(cls + "/", "missing_class_folder", "no folder for this class"))
@@ -140,12 +156,12 @@ def crop_folder(
     return src
 
 
-def _crop_task(fs, path: str, rel: str, cls: str, crop_size: tuple[int, int]):
+def _crop_task(fs, path: str, rel: str, cls: str, crop_size: tuple[int, int], scale: float):
     def run() -> Item | Skip:
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()
-            data = _as_crop(data, crop_size)
+            data = _as_crop(data, crop_size, scale)
         except ImageDecodeError as e:
             return Skip(rel, e.reason, str(e))
         except OSError as e:
@@ -157,7 +173,10 @@ def _crop_task(fs, path: str, rel: str, cls: str, crop_size: tuple[int, int]):
 
 
 def slide_folder(
-    uri: str, classes: list[str] | None = None, crop_size: tuple[int, int] = CROP_SIZE
+    uri: str,
+    classes: list[str] | None = None,
+    crop_size: tuple[int, int] = CROP_SIZE,
+    scale: float = 1.0,
 ) -> Source:
     """BCCD layout: ``JPEGImages/*.jpg``, ``Annotations/*.xml``, ``labels.csv``.
 
@@ -201,12 +220,16 @@ def slide_folder(
             continue
         found.add(cls)
         xml = posixpath.join(ann_dir, posixpath.splitext(posixpath.basename(images[n]))[0] + ".xml")
-        src.tasks.append((name, _slide_task(fs, images[n], xml, name, cls, src.notes, crop_size)))
+        src.tasks.append(
+            (name, _slide_task(fs, images[n], xml, name, cls, src.notes, crop_size, scale))
+        )
     src.classes = sorted(found)
     return src
 
 
-def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: list[str], crop_size):
+def _slide_task(
+    fs, img_path: str, xml_path: str, name: str, cls: str, notes: list[str], crop_size, scale
+):
     def run() -> Item | Skip:
         try:
             xml = fs.cat_file(xml_path)
@@ -234,9 +257,7 @@ def _slide_task(fs, img_path: str, xml_path: str, name: str, cls: str, notes: li
         if len(inside) > 1:
             notes.append(f"{name}: {len(inside)} WBC boxes and one label; used the largest")
         crop = crop_around(img, box.center, tuple(crop_size))
-        buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=95)
-        return Item(name, cls, name, buf.getvalue())
+        return Item(name, cls, name, _encode(crop, scale))
 
     return run
 
@@ -246,11 +267,13 @@ def open_source(
     layout: str = "auto",
     classes: list[str] | None = None,
     crop_size: tuple[int, int] = CROP_SIZE,
+    scale: float = 1.0,
 ) -> Source:
-    """The ``Source`` at ``uri``; ``layout`` is ``auto``, ``crops`` or ``slides``."""
+    """The ``Source`` at ``uri``; ``layout`` is ``auto``, ``crops`` or ``slides``. Crops are
+    cut as ``crop_size`` windows and stored resized by ``scale``."""
     if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     detected = detect_layout(uri)
     layout = detected if layout == "auto" else layout
     make = slide_folder if layout == "slides" else crop_folder
-    return make(uri, classes, tuple(crop_size))
+    return make(uri, classes, tuple(crop_size), float(scale))

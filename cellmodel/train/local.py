@@ -20,8 +20,15 @@ from cellmodel.config import TrainConfig
 from cellmodel.data.dataset import iter_split
 from cellmodel.models import build_from_config, load_pretrained
 from cellmodel.train.history import write_history
-from cellmodel.train.trainer import MemoryBatches, PhaseTrainer, fresh_state, run_phases
-from cellmodel.train.worker import STATE_FILE, TRAINER_FILE, write_epoch_checkpoint
+from cellmodel.train.trainer import (
+    STATE_FILE,
+    TRAINER_FILE,
+    MemoryBatches,
+    PhaseTrainer,
+    fresh_state,
+    run_phases,
+    write_epoch_checkpoint,
+)
 
 
 def _epoch_dirs(run_dir: str) -> list[str]:

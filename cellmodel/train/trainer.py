@@ -10,9 +10,11 @@ each epoch's metrics to a ``Reporter`` (Ray Train's report, or checkpoint folder
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from cellmodel.config import PhaseSection, TrainConfig
 from cellmodel.data.transforms import normalize
+from cellmodel.models import save_checkpoint
 from cellmodel.train.batch_aug import BatchAugment
 from cellmodel.train.features import CachedForward, build_cache
 from cellmodel.train.loop import (
@@ -33,6 +36,7 @@ from cellmodel.train.loop import (
 )
 
 Batch = tuple[Any, torch.Tensor]
+STATE_FILE, TRAINER_FILE = "train_state.json", "trainer.pt"
 
 
 class BatchSource(Protocol):
@@ -333,3 +337,16 @@ class MemoryBatches:
         if self._val is None:
             self._val = list(self._val_src())
         yield from self._val
+
+
+def write_epoch_checkpoint(
+    folder: str, trainer: PhaseTrainer, metrics: dict, state: dict, cfg: TrainConfig, data: dict
+) -> None:
+    """A checkpoint folder: the saved weights (EMA's when on) and JSON, plus resume state."""
+    keep = {k: state[k] for k in ("epoch", "phase", "phase_epoch")}
+    save_checkpoint(trainer.save_model, folder, metrics=metrics, data=data,
+                    extra={"run": cfg.run.name, **keep})  # fmt: skip
+    Path(folder, STATE_FILE).write_text(
+        json.dumps({k: v for k, v in state.items() if k != "trainer"})
+    )
+    torch.save(trainer.state_dict(), Path(folder, TRAINER_FILE))

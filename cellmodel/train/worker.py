@@ -24,12 +24,19 @@ from safetensors.torch import load_file
 
 from cellmodel import storage
 from cellmodel.config import TrainConfig
-from cellmodel.models import build_from_config, load_pretrained, save_checkpoint
+from cellmodel.models import build_from_config, load_pretrained
 from cellmodel.models.config import ModelConfig
 from cellmodel.train.history import write_history
-from cellmodel.train.trainer import MemoryBatches, PhaseTrainer, fresh_state, run_phases
+from cellmodel.train.trainer import (
+    STATE_FILE,
+    TRAINER_FILE,
+    MemoryBatches,
+    PhaseTrainer,
+    fresh_state,
+    run_phases,
+    write_epoch_checkpoint,
+)
 
-STATE_FILE, TRAINER_FILE = "train_state.json", "trainer.pt"
 EVENTS_DIR = "events"
 
 
@@ -76,19 +83,6 @@ class RayReporter:
         # Wait until the controller has registered this epoch's checkpoint: a worker that dies
         # early in the next epoch then resumes from this one, so at most one epoch is repeated.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-
-
-def write_epoch_checkpoint(
-    folder: str, trainer: PhaseTrainer, metrics: dict, state: dict, cfg: TrainConfig, data: dict
-) -> None:
-    """A checkpoint folder: the saved weights (EMA's when on) and JSON, plus resume state."""
-    keep = {k: state[k] for k in ("epoch", "phase", "phase_epoch")}
-    save_checkpoint(trainer.save_model, folder, metrics=metrics, data=data,
-                    extra={"run": cfg.run.name, **keep})  # fmt: skip
-    Path(folder, STATE_FILE).write_text(
-        json.dumps({k: v for k, v in state.items() if k != "trainer"})
-    )
-    torch.save(trainer.state_dict(), Path(folder, TRAINER_FILE))
 
 
 def _event(run_dir: str, epoch: int, attempt: int) -> None:

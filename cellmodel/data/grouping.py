@@ -1,0 +1,615 @@
+"""Recover the source cell of each crop in a folder of pre-augmented crops.
+
+The public blood-cells TRAIN folder holds rotated, shifted, flipped, zoomed and re-encoded
+copies of few source cells; a random split of it leaks. Two ways to name each crop's source:
+
+- ``group_crops``: near-duplicate grouping within each class (no other data needed);
+- ``match_to_slides``: match each crop to the white cell of the BCCD slide it was cut from.
+
+Both rest on one comparison of a crop with a reference (another crop or a slide):
+
+1. anchor: the stained nucleus (blue minus green) is blurred and its peak refined to a
+   centroid; the anchor moves with the image under rotation, flip, shift and zoom;
+2. polar signature: grey levels on rings around the anchor (black corners and pixels
+   outside the image masked out); rotation is a circular shift along the angle, a flip
+   reverses it, a zoom stretches the radius. A masked normalised cross-correlation over all
+   shifts (FFT, both flips, a few zooms) gives the best angle, flip and zoom per reference;
+3. verification: the reference is warped into the crop's frame with that angle, flip and
+   zoom, and a masked normalised cross-correlation over all translations (FFT, quarter
+   resolution) scores the whole overlapping picture, red cells included. Same-source pairs
+   score about 0.7-1.0, different cells about 0.2-0.6 (docs/grouping.md).
+
+Everything is numpy/scipy; a crop costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import fft as sfft
+from scipy import ndimage as ndi
+
+from cellmodel.data.voc import parse_voc, read_labels_csv
+
+# Polar signature (half-resolution pixels: a 320x240 crop is analysed at 160x120).
+N_RINGS = 24
+RING_STEP = 2.0  # rings reach 48 half-res px = 96 crop px around the nucleus
+N_ANGLES = 128
+N_FREQ = 32  # angular frequencies kept (low-pass, and a smaller matrix product)
+# Zooms tried between a crop and a reference (geometric, about 6% apart).
+ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.85, 1.18, 7))
+# Stage-2 verification on quarter-resolution pictures (half of the half).
+TOP_CANDIDATES = 2
+HIGHPASS_SIGMA = float(os.environ.get("HP", "3.0"))
+# Thresholds on the verification score, chosen on synthetic known-truth data
+# (tests/test_grouping.py and jobs/bench/grouping.py --calibrate; docs/grouping.md).
+MIN_SCORE = 0.62
+MIN_MARGIN = 0.08
+MERGE_SCORE = 0.70
+
+
+class GroupingError(ValueError):
+    """Inputs that cannot be grouped or matched (the message says what to do)."""
+
+
+class SlidesMismatchError(GroupingError):
+    """The slides given do not fit the crops (no slide of a class, or almost no match)."""
+
+
+@dataclass
+class Grouping:
+    """Per input row: its source id (None when unassigned), confidence and score."""
+
+    source_id: list[str | None]
+    confidence: list[float]
+    labels: list[str]
+    method: str
+    score: list[float] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.source_id)
+
+    def report(self) -> dict:
+        """Per class: groups, group-size histogram, confidence summary, unassigned rows."""
+        out: dict = {"method": self.method, "rows": len(self), "params": self.params, "classes": {}}
+        for cls in sorted(set(self.labels)):
+            idx = [i for i, c in enumerate(self.labels) if c == cls]
+            ids = [self.source_id[i] for i in idx]
+            sizes = Counter(s for s in ids if s is not None)
+            conf = np.array([self.confidence[i] for i in idx if self.source_id[i] is not None])
+            hist = Counter(sizes.values())
+            out["classes"][cls] = {
+                "rows": len(idx),
+                "groups": len(sizes),
+                "singletons": int(hist.get(1, 0)),
+                "unassigned": sum(1 for s in ids if s is None),
+                "group_size_histogram": {str(k): int(v) for k, v in sorted(hist.items())},
+                "group_size": _summary(np.array(list(sizes.values()), dtype=float)),
+                "confidence": _summary(conf),
+            }
+        return out
+
+
+def _summary(x: np.ndarray) -> dict:
+    if x.size == 0:
+        return {"n": 0}
+    q = np.percentile(x, [0, 5, 50, 95, 100])
+    return {
+        "n": int(x.size),
+        "min": round(float(q[0]), 4),
+        "p5": round(float(q[1]), 4),
+        "median": round(float(q[2]), 4),
+        "p95": round(float(q[3]), 4),
+        "max": round(float(q[4]), 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# One picture: half-resolution grey, validity mask, nucleus anchor.
+
+
+@dataclass
+class _Cell:
+    gray: np.ndarray  # (h, w) float32 in [0, 1], half resolution
+    valid: np.ndarray  # (h, w) bool: not a black corner, not off the image
+    anchor: tuple[float, float]  # (y, x) in half-res pixels
+    area: float  # nucleus area (half-res px)
+    truncated: float  # share of the nucleus that touches the invalid border
+    small: np.ndarray  # quarter-resolution grey
+    small_valid: np.ndarray
+
+    @property
+    def quality(self) -> float:
+        """Higher for a whole nucleus near the middle of a mostly valid picture."""
+        h, w = self.gray.shape
+        off = math.hypot(self.anchor[0] / h - 0.5, self.anchor[1] / w - 0.5)
+        return float(self.valid.mean()) - self.truncated - off
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    a = a[: 2 * h, : 2 * w]
+    return a.reshape(h, 2, w, 2, *a.shape[2:]).mean((1, 3))
+
+
+def _cell(img: Image.Image, box: tuple[float, float, float, float] | None = None) -> _Cell:
+    """Analyse one picture; ``box`` (half-res x0, y0, x1, y1) restricts the anchor search."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    if rgb.shape[0] < 32 or rgb.shape[1] < 32:
+        raise GroupingError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px is too small (>= 32x32)")
+    half = _half(rgb)
+    # Black corners / fill: JPEG leaves them near 0 but not exactly; erode off the ringing.
+    valid = ndi.binary_erosion(half.sum(-1) > 45, iterations=2, border_value=0)
+    stain = np.clip((half[..., 2] - half[..., 1] - 30.0) / 60.0, 0.0, 1.0) * valid
+    blur = ndi.gaussian_filter(stain, 6.0)
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        sel = np.zeros_like(blur, dtype=bool)
+        sel[max(y0, 0) : max(y1, 0) + 1, max(x0, 0) : max(x1, 0) + 1] = True
+        if sel.any():
+            blur = np.where(sel, blur, -1.0)
+    y, x = np.unravel_index(int(np.argmax(blur)), blur.shape)
+    h, w = stain.shape
+    yy, xx = np.ogrid[:h, :w]
+    near = (yy - y) ** 2 + (xx - x) ** 2 < 23**2
+    wgt = stain * near
+    tot = float(wgt.sum())
+    if tot > 1.0:
+        cy, cx = float((wgt * yy).sum() / tot), float((wgt * xx).sum() / tot)
+    else:  # no stain at all: the picture centre (the crop is still compared, weakly)
+        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    nucleus = (stain > 0.5) & near
+    border = nucleus & ~ndi.binary_erosion(valid, iterations=2, border_value=0)
+    gray = half.mean(-1) / 255.0
+    small_valid = _half(valid.astype(np.float32)) > 0.99
+    return _Cell(
+        gray=gray.astype(np.float32),
+        valid=valid,
+        anchor=(cy, cx),
+        area=tot,
+        truncated=float(border.sum()) / max(float(nucleus.sum()), 1.0),
+        small=_highpass(_half(gray), small_valid)
+        if HIGHPASS_SIGMA > 0
+        else _half(gray).astype(np.float32),
+        small_valid=small_valid,
+    )
+
+
+def _highpass(g: np.ndarray, valid: np.ndarray, sigma: float = HIGHPASS_SIGMA) -> np.ndarray:
+    """Grey minus its masked local mean: red-cell edges and nucleus texture, not the blob."""
+    m = valid.astype(np.float32)
+    num = ndi.gaussian_filter(g * m, sigma)
+    den = ndi.gaussian_filter(m, sigma)
+    return ((g - num / np.maximum(den, 1e-3)) * m).astype(np.float32)
+
+
+_RADII = (np.arange(N_RINGS) + 0.5) * RING_STEP
+_THETA = np.arange(N_ANGLES) * 2 * np.pi / N_ANGLES
+
+
+def _polar(c: _Cell, zoom: float = 1.0) -> np.ndarray:
+    """(3, rings, freqs) complex64: FFT along the angle of mask*grey, mask, mask*grey^2."""
+    r = _RADII[:, None] * zoom
+    ys = c.anchor[0] + r * np.sin(_THETA)[None]
+    xs = c.anchor[1] + r * np.cos(_THETA)[None]
+    g = ndi.map_coordinates(c.gray, [ys, xs], order=1, mode="constant", cval=0.0)
+    m = ndi.map_coordinates(c.valid.astype(np.float32), [ys, xs], order=0, mode="constant")
+    x = np.stack([m * g, m, m * g * g])
+    return np.fft.rfft(x, axis=-1)[..., :N_FREQ].astype(np.complex64)
+
+
+class _Refs:
+    """References (slides' cells or group leaders) stacked for one matrix product."""
+
+    def __init__(self) -> None:
+        self.cells: list[_Cell] = []
+        self.ids: list[str] = []
+        self._f: list[np.ndarray] = []
+        self._mat: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, cell: _Cell, rid: str) -> None:
+        self.cells.append(cell)
+        self.ids.append(rid)
+        self._f.append(_polar(cell))
+        self._mat = None
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Real and imaginary parts, (freq, rings, 3 * N) with ref-term-major columns."""
+        if self._mat is None:
+            f = np.stack(self._f).transpose(3, 2, 1, 0).reshape(N_FREQ, N_RINGS, -1)
+            self._mat = (np.ascontiguousarray(f.real), np.ascontiguousarray(f.imag))
+        return self._mat
+
+
+# (query term, ref term) pairs the masked NCC needs: counts, sums, cross and square sums.
+_PAIRS = ((1, 1), (0, 1), (1, 0), (0, 0), (2, 1), (1, 2))
+
+
+def _stage1(q: np.ndarray, refs: _Refs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best polar NCC of query zooms ``q`` (Z, 3, R, K) against every reference.
+
+    Returns per reference: score, zoom index, flip (0/1), angle (radians). Real matrix
+    products (complex ones are slow in numpy's BLAS path): with A = a + ib, B = c + id,
+    sum A conj(B) (no flip) and sum A B (a flip reverses the angle) share four products.
+    """
+    n = len(refs)
+    z = q.shape[0]
+    a = q.transpose(3, 0, 1, 2).reshape(N_FREQ, z * 3, N_RINGS)
+    ar, ai = np.ascontiguousarray(a.real), np.ascontiguousarray(a.imag)
+    br, bi = refs.matrix()
+    p1, p2, p3, p4 = ar @ br, ai @ bi, ar @ bi, ai @ br
+    spec = np.empty((2, N_FREQ, z * 3, 3 * n), dtype=np.complex64)
+    spec[0].real, spec[0].imag = p1 + p2, p4 - p3
+    spec[1].real, spec[1].imag = p1 - p2, p3 + p4
+    spec = spec.reshape(2, N_FREQ, z, 3, 3, n)
+    sel = np.stack([spec[:, :, :, i, j, :] for i, j in _PAIRS])  # (6, 2, K, Z, N)
+    corr = sfft.irfft(sel, n=N_ANGLES, axis=2)  # (6, 2, T, Z, N)
+    cnt = np.maximum(corr[0], 1.0)
+    sa, sb, sab, saa, sbb = corr[1], corr[2], corr[3], corr[4], corr[5]
+    va = saa - sa * sa / cnt
+    vb = sbb - sb * sb / cnt
+    ncc = (sab - sa * sb / cnt) / np.sqrt(np.maximum(va * vb, 1e-9))  # (2, T, Z, N)
+    ncc = ncc.transpose(0, 2, 1, 3).reshape(2 * z, N_ANGLES, n)  # (flip*zoom, T, N)
+    per = ncc.max(1)  # (2Z, N)
+    k = per.argmax(0)
+    fl, zi = np.divmod(k, z)
+    cols = np.arange(n)
+    score = per[k, cols]
+    angle = ncc[k, :, cols].argmax(-1) * 2 * np.pi / N_ANGLES
+    return score, zi, fl, angle
+
+
+def _masked_ncc(
+    t: np.ndarray, mt: np.ndarray, im: np.ndarray, mi: np.ndarray, min_frac: float
+) -> float:
+    """Best masked NCC of template ``t`` over every translation against ``im``."""
+    shape = (
+        sfft.next_fast_len(im.shape[0] + t.shape[0]),
+        sfft.next_fast_len(im.shape[1] + t.shape[1]),
+    )
+    mt = mt.astype(np.float32)
+    mi = mi.astype(np.float32)
+    t = t * mt
+    im = im * mi
+    ft = [sfft.rfft2(x[::-1, ::-1], shape) for x in (t, mt, t * t)]
+    fi = [sfft.rfft2(x, shape) for x in (im, mi, im * im)]
+
+    def c(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return sfft.irfft2(x * y, shape)
+
+    n = np.maximum(c(ft[1], fi[1]), 1e-6)
+    st, si = c(ft[0], fi[1]), c(ft[1], fi[0])
+    v = (c(ft[2], fi[1]) - st * st / n) * (c(ft[1], fi[2]) - si * si / n)
+    ncc = (c(ft[0], fi[0]) - st * si / n) / np.sqrt(np.maximum(v, 1e-12))
+    ok = (n > min_frac * float(mt.sum())) & (v > 1e-10)
+    if not ok.any():
+        return -1.0
+    return float(ncc[ok].max())
+
+
+def _verify(a: _Cell, b: _Cell, flip: int, angle: float, zoom: float, min_frac: float) -> float:
+    """Warp ``b`` into ``a``'s frame (angle, flip, zoom about the anchors); best NCC over shifts."""
+    pad = 24
+    sh, sw = a.small.shape
+    yy, xx = np.mgrid[-pad : sh + pad, -pad : sw + pad].astype(np.float64)
+    ay, ax = (a.anchor[0] - 0.5) / 2, (a.anchor[1] - 0.5) / 2
+    by, bx = (b.anchor[0] - 0.5) / 2, (b.anchor[1] - 0.5) / 2
+    dy, dx = (yy - ay) / zoom, (xx - ax) / zoom
+    cs, sn = math.cos(-angle), math.sin(-angle)
+    ry, rx = sn * dx + cs * dy, cs * dx - sn * dy
+    if flip:
+        ry = -ry
+    coords = [by + ry, bx + rx]
+    warped = ndi.map_coordinates(b.small, coords, order=1, mode="constant", cval=0.0)
+    wmask = ndi.map_coordinates(b.small_valid.astype(np.float32), coords, order=0) > 0.5
+    return _masked_ncc(a.small, a.small_valid, warped, wmask, min_frac)
+
+
+def _candidates(cell: _Cell, refs: _Refs, top: int, min_frac: float) -> list[tuple[int, float]]:
+    """The ``top`` references by polar score, each with its verification score, best first."""
+    if not len(refs):
+        return []
+    q = np.stack([_polar(cell, z) for z in ZOOMS])
+    score, zi, fl, ang = _stage1(q, refs)
+    order = np.argsort(-score)[:top]
+    out = [
+        (int(j), _verify(cell, refs.cells[j], int(fl[j]), float(ang[j]), ZOOMS[zi[j]], min_frac))
+        for j in order
+    ]
+    return sorted(out, key=lambda t: -t[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+ImageSource = Sequence[Image.Image] | Iterable[Image.Image] | Callable[[int], Image.Image]
+
+
+def _iter_images(images: ImageSource, n: int) -> Iterable[Image.Image]:
+    if callable(images):
+        return (images(i) for i in range(n))
+    return iter(images)
+
+
+def _prepare(images: ImageSource, labels: Sequence[str]) -> list[_Cell]:
+    labels = list(labels)
+    cells: list[_Cell] = []
+    for i, img in enumerate(_iter_images(images, len(labels))):
+        if i >= len(labels):
+            raise GroupingError(
+                f"more images than labels ({len(labels)}); pass one label per image"
+            )
+        if not isinstance(img, Image.Image):
+            raise GroupingError(f"image {i} is a {type(img).__name__}, not a PIL image")
+        cells.append(_cell(img))
+    if len(cells) != len(labels):
+        raise GroupingError(
+            f"{len(cells)} images but {len(labels)} labels; pass one label per image"
+        )
+    return cells
+
+
+def group_crops(
+    images: ImageSource,
+    labels: Sequence[str],
+    *,
+    min_score: float = MIN_SCORE,
+    merge_score: float = MERGE_SCORE,
+    top: int = TOP_CANDIDATES,
+) -> Grouping:
+    """Group near-duplicate crops (same source cell) within each class.
+
+    ``images``: PIL images, an iterable of them, or ``f(i) -> image`` (loaded one at a time;
+    only a half-resolution copy of each is kept). Crops are taken best-first (whole nucleus,
+    central, few black corners); each joins the group whose leader verifies best at or
+    above ``min_score``, or leads a new group. Leaders are then compared with each other
+    and groups merged at ``merge_score``. Every crop gets a source id (``CLASS/g<k>``); a
+    crop that fits no group is a group of one (``singletons`` in the report).
+    """
+    labels = [str(c) for c in labels]
+    cells = _prepare(images, labels)
+    source: list[str | None] = [None] * len(cells)
+    conf = [0.0] * len(cells)
+    score = [0.0] * len(cells)
+    for cls in sorted(set(labels)):
+        idx = [i for i, c in enumerate(labels) if c == cls]
+        idx.sort(key=lambda i: -cells[i].quality)
+        refs = _Refs()
+        leader_of: list[int] = []  # ref index -> row
+        group = {}
+        for i in idx:
+            cand = _candidates(cells[i], refs, top, 0.4)
+            if cand and cand[0][1] >= min_score:
+                j, v = cand[0]
+                group[i] = j
+                second = cand[1][1] if len(cand) > 1 else 0.0
+                score[i], conf[i] = v, v - max(second, 0.0)
+            else:
+                group[i] = len(refs)
+                leader_of.append(i)
+                refs.add(cells[i], str(i))
+                score[i], conf[i] = 1.0, 1.0
+        # merge leaders that verify against each other (a split group)
+        parent = list(range(len(refs)))
+
+        def find(u: int, parent: list[int] = parent) -> int:
+            while parent[u] != u:
+                parent[u] = parent[parent[u]]
+                u = parent[u]
+            return u
+
+        for j in range(len(refs)):
+            for k, v in _candidates(refs.cells[j], refs, top + 1, 0.4):
+                if k != j and v >= merge_score:
+                    parent[find(k)] = find(j)
+        roots = sorted({find(j) for j in range(len(refs))}, key=lambda r: leader_of[r])
+        name = {r: f"{cls}/g{n}" for n, r in enumerate(roots)}
+        for i in idx:
+            source[i] = name[find(group[i])]
+    return Grouping(
+        source_id=source,
+        confidence=conf,
+        labels=labels,
+        method="group_crops",
+        score=score,
+        params={"min_score": min_score, "merge_score": merge_score, "top": top},
+    )
+
+
+@dataclass
+class Slide:
+    """One white cell of a slide: the slide id, its classes and the analysed picture."""
+
+    slide_id: str
+    classes: list[str]
+    cell: _Cell
+
+
+def load_slides(slides_dir: str | Path, scale: float = 0.5) -> list[Slide]:
+    """The labelled white cells of a VOC slide folder (JPEGImages, Annotations, labels.csv).
+
+    Each slide is resized by ``scale`` (0.5: the blood-cells crops are 320x240 views of
+    640x480 slides) and anchored on the nucleus inside each ``WBC`` box (the stain peak of
+    the whole slide when it has none).
+    """
+    root = Path(slides_dir)
+    lab_path = root / "labels.csv"
+    if not (root / "JPEGImages").is_dir() or not lab_path.is_file():
+        raise SlidesMismatchError(
+            f"{root} is not a VOC slide folder: it needs JPEGImages/ and labels.csv "
+            "(and Annotations/ for the WBC boxes); pass the BCCD folder"
+        )
+    labels = read_labels_csv(lab_path.read_bytes())
+    out: list[Slide] = []
+    for jpg in sorted((root / "JPEGImages").glob("*.jp*g")):
+        digits = "".join(ch for ch in jpg.stem if ch.isdigit())
+        classes = labels.get(int(digits), []) if digits else []
+        if not classes:
+            continue
+        img = Image.open(jpg).convert("RGB")
+        w, h = img.size
+        img = img.resize((max(round(w * scale), 1), max(round(h * scale), 1)), Image.BILINEAR)
+        boxes = []
+        xml = root / "Annotations" / f"{jpg.stem}.xml"
+        if xml.is_file():
+            _, bs = parse_voc(xml.read_bytes())
+            boxes = [b for b in bs if b.name.upper() == "WBC"]
+        f = scale / 2  # slide px -> half-res analysis px
+        for b in boxes or [None]:
+            box = None if b is None else (b.xmin * f, b.ymin * f, b.xmax * f, b.ymax * f)
+            out.append(Slide(jpg.stem, classes, _cell(img, box)))
+    return out
+
+
+def match_to_slides(
+    images: ImageSource,
+    labels: Sequence[str],
+    slides_dir: str | Path | Sequence[Slide],
+    *,
+    min_score: float = MIN_SCORE,
+    min_margin: float = MIN_MARGIN,
+    top: int = TOP_CANDIDATES,
+) -> Grouping:
+    """Name the slide each crop was cut from (source id = slide id, e.g. BloodImage_00012).
+
+    Only slides whose ``labels.csv`` class includes the crop's class are candidates.
+    Confidence is the margin between the best verified slide and the next other slide; a
+    crop with best score < ``min_score`` or margin < ``min_margin`` stays unassigned (None).
+    Raises ``SlidesMismatchError`` when a class has no slide, or when almost no crop
+    matches any slide (the wrong slide folder).
+    """
+    labels = [str(c) for c in labels]
+    slides = load_slides(slides_dir) if isinstance(slides_dir, (str, Path)) else list(slides_dir)
+    if not slides:
+        raise SlidesMismatchError(f"no labelled slide in {slides_dir}; pass the BCCD folder")
+    missing = sorted({c for c in labels} - {c for s in slides for c in s.classes})
+    if missing:
+        raise SlidesMismatchError(
+            f"no slide is labelled {', '.join(missing)}; these crops cannot be matched. Pass "
+            "slides covering every class, or use group_crops for them"
+        )
+    refs_by_class: dict[str, _Refs] = {}
+    for cls in sorted(set(labels)):
+        refs = _Refs()
+        for s in slides:
+            if cls in s.classes:
+                refs.add(s.cell, s.slide_id)
+        refs_by_class[cls] = refs
+    source: list[str | None] = []
+    conf: list[float] = []
+    score: list[float] = []
+    n = 0
+    for i, img in enumerate(_iter_images(images, len(labels))):
+        if i >= len(labels):
+            raise GroupingError(
+                f"more images than labels ({len(labels)}); pass one label per image"
+            )
+        refs = refs_by_class[labels[i]]
+        cand = _candidates(_cell(img), refs, top, 0.6)
+        best_j, best = cand[0]
+        others = [v for j, v in cand[1:] if refs.ids[j] != refs.ids[best_j]]
+        margin = best - max(max(others, default=0.0), 0.0)
+        ok = best >= min_score and margin >= min_margin
+        source.append(refs.ids[best_j] if ok else None)
+        conf.append(round(margin, 4))
+        score.append(round(best, 4))
+        n += 1
+    if n != len(labels):
+        raise GroupingError(f"{n} images but {len(labels)} labels; pass one label per image")
+    g = Grouping(
+        source_id=source,
+        confidence=conf,
+        labels=labels,
+        method="match_to_slides",
+        score=score,
+        params={"min_score": min_score, "min_margin": min_margin, "top": top},
+    )
+    assigned = sum(s is not None for s in source)
+    if n >= 20 and assigned < 0.2 * n:
+        raise SlidesMismatchError(
+            f"only {assigned} of {n} crops match a slide: these slides are not the ones the "
+            "crops were cut from (or the crops are not 320x240 views at half the slide scale). "
+            "Pass the right slide folder, or use group_crops"
+        )
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# Known-truth data: augmented views of real cells (tests, calibration, benchmark).
+
+
+def slide_view(
+    slide: Image.Image,
+    center: tuple[float, float],
+    *,
+    angle: float = 0.0,
+    flip: bool = False,
+    shift: tuple[float, float] = (0.0, 0.0),
+    zoom: float = 1.0,
+    scale: float = 0.5,
+    size: tuple[int, int] = (320, 240),
+) -> Image.Image:
+    """A ``size`` view of ``slide`` at ``scale``, the cell at ``center`` (slide px) moved to
+    the view's centre plus ``shift``, mirrored (``flip``), rotated by ``angle`` degrees and
+    magnified by ``zoom``; what falls off the slide is black, as in the blood-cells crops."""
+    w, h = size
+    t = math.radians(angle)
+    cs, sn = math.cos(t), math.sin(t)
+    k = 1.0 / (scale * zoom)  # view px -> slide px
+    fx = -1.0 if flip else 1.0
+    # slide = center + k * R(t) * F * (view - view_centre - shift)
+    a, b = k * cs * fx, -k * sn
+    d, e = k * sn * fx, k * cs
+    ox, oy = w / 2 + shift[0], h / 2 + shift[1]
+    c0 = center[0] - a * ox - b * oy
+    f0 = center[1] - d * ox - e * oy
+    return slide.transform(size, Image.AFFINE, (a, b, c0, d, e, f0), Image.BILINEAR, fillcolor=0)
+
+
+def synthetic_copies(
+    slide: Image.Image,
+    center: tuple[float, float],
+    n: int,
+    rng: np.random.Generator,
+    *,
+    max_shift: float = 40.0,
+    zoom_range: tuple[float, float] = (0.92, 1.08),
+    jpeg_quality: tuple[int, int] = (70, 95),
+) -> list[Image.Image]:
+    """``n`` augmented copies of the cell at ``center``: every other one black-cornered
+    (any angle, flip, shift, zoom), the rest the project's own reflection-filled
+    ``augment.apply`` of a centred view; all JPEG re-encoded."""
+    import io
+
+    from cellmodel.data.augment import Aug, apply
+
+    out = []
+    for i in range(n):
+        angle = float(rng.uniform(0, 360))
+        flip = bool(rng.integers(2))
+        shift = (
+            float(rng.uniform(-max_shift, max_shift)),
+            float(rng.uniform(-max_shift, max_shift)) * 0.75,
+        )
+        zoom = float(np.exp(rng.uniform(np.log(zoom_range[0]), np.log(zoom_range[1]))))
+        if i % 2 == 0:
+            img = slide_view(slide, center, angle=angle, flip=flip, shift=shift, zoom=zoom)
+        else:
+            img = apply(slide_view(slide, center, shift=shift, zoom=zoom), Aug(angle, flip))
+        buf = io.BytesIO()
+        img.save(
+            buf, format="JPEG", quality=int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
+        )
+        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
