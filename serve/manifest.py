@@ -36,7 +36,23 @@ def cluster_serve_config(config: dict) -> dict:
     return out
 
 
-def _container(name: str, image: str, cpu: str, memory: str, ports: list[dict]) -> dict:
+# Worker pods hold the classifier replicas (the head runs none: num-cpus 0) and a proxy each:
+# one is ready for traffic when a classifier there answers with the model the application
+# names. Not on the head: KubeRay reaches its dashboard through the head Service, and a head
+# held unready until a model loads could never be sent the application.
+READINESS = {
+    "httpGet": {"path": "/readyz", "port": 8000},
+    "initialDelaySeconds": 10,
+    "periodSeconds": 5,
+    "timeoutSeconds": 4,  # /readyz asks the classifier with a 2 s deadline
+    "failureThreshold": 3,
+}
+
+
+def _container(
+    name: str, image: str, cpu: str, memory: str, ports: list[dict], probe: dict | None = None
+) -> dict:
+    extra = {"readinessProbe": probe} if probe else {}
     return {
         "name": name,
         "image": image,
@@ -48,6 +64,7 @@ def _container(name: str, image: str, cpu: str, memory: str, ports: list[dict]) 
             "requests": {"cpu": cpu, "memory": memory},
             "limits": {"cpu": cpu, "memory": memory},
         },
+        **extra,
     }
 
 
@@ -61,7 +78,10 @@ def render(config: dict, *, image: str = IMAGE, max_workers: int = 4) -> str:
         {"containerPort": 8000, "name": "serve"},
         {"containerPort": 8080, "name": "metrics"},
     ]
-    worker_ports = [{"containerPort": 8080, "name": "metrics"}]
+    worker_ports = [
+        {"containerPort": 8000, "name": "serve"},
+        {"containerPort": 8080, "name": "metrics"},
+    ]
     doc = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -90,7 +110,9 @@ def render(config: dict, *, image: str = IMAGE, max_workers: int = 4) -> str:
                         "template": {
                             "spec": {
                                 "containers": [
-                                    _container("ray-worker", image, "4", "8Gi", worker_ports)
+                                    _container(
+                                        "ray-worker", image, "4", "8Gi", worker_ports, READINESS
+                                    )
                                 ]
                             }
                         },

@@ -138,7 +138,10 @@ def test_model_route_reports_checkpoint(client, checkpoint):
     assert m["metrics"] == {"val_loss": 1.23, "val_acc": 0.5}
     assert m["checkpoint"] == checkpoint and len(m["version"]) == 12
     assert m["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
-    assert m["backend"] == "onnx"  # backend auto on CPU; answers still match eager (tests below)
+    # backend auto: the fastest exact backend timed at start; answers match eager (tests below)
+    timings = m["backend_timings_ms"]
+    assert "eager" in timings and m["backend"] == min(timings, key=timings.get)
+    assert m["version"] == m["weights_sha256"][:12] and m["tta"] is False
 
 
 def test_openapi_lists_routes(client):
@@ -390,6 +393,9 @@ def test_rayservice_manifest_is_generated_from_config():
     embedded = manifest.embedded_config(text)
     assert embedded["applications"] == cfg["applications"]
     assert embedded["http_options"]["host"] == "0.0.0.0"
+    workers = yaml.safe_load(text)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = workers[0]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert manifest.main(["--check"]) == 0
 
 
