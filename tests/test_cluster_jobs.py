@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,6 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 VENV_BIN = Path(sys.executable).parent
@@ -41,11 +40,25 @@ EXCLUDES = [".git", ".venv", "runs", "data/shards", "mlruns", "out", "__pycache_
 
 pytestmark = [
     pytest.mark.slow,
+    # About 4 minutes on 2 cores (head start-up included); room for a loaded CI machine.
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to stop Ray"),
 ]
 
 
 # -- a head node of our own ---------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 (all held open while choosing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -137,20 +150,20 @@ def start_head(num_cpus: int = 4) -> Head:
     # The head's `python` (which runs job entry points) is the project's environment.
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(auth, RAY_USAGE_STATS_ENABLED="0")
-    port, dash = free_port(), free_port()
+    port, dash, client, node, objects, agent, agent_grpc, runtime_env, metrics = free_ports(9)
     log = temp_dir / "ray-start.log"
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={free_port()}",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={node}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
         f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--object-store-memory={512 * 1024**2}",
         f"--temp-dir={temp_dir}",
@@ -320,7 +333,7 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
 
     # 5. serve deploy: serve/config.yaml with a free port and the trained checkpoint
     cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
-    port = free_port()
+    (port,) = free_ports(1)
     cfg["http_options"].update(host="127.0.0.1", port=port)
     (app,) = cfg["applications"]
     app["args"]["checkpoint"] = str(model)
