@@ -25,14 +25,13 @@ Everything is numpy/scipy; a crop costs a few milliseconds.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
@@ -47,12 +46,11 @@ N_FREQ = 32  # angular frequencies kept (low-pass, and a smaller matrix product)
 ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.85, 1.18, 7))
 # Stage-2 verification on quarter-resolution pictures (half of the half).
 TOP_CANDIDATES = 2
-HIGHPASS_SIGMA = float(os.environ.get("HP", "3.0"))
 # Thresholds on the verification score, chosen on synthetic known-truth data
 # (tests/test_grouping.py and jobs/bench/grouping.py --calibrate; docs/grouping.md).
-MIN_SCORE = 0.62
-MIN_MARGIN = 0.08
-MERGE_SCORE = 0.70
+MIN_SCORE = 0.70
+MIN_MARGIN = 0.10
+MERGE_SCORE = 0.75
 
 
 class GroupingError(ValueError):
@@ -176,19 +174,9 @@ def _cell(img: Image.Image, box: tuple[float, float, float, float] | None = None
         anchor=(cy, cx),
         area=tot,
         truncated=float(border.sum()) / max(float(nucleus.sum()), 1.0),
-        small=_highpass(_half(gray), small_valid)
-        if HIGHPASS_SIGMA > 0
-        else _half(gray).astype(np.float32),
+        small=_half(gray).astype(np.float32),
         small_valid=small_valid,
     )
-
-
-def _highpass(g: np.ndarray, valid: np.ndarray, sigma: float = HIGHPASS_SIGMA) -> np.ndarray:
-    """Grey minus its masked local mean: red-cell edges and nucleus texture, not the blob."""
-    m = valid.astype(np.float32)
-    num = ndi.gaussian_filter(g * m, sigma)
-    den = ndi.gaussian_filter(m, sigma)
-    return ((g - num / np.maximum(den, 1e-3)) * m).astype(np.float32)
 
 
 _RADII = (np.arange(N_RINGS) + 0.5) * RING_STEP
@@ -386,22 +374,9 @@ def group_crops(
         idx = [i for i, c in enumerate(labels) if c == cls]
         idx.sort(key=lambda i: -cells[i].quality)
         refs = _Refs()
-        leader_of: list[int] = []  # ref index -> row
-        group = {}
-        for i in idx:
-            cand = _candidates(cells[i], refs, top, 0.4)
-            if cand and cand[0][1] >= min_score:
-                j, v = cand[0]
-                group[i] = j
-                second = cand[1][1] if len(cand) > 1 else 0.0
-                score[i], conf[i] = v, v - max(second, 0.0)
-            else:
-                group[i] = len(refs)
-                leader_of.append(i)
-                refs.add(cells[i], str(i))
-                score[i], conf[i] = 1.0, 1.0
-        # merge leaders that verify against each other (a split group)
-        parent = list(range(len(refs)))
+        leader_of: list[int] = []  # leader (ref index) -> row
+        parent: list[int] = []  # union-find over leaders
+        group: dict[int, int] = {}
 
         def find(u: int, parent: list[int] = parent) -> int:
             while parent[u] != u:
@@ -409,6 +384,23 @@ def group_crops(
                 u = parent[u]
             return u
 
+        for i in idx:
+            cand = _candidates(cells[i], refs, top, 0.4)
+            if cand and cand[0][1] >= min_score:
+                j, v = cand[0]
+                group[i] = j
+                rest = [w for k, w in cand[1:] if find(k) != find(j)]
+                score[i], conf[i] = v, v - max(max(rest, default=0.0), 0.0)
+                for k, w in cand[1:]:  # verifies with two leaders: one group split in two
+                    if w >= merge_score:
+                        parent[find(k)] = find(j)
+            else:
+                group[i] = len(refs)
+                leader_of.append(i)
+                parent.append(len(parent))
+                refs.add(cells[i], str(i))
+                score[i], conf[i] = 1.0, 1.0
+        # leaders that verify against each other: a group split in two
         for j in range(len(refs)):
             for k, v in _candidates(refs.cells[j], refs, top + 1, 0.4):
                 if k != j and v >= merge_score:
@@ -556,21 +548,23 @@ def slide_view(
     angle: float = 0.0,
     flip: bool = False,
     shift: tuple[float, float] = (0.0, 0.0),
-    zoom: float = 1.0,
+    zoom: float | tuple[float, float] = 1.0,
     scale: float = 0.5,
     size: tuple[int, int] = (320, 240),
 ) -> Image.Image:
     """A ``size`` view of ``slide`` at ``scale``, the cell at ``center`` (slide px) moved to
     the view's centre plus ``shift``, mirrored (``flip``), rotated by ``angle`` degrees and
-    magnified by ``zoom``; what falls off the slide is black, as in the blood-cells crops."""
+    magnified by ``zoom`` (one factor, or (x, y) factors: anisotropic); what falls off the
+    slide is black, as in the blood-cells crops."""
     w, h = size
+    zx, zy = (zoom, zoom) if isinstance(zoom, (int, float)) else zoom
     t = math.radians(angle)
     cs, sn = math.cos(t), math.sin(t)
-    k = 1.0 / (scale * zoom)  # view px -> slide px
     fx = -1.0 if flip else 1.0
-    # slide = center + k * R(t) * F * (view - view_centre - shift)
-    a, b = k * cs * fx, -k * sn
-    d, e = k * sn * fx, k * cs
+    # slide = center + R(t) * F * Z^-1 * (view - view_centre - shift) / scale
+    kx, ky = fx / (scale * zx), 1.0 / (scale * zy)
+    a, b = cs * kx, -sn * ky
+    d, e = sn * kx, cs * ky
     ox, oy = w / 2 + shift[0], h / 2 + shift[1]
     c0 = center[0] - a * ox - b * oy
     f0 = center[1] - d * ox - e * oy
@@ -585,11 +579,13 @@ def synthetic_copies(
     *,
     max_shift: float = 40.0,
     zoom_range: tuple[float, float] = (0.92, 1.08),
-    jpeg_quality: tuple[int, int] = (70, 95),
+    anisotropy: float = 0.04,
+    jpeg_quality: tuple[int, int] = (60, 95),
+    max_blur: float = 1.2,
 ) -> list[Image.Image]:
     """``n`` augmented copies of the cell at ``center``: every other one black-cornered
     (any angle, flip, shift, zoom), the rest the project's own reflection-filled
-    ``augment.apply`` of a centred view; all JPEG re-encoded."""
+    ``augment.apply`` of a shifted, zoomed view; all mildly blurred and JPEG re-encoded."""
     import io
 
     from cellmodel.data.augment import Aug, apply
@@ -602,11 +598,16 @@ def synthetic_copies(
             float(rng.uniform(-max_shift, max_shift)),
             float(rng.uniform(-max_shift, max_shift)) * 0.75,
         )
-        zoom = float(np.exp(rng.uniform(np.log(zoom_range[0]), np.log(zoom_range[1]))))
+        z = float(np.exp(rng.uniform(np.log(zoom_range[0]), np.log(zoom_range[1]))))
+        stretch = float(np.exp(rng.uniform(-anisotropy, anisotropy)))
+        zoom = (z * stretch, z / stretch)
         if i % 2 == 0:
             img = slide_view(slide, center, angle=angle, flip=flip, shift=shift, zoom=zoom)
         else:
             img = apply(slide_view(slide, center, shift=shift, zoom=zoom), Aug(angle, flip))
+        blur = float(rng.uniform(0, max_blur))
+        if blur > 0.05:  # resampling softness of a real pipeline
+            img = img.filter(ImageFilter.GaussianBlur(blur))
         buf = io.BytesIO()
         img.save(
             buf, format="JPEG", quality=int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
