@@ -181,10 +181,11 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 
 @serve.deployment(
     name="Ingress",
-    # Above max_inflight_images, so that requests over the limit reach the ingress and get
-    # its quick JSON 503 instead of waiting in the proxy.
-    max_ongoing_requests=256,
-    max_queued_requests=256,
+    # Above max_inflight_images (48 by default), so that a modest overload reaches the
+    # ingress and gets its JSON 503; a flood past these is refused by the proxy itself
+    # (serve/config.yaml adds Retry-After to those with backpressure_config).
+    max_ongoing_requests=64,
+    max_queued_requests=32,
     ray_actor_options={"num_cpus": 0.5},
 )
 @serve.ingress(api)

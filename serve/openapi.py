@@ -100,8 +100,10 @@ def classify_responses(ok: type[BaseModel]) -> dict:
             "bytes that are not a readable image (not an image, truncated, corrupt)"
         ),
         503: error_response(
-            "overloaded or no model replica available: retry after Retry-After seconds",
+            "overloaded or no model replica available: retry after Retry-After seconds (JSON "
+            "from the service; plain text when the Serve proxy itself refuses a flood)",
             headers=RETRY_AFTER,
+            content={"text/plain": {"schema": {"type": "string"}}},
         ),
     }
 

@@ -1,22 +1,35 @@
 """``python -m jobs.bench serve``: the Serve application through HTTP, next to the raw model.
 
-Three parts, each short:
+Parts (``--parts``; the default runs the first three):
 1. backends: per-image forward time of eager PyTorch (plain, then inference_mode +
-   channels_last) and ONNX Runtime, their largest logit difference, and the FLOP floor
-   (the model's GFLOPs per image over this machine's measured fp32 matmul rate);
+   channels_last), ONNX Runtime, OpenVINO (when installed) and ONNX Runtime int8, the
+   largest logit difference to eager, and the FLOP floor (the model's GFLOPs per image over
+   this machine's measured fp32 matmul rate);
 2. http: requests/s and p50/p95/p99 latency at concurrency 1, 8 and 32 on one classifier
    replica, with dynamic batching on (max_batch_size 16) and off (1);
-3. autoscaling: the classifier's replica count over time under a load burst, plotted.
+3. autoscaling: the classifier's replica count over time under a load burst, plotted;
+4. ort: ONNX Runtime graph optimisation levels and thread spinning, per thread count;
+5. load: the application as serve/config.yaml deploys it, at concurrency 32 and 256: status
+   codes, p50/p99 of the 200s and of the 503s (clients wait Retry-After after a 503), with a
+   plot of latency and replicas over time;
+6. chaos: SIGKILL a classifier replica under load: status codes (only 200 and 503 allowed),
+   latency and replicas over time, plotted;
+7. int8: accuracy of ONNX Runtime int8 against fp32 on held-out images (``--int8-data``, a
+   class-folder tree; ``--checkpoint``), calibrated on ``--int8-calibration``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import platform
+import random
+import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,17 +73,24 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
     torch.set_num_threads(threads)
     rate = matmul_gflops()
     print(f"\n## backends  (fp32 matmul: {rate:.1f} GFLOP/s, {threads} thread(s))")
+    has_ov = importlib.util.find_spec("openvino") is not None
     print(
         "| model | GFLOPs/img | floor ms/img | batch | no_grad NCHW (baseline) | inference_mode NCHW "
-        "| inference_mode channels_last | ONNX Runtime | max logit diff |"
+        "| inference_mode channels_last | ONNX Runtime | "
+        + ("OpenVINO | " if has_ov else "")
+        + "ONNX Runtime int8 | max logit diff fp32 (int8) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_ov else ""))
     with tempfile.TemporaryDirectory() as d:
         for name in models:
             torch.manual_seed(0)
             ckpt = save_checkpoint(build_model(name), f"{d}/{name}")
             eager = Predictor(ckpt, "cpu", num_threads=threads)
             onnx = Predictor(ckpt, "cpu", backend="onnx", num_threads=threads)
+            extra = [Predictor(ckpt, "cpu", backend="openvino", num_threads=threads)] * has_ov
+            int8 = Predictor(
+                ckpt, "cpu", backend="onnx-int8", num_threads=threads, calibration=_images(32)
+            )
             plain = build_model(name).eval()  # same weights, contiguous (NCHW) input
             plain.load_state_dict(eager.model.state_dict())
             gflops = count_flops(plain, batch=1) / 1e9
@@ -85,14 +105,16 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
 
             for b in batches:
                 x = stack_bytes((_images(32) * 4)[:b], eager.cfg)
-                t = [
-                    _per_image_ms(f, x, seconds)
-                    for f in (no_grad, inference_nchw, eager.logits_arrays, onnx.logits_arrays)
-                ]
-                diff = float(np.abs(onnx.logits_arrays(x) - eager.logits_arrays(x)).max())
+                fns = [no_grad, inference_nchw, eager.logits_arrays, onnx.logits_arrays]
+                fns += [p.logits_arrays for p in extra] + [int8.logits_arrays]
+                t = [_per_image_ms(f, x, seconds) for f in fns]
+                ref = eager.logits_arrays(x)
+                diffs = [float(np.abs(p.logits_arrays(x) - ref).max()) for p in (onnx, *extra)]
+                d8 = float(np.abs(int8.logits_arrays(x) - ref).max())
                 cells = " | ".join(f"{v:.2f} ms ({t[0] / v:.2f}x)" for v in t)
+                diff = ", ".join(f"{v:.1e}" for v in diffs) + f" ({d8:.1e})"
                 print(
-                    f"| {name} | {gflops:.3f} | {gflops / rate * 1e3:.2f} | {b} | {cells} | {diff:.1e} |",
+                    f"| {name} | {gflops:.3f} | {gflops / rate * 1e3:.2f} | {b} | {cells} | {diff} |",
                     flush=True,
                 )
 
@@ -233,6 +255,291 @@ def bench_autoscaling(url: str, ckpt: str, out: Path, load_s: float, idle_s: flo
     print(f"plot: {out}")
 
 
+def bench_ort(models: list[str], threads_list: list[int], seconds: float) -> None:
+    """ONNX Runtime's graph optimisation levels and thread spinning, per thread count."""
+    from cellmodel.infer.export import OnnxForward, export_onnx
+
+    print("\n## ort  (ONNX Runtime session settings; ms/img, fastest call)")
+    print("| model | threads | batch | level none | basic | extended | all | all + spinning |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in models:
+        torch.manual_seed(0)
+        model = build_model(name).eval()
+        blob = export_onnx(model, model.cfg.input_size)
+        for th in threads_list:
+            runs = [OnnxForward(blob, th, optimization=lv) for lv in OnnxForward.LEVELS]
+            runs.append(OnnxForward(blob, th, optimization="all", spin=True))
+            for b in (1, 8):
+                x = stack_bytes((_images(32) * 4)[:b], model.cfg)
+                cells = " | ".join(f"{_per_image_ms(r, x, seconds):.2f}" for r in runs)
+                print(f"| {name} | {th} | {b} | {cells} |", flush=True)
+
+
+# -- the application as configured, under load and faults -------------------------------------------
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+
+
+def _deploy_configured(
+    ckpt: str, *, name: str = "cellmodel", classifier: dict | None = None
+) -> None:
+    """The application with the deployment options of serve/config.yaml (``classifier``
+    overrides some of the classifier's)."""
+    import yaml
+    from ray import serve
+
+    from serve.app import Classifier, Ingress, pinned_meta
+    from serve.settings import AppArgs
+
+    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    opts = {d.pop("name"): d for d in app["deployments"]}
+    args = AppArgs.model_validate({**app["args"], "checkpoint": ckpt})
+    meta = pinned_meta(ckpt)
+    c_opts = {**opts["Classifier"], **(classifier or {})}
+    if "num_replicas" in c_opts:
+        c_opts.pop("autoscaling_config", None)
+    cls = Classifier.options(**c_opts).bind(
+        ckpt, args.backend, args.torch_threads, weights_sha256=meta["weights_sha256"], tta=args.tta
+    )
+    ingress = Ingress.options(**opts["Ingress"]).bind(cls, args.model_dump(), meta)
+    serve.run(ingress, name=name, route_prefix="/")
+
+
+async def _timed_load(
+    url: str,
+    images: list[bytes],
+    concurrency: int,
+    *,
+    n: int | None = None,
+    seconds: float | None = None,
+    t0: float | None = None,
+    honour_retry_after: bool = True,
+) -> list[tuple[float, float, str]]:
+    """(start time since ``t0``, latency s, status) per request; a client that gets a 503
+    waits its Retry-After (times 1 to 2, jitter) before its next request."""
+    import httpx
+
+    t0 = time.monotonic() if t0 is None else t0
+    out: list[tuple[float, float, str]] = []
+    count = iter(range(n if n is not None else 10**9))
+    end = None if seconds is None else time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+
+        async def worker() -> None:
+            for i in count:
+                if end is not None and time.monotonic() > end:
+                    return
+                t = time.monotonic()
+                try:
+                    r = await c.post(
+                        f"{url}/v1/classify",
+                        content=images[i % len(images)],
+                        headers={"content-type": "image/jpeg"},
+                    )
+                    status, wait = str(r.status_code), r.headers.get("retry-after")
+                except httpx.HTTPError as e:
+                    status, wait = f"error:{type(e).__name__}", None
+                out.append((t - t0, time.monotonic() - t, status))
+                if status == "503" and wait and honour_retry_after:
+                    # Jittered, as a well-behaved client does: no synchronised herds.
+                    await asyncio.sleep(float(wait) * (1 + random.random()))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+def _summary(rows: list[tuple[float, float, str]], wall: float) -> str:
+    from collections import Counter
+
+    codes = Counter(s for _, _, s in rows)
+    ok = np.array([lat for _, lat, s in rows if s == "200"]) * 1e3
+    busy = np.array([lat for _, lat, s in rows if s == "503"]) * 1e3
+
+    def pct(a: np.ndarray) -> str:
+        return " | ".join(f"{v:.0f}" for v in np.percentile(a, [50, 99])) if len(a) else "- | -"
+
+    code_s = ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
+    return f"{len(rows)} | {code_s} | {len(ok) / wall:.1f} | {pct(ok)} | {pct(busy)}"
+
+
+class _ReplicaSampler:
+    """Classifier replicas (running, starting) sampled every ``every`` seconds in a thread."""
+
+    def __init__(self, t0: float, app: str = "cellmodel", every: float = 0.5) -> None:
+        self.t0, self.app, self.every, self.samples = t0, app, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from ray import serve
+
+        while not self._stop.is_set():
+            try:
+                states = (
+                    serve.status().applications[self.app].deployments["Classifier"].replica_states
+                )
+                running = int(states.get("RUNNING", 0))
+                self.samples.append(
+                    (time.monotonic() - self.t0, running, running + int(states.get("STARTING", 0)))
+                )
+            except Exception:  # noqa: BLE001 - a sample missed is fine
+                pass
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _plot(rows, samples, out: Path, title: str, marks: dict[str, float] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=[3, 1])
+    for status, color in (("200", "tab:blue"), ("503", "tab:orange")):
+        pts = [(t + lat, lat * 1e3) for t, lat, s in rows if s == status]
+        if pts:
+            ax.scatter(*zip(*pts), s=3, alpha=0.4, color=color, label=f"{status} ({len(pts)})")
+    other = [(t + lat, lat * 1e3) for t, lat, s in rows if s not in ("200", "503")]
+    if other:
+        ax.scatter(*zip(*other), s=12, color="red", marker="x", label=f"other ({len(other)})")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms), at completion")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    if samples:
+        ts = [t for t, _, _ in samples]
+        ax2.step(ts, [w for _, _, w in samples], where="post", ls="--", label="wanted")
+        ax2.step(ts, [r for _, r, _ in samples], where="post", label="running")
+        ax2.set_ylim(0, max(w for _, _, w in samples) + 1)
+    ax2.set_ylabel("classifier\nreplicas")
+    ax2.set_xlabel("time (s)")
+    ax2.legend(loc="upper right", fontsize=8)
+    for label, t in (marks or {}).items():
+        for a in (ax, ax2):
+            a.axvline(t, color="k", ls=":", lw=1)
+        ax.annotate(label, (t, ax.get_ylim()[1]), fontsize=8, va="top")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    print(f"plot: {out}")
+
+
+def bench_load(
+    url: str, ckpt: str, levels: list[int], requests: dict[int, int], plot: Path
+) -> None:
+    _deploy_configured(ckpt)
+    images = _images(32)
+    asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
+    print("\n## load  (serve/config.yaml deployment options; clients wait Retry-After after a 503)")
+    print(
+        "| concurrency | requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) | p50 ms (503) | p99 ms (503) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    last = None
+    for c in levels:
+        t0 = time.monotonic()
+        with _ReplicaSampler(t0) as sampler:
+            rows = asyncio.run(_timed_load(url, images, c, n=requests.get(c, 2000), t0=t0))
+        print(f"| {c} | {_summary(rows, time.monotonic() - t0)} |", flush=True)
+        last = (c, rows, sampler.samples)
+    if last:
+        c, rows, samples = last
+        _plot(rows, samples, plot, f"load: {len(rows)} requests at concurrency {c}")
+
+
+def bench_chaos(
+    url: str, ckpt: str, concurrency: int, seconds: float, kill_at: float, plot: Path, replicas: int
+) -> None:
+    """SIGKILL one classifier replica ``kill_at`` seconds into ``seconds`` of load."""
+    from ray import serve
+
+    _deploy_configured(ckpt, classifier={"num_replicas": replicas})
+    images = _images(32)
+    asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
+    handle = serve.get_deployment_handle("Classifier", app_name="cellmodel")
+    t0 = time.monotonic()
+    killed: dict[str, float] = {}
+
+    def killer() -> None:
+        time.sleep(kill_at)
+        pid = handle.info.remote().result(timeout_s=30)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed[f"SIGKILL replica (pid {pid})"] = time.monotonic() - t0
+
+    k = threading.Thread(target=killer)
+    with _ReplicaSampler(t0) as sampler:
+        k.start()
+        rows = asyncio.run(_timed_load(url, images, concurrency, seconds=seconds, t0=t0))
+        k.join()
+    print(
+        f"\n## chaos  ({replicas} classifier replica(s), concurrency {concurrency} for {seconds:.0f} s, "
+        f"one replica SIGKILLed at {kill_at:.0f} s)"
+    )
+    print(
+        "| requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) | p50 ms (503) | p99 ms (503) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {_summary(rows, seconds)} |")
+    bad = [s for _, _, s in rows if s not in ("200", "503")]
+    print(f"responses other than 200/503: {len(bad)}")
+    back = [
+        t for t, r, _ in sampler.samples if t > min(killed.values(), default=0) and r >= replicas
+    ]
+    if killed and back:
+        print(
+            f"replicas back to {replicas} running {back[0] - min(killed.values()):.1f} s after the kill"
+        )
+    _plot(
+        rows,
+        sampler.samples,
+        plot,
+        f"chaos: concurrency {concurrency}, {replicas} replica(s)",
+        killed,
+    )
+
+
+def bench_int8(ckpt: str, data: Path, calibration: Path, threads: int) -> None:
+    """Accuracy and agreement of int8 against fp32 ONNX Runtime on the images in ``data``
+    (class folders), calibrated on ``calibration`` (images that are not in ``data``)."""
+    fp32 = Predictor(ckpt, "cpu", backend="onnx", num_threads=threads)
+    int8 = Predictor(ckpt, "cpu", backend="onnx-int8", num_threads=threads, calibration=calibration)
+    files = [(p, k) for k, c in enumerate(fp32.classes) for p in sorted((data / c).glob("*.*"))]
+    y = np.array([k for _, k in files])
+    p32, p8 = [], []
+    for i in range(0, len(files), 32):
+        x = stack_bytes([p.read_bytes() for p, _ in files[i : i + 32]], fp32.cfg)
+        p32.append(fp32.predict_arrays(x))
+        p8.append(int8.predict_arrays(x))
+    p32, p8 = np.concatenate(p32), np.concatenate(p8)
+    a32, a8 = (p32.argmax(1) == y).mean(), (p8.argmax(1) == y).mean()
+    x1 = stack_bytes([files[0][0].read_bytes()], fp32.cfg)
+    x8 = stack_bytes([p.read_bytes() for p, _ in files[:8]], fp32.cfg)
+    t = {
+        n: (_per_image_ms(m.logits_arrays, x1, 2.0), _per_image_ms(m.logits_arrays, x8, 2.0))
+        for n, m in (("fp32", fp32), ("int8", int8))
+    }
+    print(
+        f"\n## int8  ({ckpt}; {len(files)} held-out images from {data}; calibration {calibration}; {threads} thread(s))"
+    )
+    print("| | accuracy | ms/img batch 1 | ms/img batch 8 |")
+    print("|---|---|---|---|")
+    for n, a in (("fp32 ONNX Runtime", a32), ("int8 ONNX Runtime", a8)):
+        k = n.split()[0]
+        print(f"| {n} | {a:.4f} | {t[k][0]:.1f} | {t[k][1]:.1f} |")
+    print(
+        f"int8 - fp32: {100 * (a8 - a32):+.2f} points; top-1 agreement {(p32.argmax(1) == p8.argmax(1)).mean():.4f}; "
+        f"max probability difference {np.abs(p32 - p8).max():.3f}"
+    )
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m jobs.bench serve", description=__doc__.split("\n")[0]
@@ -247,13 +554,35 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--idle-s", type=float, default=25.0)
     ap.add_argument("--plot", type=Path, default=Path("docs/serving-autoscaling.png"))
+    ap.add_argument("--load-levels", nargs="*", type=int, default=[32, 256])
+    ap.add_argument(
+        "--load-requests",
+        nargs="*",
+        type=int,
+        default=[10000, 2000],
+        help="requests per load level, in the order of --load-levels",
+    )
+    ap.add_argument("--load-plot", type=Path, default=Path("docs/serving-load.png"))
+    ap.add_argument("--chaos-s", type=float, default=60.0)
+    ap.add_argument("--chaos-kill-at", type=float, default=15.0)
+    ap.add_argument("--chaos-concurrency", type=int, default=32)
+    ap.add_argument("--chaos-replicas", type=int, default=1, help="classifier replicas")
+    ap.add_argument("--chaos-plot", type=Path, default=Path("docs/serving-chaos.png"))
+    ap.add_argument("--checkpoint", help="int8 part: the checkpoint to quantise")
+    ap.add_argument("--int8-data", type=Path, help="int8 part: held-out class-folder tree")
+    ap.add_argument("--int8-calibration", type=Path, help="int8 part: calibration images")
     a = ap.parse_args(argv)
     print(
-        f"{time.strftime('%Y-%m-%d')} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        f"{time.strftime('%Y-%m-%d %H:%M')} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}"
     )
     if "backends" in a.parts:
         bench_backends(a.models, a.batches, a.seconds, a.threads)
-    if not {"http", "autoscaling"} & set(a.parts):
+    if "ort" in a.parts:
+        bench_ort(a.models, sorted({1, a.threads}), a.seconds)
+    if "int8" in a.parts:
+        bench_int8(a.checkpoint, a.int8_data, a.int8_calibration, a.threads)
+    if not {"http", "autoscaling", "load", "chaos"} & set(a.parts):
         return 0
     import ray
     from ray import serve
@@ -272,6 +601,20 @@ def main(argv: list[str]) -> int:
                 bench_http(url, ckpt, a.concurrency, a.requests)
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
+            if "load" in a.parts:
+                bench_load(
+                    url, ckpt, a.load_levels, dict(zip(a.load_levels, a.load_requests)), a.load_plot
+                )
+            if "chaos" in a.parts:
+                bench_chaos(
+                    url,
+                    ckpt,
+                    a.chaos_concurrency,
+                    a.chaos_s,
+                    a.chaos_kill_at,
+                    a.chaos_plot,
+                    a.chaos_replicas,
+                )
         finally:
             serve.shutdown()
             ray.shutdown()
