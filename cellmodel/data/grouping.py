@@ -25,6 +25,7 @@ Everything is numpy/scipy; a crop costs a few milliseconds.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,11 +47,17 @@ N_FREQ = 32  # angular frequencies kept (low-pass, and a smaller matrix product)
 ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.85, 1.18, 7))
 # Stage-2 verification on quarter-resolution pictures (half of the half).
 TOP_CANDIDATES = 2
-# Thresholds on the verification score, chosen on synthetic known-truth data
-# (tests/test_grouping.py and jobs/bench/grouping.py --calibrate; docs/grouping.md).
-MIN_SCORE = 0.70
-MIN_MARGIN = 0.10
-MERGE_SCORE = 0.75
+# Verification ignores the nucleus (dilated by this many quarter-res px): one round blob
+# looks like another; the red cells around it are what identify a slide.
+EXCLUDE_NUCLEUS = 2
+# Thresholds on the verification score, chosen on synthetic known-truth copies of the
+# sample slides' cells (python -m jobs.bench grouping --calibrate; docs/grouping.md):
+# crop vs slide: true >= 0.76, absent slide <= 0.51 -> midpoint 0.64;
+# crop vs crop: true >= 0.75, different cells <= 0.72 -> midpoint 0.74.
+MIN_SCORE = 0.64
+MIN_MARGIN = 0.10  # best minus next other slide: below it two slides fit (duplicate shots)
+GROUP_MIN_SCORE = 0.74
+MERGE_SCORE = 0.74
 
 
 class GroupingError(ValueError):
@@ -168,6 +175,9 @@ def _cell(img: Image.Image, box: tuple[float, float, float, float] | None = None
     border = nucleus & ~ndi.binary_erosion(valid, iterations=2, border_value=0)
     gray = half.mean(-1) / 255.0
     small_valid = _half(valid.astype(np.float32)) > 0.99
+    if EXCLUDE_NUCLEUS:  # score the surroundings (red cells): the nucleus blob looks alike
+        nuc_small = ndi.binary_dilation(_half(stain) > 0.3, iterations=EXCLUDE_NUCLEUS)
+        small_valid &= ~nuc_small
     return _Cell(
         gray=gray.astype(np.float32),
         valid=valid,
@@ -330,91 +340,146 @@ def _iter_images(images: ImageSource, n: int) -> Iterable[Image.Image]:
     return iter(images)
 
 
-def _prepare(images: ImageSource, labels: Sequence[str]) -> list[_Cell]:
-    labels = list(labels)
-    cells: list[_Cell] = []
-    for i, img in enumerate(_iter_images(images, len(labels))):
-        if i >= len(labels):
-            raise GroupingError(
-                f"more images than labels ({len(labels)}); pass one label per image"
-            )
-        if not isinstance(img, Image.Image):
-            raise GroupingError(f"image {i} is a {type(img).__name__}, not a PIL image")
-        cells.append(_cell(img))
-    if len(cells) != len(labels):
-        raise GroupingError(
-            f"{len(cells)} images but {len(labels)} labels; pass one label per image"
-        )
-    return cells
+def _checked(img: object, i: int) -> Image.Image:
+    if not isinstance(img, Image.Image):
+        raise GroupingError(f"image {i} is a {type(img).__name__}, not a PIL image")
+    return img
+
+
+# State shared with forked workers (set just before a pool starts, read by the workers).
+_FORK: dict = {}
+
+
+def _indexable(images: ImageSource) -> bool:
+    return callable(images) or isinstance(images, Sequence)
+
+
+def _get(images: ImageSource, i: int) -> Image.Image:
+    return _checked(images(i) if callable(images) else images[i], i)  # type: ignore[index]
+
+
+def _pool_map(fn: Callable, jobs: list, workers: int) -> list:
+    """``[fn(j) for j in jobs]``, in ``workers`` forked processes when asked and possible."""
+    if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
+        return [fn(j) for j in jobs]
+    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        return pool.map(fn, jobs, chunksize=1)
+
+
+def _prep_chunk(idx: list[int]) -> list[_Cell]:
+    return [_cell(_get(_FORK["images"], i)) for i in idx]
+
+
+def _chunks(n: int, k: int) -> list[list[int]]:
+    k = max(1, min(k, n))
+    return [list(range(j, n, k)) for j in range(k)]
+
+
+def _prepare(images: ImageSource, labels: Sequence[str], workers: int = 1) -> list[_Cell]:
+    n = len(labels)
+    if workers > 1 and _indexable(images):
+        if isinstance(images, Sequence) and len(images) != n:
+            raise GroupingError(f"{len(images)} images but {n} labels; pass one label per image")
+        _FORK["images"] = images
+        try:
+            parts = _pool_map(_prep_chunk, _chunks(n, workers * 4), workers)
+        finally:
+            _FORK.clear()
+        cells: list[_Cell | None] = [None] * n
+        for idx, part in zip(_chunks(n, workers * 4), parts):
+            for i, c in zip(idx, part):
+                cells[i] = c
+        return cells  # type: ignore[return-value]
+    out: list[_Cell] = []
+    for i, img in enumerate(_iter_images(images, n)):
+        if i >= n:
+            raise GroupingError(f"more images than labels ({n}); pass one label per image")
+        out.append(_cell(_checked(img, i)))
+    if len(out) != n:
+        raise GroupingError(f"{len(out)} images but {n} labels; pass one label per image")
+    return out
+
+
+def _group_class(cls: str) -> dict[int, tuple[str, float, float]]:
+    """Leader clustering of one class (rows of ``_FORK['cells']``): row -> (id, conf, score)."""
+    cells, labels = _FORK["cells"], _FORK["labels"]
+    min_score, merge_score, top = _FORK["params"]
+    idx = [i for i, c in enumerate(labels) if c == cls]
+    idx.sort(key=lambda i: -cells[i].quality)
+    refs = _Refs()
+    leader_of: list[int] = []  # leader (ref index) -> row
+    parent: list[int] = []  # union-find over leaders
+    group: dict[int, int] = {}
+    conf: dict[int, float] = {}
+    score: dict[int, float] = {}
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for i in idx:
+        cand = _candidates(cells[i], refs, top, 0.4)
+        if cand and cand[0][1] >= min_score:
+            j, v = cand[0]
+            group[i] = j
+            rest = [w for k, w in cand[1:] if find(k) != find(j)]
+            score[i], conf[i] = v, min(max(v - max(max(rest, default=0.0), 0.0), 0.0), 1.0)
+            for k, w in cand[1:]:  # verifies with two leaders: one group split in two
+                if w >= merge_score:
+                    parent[find(k)] = find(j)
+        else:
+            group[i] = len(refs)
+            leader_of.append(i)
+            parent.append(len(parent))
+            refs.add(cells[i], str(i))
+            score[i], conf[i] = 1.0, 1.0
+    # leaders that verify against each other: a group split in two
+    for j in range(len(refs)):
+        for k, v in _candidates(refs.cells[j], refs, top + 1, 0.4):
+            if k != j and v >= merge_score:
+                parent[find(k)] = find(j)
+    roots = sorted({find(j) for j in range(len(refs))}, key=lambda r: leader_of[r])
+    name = {r: f"{cls}/g{n}" for n, r in enumerate(roots)}
+    return {i: (name[find(group[i])], round(conf[i], 4), round(score[i], 4)) for i in idx}
 
 
 def group_crops(
     images: ImageSource,
     labels: Sequence[str],
     *,
-    min_score: float = MIN_SCORE,
+    min_score: float = GROUP_MIN_SCORE,
     merge_score: float = MERGE_SCORE,
     top: int = TOP_CANDIDATES,
+    workers: int = 1,
 ) -> Grouping:
     """Group near-duplicate crops (same source cell) within each class.
 
     ``images``: PIL images, an iterable of them, or ``f(i) -> image`` (loaded one at a time;
     only a half-resolution copy of each is kept). Crops are taken best-first (whole nucleus,
     central, few black corners); each joins the group whose leader verifies best at or
-    above ``min_score``, or leads a new group. Leaders are then compared with each other
-    and groups merged at ``merge_score``. Every crop gets a source id (``CLASS/g<k>``); a
-    crop that fits no group is a group of one (``singletons`` in the report).
+    above ``min_score``, or leads a new group; a crop that verifies with two groups at
+    ``merge_score`` joins them, and so do leaders that verify with each other. Every crop
+    gets a source id (``CLASS/g<k>``); a crop that fits no group is a group of one
+    (``singletons`` in the report). ``workers`` > 1 forks processes (indexable ``images``
+    only for the loading; classes run in parallel).
     """
     labels = [str(c) for c in labels]
-    cells = _prepare(images, labels)
-    source: list[str | None] = [None] * len(cells)
-    conf = [0.0] * len(cells)
-    score = [0.0] * len(cells)
-    for cls in sorted(set(labels)):
-        idx = [i for i, c in enumerate(labels) if c == cls]
-        idx.sort(key=lambda i: -cells[i].quality)
-        refs = _Refs()
-        leader_of: list[int] = []  # leader (ref index) -> row
-        parent: list[int] = []  # union-find over leaders
-        group: dict[int, int] = {}
-
-        def find(u: int, parent: list[int] = parent) -> int:
-            while parent[u] != u:
-                parent[u] = parent[parent[u]]
-                u = parent[u]
-            return u
-
-        for i in idx:
-            cand = _candidates(cells[i], refs, top, 0.4)
-            if cand and cand[0][1] >= min_score:
-                j, v = cand[0]
-                group[i] = j
-                rest = [w for k, w in cand[1:] if find(k) != find(j)]
-                score[i], conf[i] = v, v - max(max(rest, default=0.0), 0.0)
-                for k, w in cand[1:]:  # verifies with two leaders: one group split in two
-                    if w >= merge_score:
-                        parent[find(k)] = find(j)
-            else:
-                group[i] = len(refs)
-                leader_of.append(i)
-                parent.append(len(parent))
-                refs.add(cells[i], str(i))
-                score[i], conf[i] = 1.0, 1.0
-        # leaders that verify against each other: a group split in two
-        for j in range(len(refs)):
-            for k, v in _candidates(refs.cells[j], refs, top + 1, 0.4):
-                if k != j and v >= merge_score:
-                    parent[find(k)] = find(j)
-        roots = sorted({find(j) for j in range(len(refs))}, key=lambda r: leader_of[r])
-        name = {r: f"{cls}/g{n}" for n, r in enumerate(roots)}
-        for i in idx:
-            source[i] = name[find(group[i])]
+    cells = _prepare(images, labels, workers)
+    classes = sorted(set(labels), key=lambda c: -labels.count(c))
+    _FORK.update(cells=cells, labels=labels, params=(min_score, merge_score, top))
+    try:
+        parts = _pool_map(_group_class, classes, workers)
+    finally:
+        _FORK.clear()
+    rows = {i: r for part in parts for i, r in part.items()}
     return Grouping(
-        source_id=source,
-        confidence=conf,
+        source_id=[rows[i][0] for i in range(len(labels))],
+        confidence=[rows[i][1] for i in range(len(labels))],
         labels=labels,
         method="group_crops",
-        score=score,
+        score=[rows[i][2] for i in range(len(labels))],
         params={"min_score": min_score, "merge_score": merge_score, "top": top},
     )
 
@@ -464,6 +529,22 @@ def load_slides(slides_dir: str | Path, scale: float = 0.5) -> list[Slide]:
     return out
 
 
+def _match_one(cell: _Cell, refs: _Refs, min_score: float, min_margin: float, top: int):
+    cand = _candidates(cell, refs, top, 0.6)
+    best_j, best = cand[0]
+    others = [v for j, v in cand[1:] if refs.ids[j] != refs.ids[best_j]]
+    margin = min(max(best - max(max(others, default=0.0), 0.0), 0.0), 1.0)
+    ok = best >= min_score and margin >= min_margin
+    return (refs.ids[best_j] if ok else None), round(margin, 4), round(best, 4)
+
+
+def _match_chunk(idx: list[int]) -> list[tuple]:
+    refs_by_class, labels, params = _FORK["refs"], _FORK["labels"], _FORK["params"]
+    return [
+        _match_one(_cell(_get(_FORK["images"], i)), refs_by_class[labels[i]], *params) for i in idx
+    ]
+
+
 def match_to_slides(
     images: ImageSource,
     labels: Sequence[str],
@@ -472,20 +553,22 @@ def match_to_slides(
     min_score: float = MIN_SCORE,
     min_margin: float = MIN_MARGIN,
     top: int = TOP_CANDIDATES,
+    workers: int = 1,
 ) -> Grouping:
     """Name the slide each crop was cut from (source id = slide id, e.g. BloodImage_00012).
 
     Only slides whose ``labels.csv`` class includes the crop's class are candidates.
-    Confidence is the margin between the best verified slide and the next other slide; a
-    crop with best score < ``min_score`` or margin < ``min_margin`` stays unassigned (None).
-    Raises ``SlidesMismatchError`` when a class has no slide, or when almost no crop
-    matches any slide (the wrong slide folder).
+    ``score`` is the best verification score, ``confidence`` its margin over the next other
+    slide; a crop with score < ``min_score`` or margin < ``min_margin`` stays unassigned
+    (None). Raises ``SlidesMismatchError`` when a class has no slide, or when almost no
+    crop matches any slide (the wrong slide folder). ``workers`` > 1 forks processes
+    (indexable ``images`` only).
     """
     labels = [str(c) for c in labels]
     slides = load_slides(slides_dir) if isinstance(slides_dir, (str, Path)) else list(slides_dir)
     if not slides:
         raise SlidesMismatchError(f"no labelled slide in {slides_dir}; pass the BCCD folder")
-    missing = sorted({c for c in labels} - {c for s in slides for c in s.classes})
+    missing = sorted(set(labels) - {c for s in slides for c in s.classes})
     if missing:
         raise SlidesMismatchError(
             f"no slide is labelled {', '.join(missing)}; these crops cannot be matched. Pass "
@@ -497,34 +580,34 @@ def match_to_slides(
         for s in slides:
             if cls in s.classes:
                 refs.add(s.cell, s.slide_id)
+        refs.matrix()
         refs_by_class[cls] = refs
-    source: list[str | None] = []
-    conf: list[float] = []
-    score: list[float] = []
-    n = 0
-    for i, img in enumerate(_iter_images(images, len(labels))):
-        if i >= len(labels):
-            raise GroupingError(
-                f"more images than labels ({len(labels)}); pass one label per image"
-            )
-        refs = refs_by_class[labels[i]]
-        cand = _candidates(_cell(img), refs, top, 0.6)
-        best_j, best = cand[0]
-        others = [v for j, v in cand[1:] if refs.ids[j] != refs.ids[best_j]]
-        margin = best - max(max(others, default=0.0), 0.0)
-        ok = best >= min_score and margin >= min_margin
-        source.append(refs.ids[best_j] if ok else None)
-        conf.append(round(margin, 4))
-        score.append(round(best, 4))
-        n += 1
-    if n != len(labels):
-        raise GroupingError(f"{n} images but {len(labels)} labels; pass one label per image")
+    n = len(labels)
+    params = (min_score, min_margin, top)
+    rows: list[tuple] = []
+    if workers > 1 and _indexable(images):
+        if isinstance(images, Sequence) and len(images) != n:
+            raise GroupingError(f"{len(images)} images but {n} labels; pass one label per image")
+        jobs = [list(range(j, min(j + 64, n))) for j in range(0, n, 64)]
+        _FORK.update(images=images, refs=refs_by_class, labels=labels, params=params)
+        try:
+            rows = [r for part in _pool_map(_match_chunk, jobs, workers) for r in part]
+        finally:
+            _FORK.clear()
+    else:
+        for i, img in enumerate(_iter_images(images, n)):
+            if i >= n:
+                raise GroupingError(f"more images than labels ({n}); pass one label per image")
+            rows.append(_match_one(_cell(_checked(img, i)), refs_by_class[labels[i]], *params))
+        if len(rows) != n:
+            raise GroupingError(f"{len(rows)} images but {n} labels; pass one label per image")
+    source = [r[0] for r in rows]
     g = Grouping(
         source_id=source,
-        confidence=conf,
+        confidence=[r[1] for r in rows],
         labels=labels,
         method="match_to_slides",
-        score=score,
+        score=[r[2] for r in rows],
         params={"min_score": min_score, "min_margin": min_margin, "top": top},
     )
     assigned = sum(s is not None for s in source)

@@ -42,20 +42,26 @@ def list_crops(source: Path, per_class: int | None) -> tuple[list[Path], list[st
 
 
 def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU seconds of this process and its finished workers."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
 
 
-def run(method: str, files: list[Path], labels: list[str], slides: Path | None) -> tuple:
+def run(
+    method: str, files: list[Path], labels: list[str], slides: Path | None, workers: int
+) -> tuple:
     def load(i: int) -> Image.Image:
         with Image.open(files[i]) as im:
             return im.convert("RGB")
 
     t, c = time.perf_counter(), _cpu()
     if method == "group_crops":
-        g = grouping.group_crops(load, labels)
+        g = grouping.group_crops(load, labels, workers=workers)
     else:
-        g = grouping.match_to_slides(load, labels, slides)
+        g = grouping.match_to_slides(load, labels, slides, workers=workers)
     return g, time.perf_counter() - t, _cpu() - c
 
 
@@ -125,6 +131,60 @@ def draw_groups(
     img.save(out, optimize=True)
 
 
+def calibrate(copies: int = 6, seed: int = 0) -> int:
+    """Verification scores on synthetic copies of the sample slides' cells.
+
+    crop vs slide: each copy against its own slide (true) and, with its slide removed,
+    against the best other slide (absent); crop vs crop: each copy against its top polar
+    candidates among all copies (true: same cell, false: another cell).
+    """
+    import numpy as np
+
+    from cellmodel.data.voc import parse_voc
+
+    root = ROOT / "data" / "sample" / "slides"
+    slides = {s.slide_id: s for s in grouping.load_slides(root)}
+    rng = np.random.default_rng(seed)
+    cells, truth = [], []
+    for sid in slides:
+        _, boxes = parse_voc((root / "Annotations" / f"{sid}.xml").read_bytes())
+        wbc = [b for b in boxes if b.name == "WBC" and b.xmax - b.xmin > 60]
+        if len(wbc) != 1:
+            continue
+        img = Image.open(root / "JPEGImages" / f"{sid}.jpg").convert("RGB")
+        for im in grouping.synthetic_copies(img, wbc[0].center, copies, rng):
+            cells.append(grouping._cell(im))
+            truth.append(sid)
+    refs = grouping._Refs()
+    for s in slides.values():
+        refs.add(s.cell, s.slide_id)
+    true_s, absent_s = [], []
+    for c, t in zip(cells, truth):
+        for j, v in grouping._candidates(c, refs, 4, 0.6):
+            (true_s if refs.ids[j] == t else absent_s).append(v)
+    crops = grouping._Refs()
+    for c, t in zip(cells, truth):
+        crops.add(c, t)
+    same, other = [], []
+    for i, c in enumerate(cells):
+        for j, v in grouping._candidates(c, crops, 7, 0.4):
+            if j != i:
+                (same if truth[j] == truth[i] else other).append(v)
+
+    def show(name: str, pos: list, neg: list) -> None:
+        lo, hi = min(pos), max(neg)
+        print(
+            f"{name}: true min {lo:.3f} p5 {np.percentile(pos, 5):.3f} median "
+            f"{np.median(pos):.3f} | false max {hi:.3f} p95 {np.percentile(neg, 95):.3f} "
+            f"median {np.median(neg):.3f} | midpoint {(lo + hi) / 2:.3f}"
+        )
+
+    print(f"{len(cells)} synthetic copies of {len(set(truth))} cells")
+    show("crop vs slide", true_s, absent_s)
+    show("crop vs crop ", same, other)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench grouping", description=__doc__)
     p.add_argument("--source", type=Path, default=DEFAULT_TRAIN, help="crop folder <CLASS>/*.jpeg")
@@ -134,8 +194,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--per-class", type=int, default=None, help="use only N files per class")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "grouping-groups.png")
     p.add_argument("--png-rows", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="forked processes")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="only print verification scores on synthetic known-truth copies of the sample "
+        "slides' cells (what the thresholds were chosen on)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write reports and timings here")
     args = p.parse_args(argv)
+    if args.calibrate:
+        return calibrate()
     if not args.source.is_dir():
         print(f"error: source {args.source} is not a folder; pass --source", flush=True)
         return 2
@@ -151,11 +220,16 @@ def main(argv: list[str]) -> int:
         if not skip
     ]
     for m in methods:
-        g, wall, cpu = run(m, files, labels, args.slides)
+        g, wall, cpu = run(m, files, labels, args.slides, args.workers)
         rep = g.report()
         print_report(m, rep, wall, cpu)
         results[m] = g
         out[m] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "report": rep}
+        if args.json:
+            out[m]["rows"] = [
+                [str(f.relative_to(args.source)), s, sc, cf]
+                for f, s, sc, cf in zip(files, g.source_id, g.score, g.confidence)
+            ]
     if len(results) == 2:
         a = agreement(results["group_crops"].source_id, results["match_to_slides"].source_id)
         out["agreement"] = a
