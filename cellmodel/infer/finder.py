@@ -4,14 +4,28 @@ White-cell nuclei take the stain dark purple: much more blue than green. Red cel
 pink (blue close to green) and the background is pale. So the finder:
 
 1. works on a downsampled copy (nuclei are large; speed matters on big archives);
-2. scores each pixel by ``blue - green`` and thresholds it per slide (Otsu on the
-   stained tail, never below a fixed floor so a slide without white cells stays empty);
-3. opens the mask (drops specks and platelet fragments), dilates it so the lobes of one
-   multi-lobed neutrophil nucleus join, and labels connected components;
-4. keeps components whose nucleus area is large enough (platelets are small);
-5. grows each nucleus box to the whole-cell extent (annotated boxes cover the cytoplasm,
-   about 1.5-2.5x the nucleus), clipped to the slide;
-6. scores each box from the nucleus area and stain strength, in [0, 1].
+2. scores each pixel by ``blue - green`` and thresholds it per slide, relative to the
+   slide's own stain: Otsu on the stained tail, clamped between a fraction of the slide's
+   strongest stain (``rel_floor`` x its 99.5th percentile, so a pale slide gets a low
+   threshold and a dark one a high one) and ``max_threshold``, never below the absolute
+   ``min_threshold`` (so a slide without stain stays empty);
+3. opens the mask (drops specks and platelet fragments) and dilates it by ``merge_size``
+   so that the lobes of one multi-lobed neutrophil nucleus join into one blob;
+4. splits blobs that hold several cells: the distance transform of a blob has one peak
+   per cell; two peaks are two cells when the valley between them is at least
+   ``split_depth`` deep (a watershed with h-maxima markers) and they are at least
+   ``split_min_dist`` apart; each pixel then goes to its nearest peak;
+5. keeps cells whose nucleus area is large enough (platelets are small) and whose
+   nucleus is not larger than one cell can be;
+6. fits a box to the cell's own extent: the nucleus box grown by a margin that depends on
+   how much of its box the nucleus fills (a round lymphocyte nucleus fills its box and
+   has a thin rim of cytoplasm; a lobed neutrophil nucleus leaves gaps and has a wide
+   one), clipped to the slide;
+7. scores each box from the nucleus area and stain strength, in [0, 1].
+
+Steps 1-5 give :class:`Nucleus` candidates (:func:`find_nuclei`), step 6-7 turn them
+into :class:`Detection` boxes (:func:`boxes_from_nuclei`), so that cross-validation can
+tune the box settings without redoing the pixel work (``cellmodel.infer.finder_eval``).
 
 Only numpy and PIL are used: no scipy, no OpenCV.
 """
@@ -23,20 +37,47 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
+# Settings that change the pixel stage (find_nuclei); the others only change boxes/scores.
+PIXEL_SETTINGS = (
+    "downsample",
+    "min_threshold",
+    "rel_floor",
+    "max_threshold",
+    "open_size",
+    "merge_size",
+    "cell_level",
+    "split_depth",
+    "split_min_dist",
+    "split_min_area",
+)
+
 
 @dataclass(kw_only=True)
 class FinderConfig:
-    """Tuning of the white-cell finder; defaults were chosen on BCCD (640x480 slides)."""
+    """Tuning of the white-cell finder; defaults chosen by cross-validation on BCCD.
+
+    Lengths are in full-resolution slide pixels unless said otherwise.
+    """
 
     downsample: int = 4  # work at 1/4 resolution: a nucleus stays 15-25 px across
-    min_threshold: float = 55.0  # blue-green floor: below it nothing is a nucleus
+    min_threshold: float = 20.0  # absolute blue-green floor: below it nothing is a nucleus
+    rel_floor: float = 0.55  # threshold >= rel_floor x the slide's 99.5th stain percentile
     max_threshold: float = 80.0  # cap on the per-slide threshold, for heavily stained slides
     open_size: int = 3  # opening kernel (pixels at working scale): removes specks
-    merge_size: int = 9  # dilation kernel joining the lobes of one nucleus
-    min_area: float = 2000.0  # nucleus area at full resolution (px); platelets are smaller
-    min_cell_size: float = 150.0  # the grown box is at least this wide/high (full res px)
-    grow: float = 1.4  # box side = max(min_cell_size, grow * nucleus side)
-    max_cell_size: float = 260.0  # nothing larger is one white cell
+    merge_size: int = 7  # closing (working-scale px) joining the lobes of one nucleus
+    cell_level: float = 0.35  # cytoplasm: smoothed stain above this x the nucleus threshold
+    split_depth: float = 2.0  # working-scale px: a valley this deep separates two cells
+    split_min_dist: float = 110.0  # two cells' peaks are at least this far apart
+    split_min_area: float = 2000.0  # each part of a split blob holds this much nucleus
+    min_area: float = 2000.0  # nucleus area (px); platelets are smaller
+    max_cell_size: float = 260.0  # a nucleus wider or higher than this is not one cell
+    # Box side, per axis: cell_grow x whole-cell side + grow x nucleus side + margin
+    # + margin_gap x (1 - fill), centred on the whole cell; fitted by least squares.
+    cell_grow: float = 1.0
+    grow: float = 0.0
+    margin: float = 10.0  # px
+    margin_gap: float = 0.0  # px per unit of its box the nucleus leaves empty (lobed nuclei)
+    min_cell_size: float = 60.0  # the box is at least this wide/high
     min_score: float = 0.0  # boxes below this score are dropped
 
     def to_dict(self) -> dict:
@@ -73,6 +114,21 @@ class Detection:
         return (self.xmin, self.ymin, self.xmax, self.ymax)
 
 
+@dataclass(frozen=True)
+class Nucleus:
+    """One cell's nucleus (possibly several lobes), in full-resolution slide pixels."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    area: float  # stained pixels
+    fill: float  # area / box area, in (0, 1]
+    stain: float  # mean blue - green over its pixels
+    threshold: float  # the slide's threshold
+    cell: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # whole-cell mask box
+
+
 def stain_map(img: Image.Image, downsample: int = 1) -> np.ndarray:
     """``blue - green`` per pixel (float32, H/downsample x W/downsample): high on nuclei."""
     if downsample > 1:
@@ -102,12 +158,66 @@ def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def slide_threshold(s: np.ndarray, cfg: FinderConfig) -> float:
+    """The per-slide nucleus threshold on the stain map ``s`` (see the module docstring)."""
+    top = float(np.percentile(s, 99.5))
+    lo = max(cfg.min_threshold, cfg.rel_floor * top)
+    hi = max(lo, cfg.max_threshold)
+    # Otsu on the stained tail only: the whole image is dominated by pale background and
+    # red cells, whose split would land far below the nuclei.
+    tail = s[s > lo * 0.5]
+    thr = otsu_threshold(tail) if tail.size > 50 else lo
+    return float(np.clip(thr, lo, hi))
+
+
 def _morph(mask: np.ndarray, size: int, op: str) -> np.ndarray:
+    """Binary dilation or erosion by a ``size`` x ``size`` square (separable, numpy only).
+
+    Pixels beyond the border count as background for a dilation and as foreground for an
+    erosion (so an erosion does not eat cells at the border).
+    """
     if size <= 1:
         return mask
-    im = Image.fromarray(mask.astype(np.uint8) * 255)
-    f = ImageFilter.MaxFilter(size) if op == "dilate" else ImageFilter.MinFilter(size)
-    return np.asarray(im.filter(f)) > 127
+    r0, r1 = (size - 1) // 2, size // 2
+    dilate = op == "dilate"
+    out = mask
+    for axis in (0, 1):
+        n = out.shape[axis]
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r0, r1)
+        p = np.pad(out, pad, constant_values=not dilate)
+        acc = p.take(range(0, n), axis=axis)
+        for i in range(1, size):
+            sl = p.take(range(i, i + n), axis=axis)
+            acc = (acc | sl) if dilate else (acc & sl)
+        out = acc
+    return out
+
+
+def distance_transform(mask: np.ndarray) -> np.ndarray:
+    """Distance (in pixels, float32) of each mask pixel to the nearest pixel outside it.
+
+    Repeated erosion, alternating the 4- and 8-neighbourhood, which approximates the
+    Euclidean distance by an octagonal one (within about 8 %); 0 outside the mask.
+    """
+    m = np.pad(mask, 1)
+    dist = np.zeros(m.shape, np.float32)
+    step = 0
+    while m.any():
+        dist += m
+        e = m.copy()
+        e[1:, :] &= m[:-1, :]
+        e[:-1, :] &= m[1:, :]
+        e[:, 1:] &= m[:, :-1]
+        e[:, :-1] &= m[:, 1:]
+        if step % 2:
+            e[1:, 1:] &= m[:-1, :-1]
+            e[1:, :-1] &= m[:-1, 1:]
+            e[:-1, 1:] &= m[1:, :-1]
+            e[:-1, :-1] &= m[1:, 1:]
+        m = e
+        step += 1
+    return dist[1:-1, 1:-1]
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -134,64 +244,213 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         lab = np.maximum(flat, jumped).reshape(h, w)
         if np.array_equal(lab, prev):
             break
-    uniq, inv = np.unique(lab, return_inverse=True)
-    out = inv.reshape(h, w)
-    n = len(uniq) - 1 if uniq[0] == 0 else len(uniq)
-    if uniq[0] != 0:
-        out = out + 1
-    return out, n
+    out = np.zeros((h, w), np.int64)
+    if not mask.any():
+        return out, 0
+    uniq, inv = np.unique(lab[mask], return_inverse=True)
+    out[mask] = inv + 1
+    return out, len(uniq)
+
+
+def _split_peaks(dist: np.ndarray, comp: np.ndarray, depth: float, min_dist: float) -> list:
+    """The cell centres (y, x) of one blob: distance peaks separated by a deep valley.
+
+    ``comp`` is the blob's mask and ``dist`` its distance map (working scale), both cut to
+    the blob's bounding box. A watershed with h-maxima markers, in its simplest form:
+    the highest peak is a cell; each next peak is another cell if it lies ``min_dist``
+    from every cell so far and, at the level ``peak - depth``, is not connected to any of
+    them (the valley between them is at least ``depth`` deep).
+    """
+    d = np.where(comp, dist, 0)
+    mx = np.asarray(Image.fromarray(d).filter(ImageFilter.MaxFilter(5)))
+    cand = (d >= mx) & (d >= depth + 1)
+    ys, xs = np.nonzero(cand)
+    if len(ys) == 0:
+        yy, xx = np.unravel_index(int(np.argmax(d)), d.shape)
+        return [(int(yy), int(xx))]
+    order = np.argsort(-d[ys, xs], kind="stable")
+    peaks: list[tuple[int, int]] = []
+    for i in order:
+        y, x = int(ys[i]), int(xs[i])
+        if any((y - py) ** 2 + (x - px) ** 2 < min_dist**2 for py, px in peaks):
+            continue
+        if peaks:
+            level = d[y, x] - depth
+            lab, _ = label_components(d > level)
+            mine = lab[y, x]
+            if any(lab[py, px] == mine for py, px in peaks):
+                continue  # joined to a cell above the valley floor: a lobe, not a cell
+        peaks.append((y, x))
+    return peaks
+
+
+def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1) x (2r+1) window (edges replicated), by cumulative sums."""
+    if r <= 0:
+        return a
+    k = 2 * r + 1
+    p = np.pad(a, r, mode="edge").astype(np.float64)
+    c = np.cumsum(np.pad(p, ((1, 0), (0, 0))), axis=0)
+    p = c[k:] - c[:-k]
+    c = np.cumsum(np.pad(p, ((0, 0), (1, 0))), axis=1)
+    return ((c[:, k:] - c[:, :-k]) / (k * k)).astype(np.float32)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the border filled."""
+    labels, n = label_components(~mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, border[border > 0])
+    return ~outside
+
+
+def cell_masks(img: Image.Image, cfg: FinderConfig) -> tuple[np.ndarray, ...]:
+    """Working-scale ``(stain, threshold, nucleus mask, whole-cell mask)`` of one slide.
+
+    The whole-cell mask is the nucleus plus the weakly stained cytoplasm around it (smoothed
+    stain above ``cell_level`` x the nucleus threshold), closed by ``merge_size`` (joins the
+    lobes of one nucleus and its cytoplasm) and with holes filled; only its parts that hold
+    a nucleus are kept.
+    """
+    ds = max(1, int(cfg.downsample))
+    s = stain_map(img, ds)
+    thr = slide_threshold(s, cfg)
+    nucleus = s > thr
+    nucleus = _morph(_morph(nucleus, cfg.open_size, "erode"), cfg.open_size, "dilate")
+    if not nucleus.any():
+        return s, thr, nucleus, nucleus
+    cell = (_box_mean(s, 1) > cfg.cell_level * thr) | nucleus
+    cell = _morph(_morph(cell, cfg.open_size, "erode"), cfg.open_size, "dilate") | nucleus
+    cell = _morph(_morph(cell, cfg.merge_size, "dilate"), cfg.merge_size, "erode")
+    cell = fill_holes(cell)
+    return s, thr, nucleus, cell
+
+
+def find_nuclei(img: Image.Image, cfg: FinderConfig | None = None) -> list[Nucleus]:
+    """Steps 1-5: one :class:`Nucleus` per white cell candidate (no size filter yet)."""
+    cfg = cfg or FinderConfig()
+    ds = max(1, int(cfg.downsample))
+    s, thr, nucleus, cell = cell_masks(img, cfg)
+    if not nucleus.any():
+        return []
+    labels, n = label_components(cell)
+    dist = distance_transform(cell)
+    min_dist = cfg.split_min_dist / ds
+    out = []
+    for k, sl in enumerate(_bounding_slices(labels, n), start=1):
+        comp = labels[sl] == k
+        nuc = nucleus[sl] & comp
+        if not nuc.any():
+            continue
+        peaks = _split_peaks(dist[sl], comp, cfg.split_depth, min_dist)
+        owner = _assign(peaks, dist[sl], nuc, cfg.split_min_area / (ds * ds))
+        sv = s[sl]
+        oy, ox = sl[0].start, sl[1].start
+        for j in range(int(owner.max()) + 1):
+            part = comp & (owner == j)
+            m = nuc & part
+            ys, xs = np.nonzero(m)
+            if len(ys) == 0:
+                continue
+            cys, cxs = np.nonzero(part)
+            area = float(len(ys)) * ds * ds
+            x0, x1 = (xs.min() + ox) * ds, (xs.max() + 1 + ox) * ds
+            y0, y1 = (ys.min() + oy) * ds, (ys.max() + 1 + oy) * ds
+            out.append(
+                Nucleus(
+                    float(x0),
+                    float(y0),
+                    float(x1),
+                    float(y1),
+                    area=area,
+                    fill=area / float((x1 - x0) * (y1 - y0)),
+                    stain=float(sv[m].mean()),
+                    threshold=thr,
+                    cell=(
+                        float((cxs.min() + ox) * ds),
+                        float((cys.min() + oy) * ds),
+                        float((cxs.max() + 1 + ox) * ds),
+                        float((cys.max() + 1 + oy) * ds),
+                    ),
+                )
+            )
+    return out
+
+
+def _assign(peaks: list, dist: np.ndarray, nuc: np.ndarray, min_px: float) -> np.ndarray:
+    """Which peak each pixel belongs to (index into ``peaks``).
+
+    Each pixel goes to its nearest peak, taller peaks reaching further (a power diagram:
+    squared distance minus squared peak height). A part with less than ``min_px`` nucleus
+    pixels is not a cell of its own (a lobe): its peak is dropped and the pixels reassigned.
+    """
+    peaks = list(peaks)
+    yy, xx = np.mgrid[: dist.shape[0], : dist.shape[1]]
+    while True:
+        if len(peaks) == 1:
+            return np.zeros(dist.shape, np.int32)
+        cost = np.stack([(yy - py) ** 2 + (xx - px) ** 2 - dist[py, px] ** 2 for py, px in peaks])
+        owner = np.argmin(cost, axis=0)
+        sizes = np.bincount(owner[nuc], minlength=len(peaks))
+        small = int(np.argmin(sizes))
+        if sizes[small] >= min_px:
+            return owner
+        del peaks[small]
+
+
+def _bounding_slices(labels: np.ndarray, n: int) -> list[tuple[slice, slice]]:
+    """The bounding box of each label 1..n as a pair of slices."""
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    y0 = np.full(n + 1, labels.shape[0])
+    x0 = np.full(n + 1, labels.shape[1])
+    y1 = np.zeros(n + 1, np.int64)
+    x1 = np.zeros(n + 1, np.int64)
+    np.minimum.at(y0, lab, ys)
+    np.minimum.at(x0, lab, xs)
+    np.maximum.at(y1, lab, ys)
+    np.maximum.at(x1, lab, xs)
+    return [(slice(y0[k], y1[k] + 1), slice(x0[k], x1[k] + 1)) for k in range(1, n + 1)]
+
+
+def boxes_from_nuclei(
+    nuclei: list[Nucleus], size: tuple[int, int], cfg: FinderConfig | None = None
+) -> list[Detection]:
+    """Steps 5-7: filter nuclei by size and grow each to its cell's box; best score first."""
+    cfg = cfg or FinderConfig()
+    iw, ih = size
+    dets = []
+    for n in nuclei:
+        nw, nh = n.x1 - n.x0, n.y1 - n.y0
+        if n.area < cfg.min_area or max(nw, nh) > cfg.max_cell_size:
+            continue
+        c = n.cell if n.cell[2] > n.cell[0] else (n.x0, n.y0, n.x1, n.y1)
+        cx, cy = (c[0] + c[2]) / 2, (c[1] + c[3]) / 2
+        margin = cfg.margin + cfg.margin_gap * (1.0 - min(1.0, n.fill))
+        bw = max(cfg.min_cell_size, cfg.cell_grow * (c[2] - c[0]) + cfg.grow * nw + margin)
+        bh = max(cfg.min_cell_size, cfg.cell_grow * (c[3] - c[1]) + cfg.grow * nh + margin)
+        box = (
+            max(0.0, cx - bw / 2),
+            max(0.0, cy - bh / 2),
+            min(float(iw), cx + bw / 2),
+            min(float(ih), cy + bh / 2),
+        )
+        # Large, strongly stained nuclei are surely white cells; small faint ones are doubtful.
+        size_term = min(1.0, n.area / (3 * cfg.min_area))
+        stain_term = min(1.0, max(0.0, (n.stain - n.threshold) / 40.0 + 0.5))
+        score = round(float(0.5 * size_term + 0.5 * stain_term), 4)
+        if score >= cfg.min_score:
+            dets.append(Detection(*box, score=score, nucleus_area=n.area))
+    dets.sort(key=lambda d: -d.score)
+    return dets
 
 
 def find_cells(img: Image.Image, cfg: FinderConfig | None = None) -> list[Detection]:
     """White cells on one RGB slide image, best score first."""
     cfg = cfg or FinderConfig()
-    ds = max(1, int(cfg.downsample))
-    iw, ih = img.size
-    s = stain_map(img, ds)
-    # Otsu on the stained tail only: the whole image is dominated by pale background and
-    # red cells, whose split would land far below the nuclei.
-    tail = s[s > cfg.min_threshold * 0.5]
-    thr = otsu_threshold(tail) if tail.size > 50 else cfg.min_threshold
-    thr = float(np.clip(thr, cfg.min_threshold, cfg.max_threshold))
-    nucleus = s > thr
-    nucleus = _morph(_morph(nucleus, cfg.open_size, "erode"), cfg.open_size, "dilate")
-    merged = _morph(nucleus, cfg.merge_size, "dilate")
-    labels, n = label_components(merged)
-    if n == 0:
-        return []
-    # Measure nucleus pixels only (not the dilation) per merged component.
-    lab_n = np.where(nucleus, labels, 0).ravel()
-    area = np.bincount(lab_n, minlength=n + 1).astype(np.float64) * ds * ds
-    strength = np.bincount(lab_n, weights=s.ravel(), minlength=n + 1)
-    ys, xs = np.nonzero(nucleus)
-    ls = labels[ys, xs]
-    dets = []
-    for k in range(1, n + 1):
-        if area[k] < cfg.min_area:
-            continue
-        sel = ls == k
-        x0, x1 = xs[sel].min() * ds, (xs[sel].max() + 1) * ds
-        y0, y1 = ys[sel].min() * ds, (ys[sel].max() + 1) * ds
-        if max(x1 - x0, y1 - y0) > cfg.max_cell_size:
-            continue  # a clump or a stain artefact, not one cell
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        side = max(cfg.min_cell_size, cfg.grow * max(x1 - x0, y1 - y0))
-        side = min(side, cfg.max_cell_size)
-        box = (
-            max(0.0, cx - side / 2),
-            max(0.0, cy - side / 2),
-            min(float(iw), cx + side / 2),
-            min(float(ih), cy + side / 2),
-        )
-        mean_stain = strength[k] / (area[k] / (ds * ds))
-        # Large, strongly stained nuclei are surely white cells; small faint ones are doubtful.
-        size_term = min(1.0, area[k] / (3 * cfg.min_area))
-        stain_term = min(1.0, max(0.0, (mean_stain - thr) / 40.0 + 0.5))
-        score = round(float(0.5 * size_term + 0.5 * stain_term), 4)
-        if score >= cfg.min_score:
-            dets.append(Detection(*box, score=score, nucleus_area=float(area[k])))
-    dets.sort(key=lambda d: -d.score)
-    return dets
+    return boxes_from_nuclei(find_nuclei(img, cfg), img.size, cfg)
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

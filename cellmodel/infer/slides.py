@@ -37,7 +37,8 @@ from cellmodel.infer.finder import FinderConfig, find_cells
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from cellmodel.data.transforms import IMAGE_EXTS as IMAGE_EXTENSIONS  # noqa: E402
+
 COMMITTED = "_committed"
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "summary.json"

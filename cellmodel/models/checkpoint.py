@@ -43,8 +43,12 @@ def save_checkpoint(
     metrics: dict | None = None,
     extra: dict | None = None,
     data: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write a checkpoint folder at ``uri``; the JSON is written last, so it marks completion.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type, halving a
+    bundled model's size; loading casts them back to the model's own (float32) parameters.
 
     ``data``: what the model learned from (dataset URI, classes, crop geometry and pixel
     scale from the dataset's manifest); the slide job and Serve read the geometry here.
@@ -52,6 +56,8 @@ def save_checkpoint(
     model = _unwrap(model)
     cfg: ModelConfig = model.cfg
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     weights = st_save(tensors)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
     meta = {

@@ -24,7 +24,10 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     """A pooled feature extractor (no classifier) with a ``num_features`` attribute."""
     if name == "tiny_cnn":
         return TinyCNN(**kwargs)
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    m = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    # Some backbones (MobileNetV3) end in a head layer wider than ``num_features``.
+    m.num_features = getattr(m, "head_hidden_size", None) or m.num_features
+    return m
 
 
 class CnnRnnClassifier(nn.Module):

@@ -101,3 +101,17 @@ def tiny_bilstm() -> ModelConfig:
         drop_rate=0.1,
         input_size=(3, 120, 160),
     )
+
+
+@register_model
+def compact_bilstm() -> ModelConfig:
+    """The two-branch network at bundling size: a MobileNetV3 CNN branch (about 3 M weights)
+    with the paper's BiLSTM branch over a half-resolution map, at 192x144."""
+    return ModelConfig(
+        name="compact_bilstm",
+        cnn=("mobilenetv3_large_100",),
+        rnn_hidden=96,
+        rnn_downsample=2,
+        fusion_dim=256,
+        input_size=(3, 144, 192),
+    )

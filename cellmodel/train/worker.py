@@ -45,8 +45,9 @@ def _ray_batches(it, batch_size: int, shuffle_buffer: int = 0, seed: int | None 
     kwargs = {}
     if shuffle_buffer > 0:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
-    for b in it.iter_torch_batches(batch_size=batch_size, dtypes={"label": torch.int64}, **kwargs):
-        yield b["x"], b["label"]
+    # No partial ``dtypes``: Ray 2.60 looks every column up in it. x stays uint8.
+    for b in it.iter_torch_batches(batch_size=batch_size, **kwargs):
+        yield b["x"], b["label"].to(torch.int64)
 
 
 class RayReporter:

@@ -1,12 +1,14 @@
-"""Training throughput: plain PyTorch vs Ray Train (1 and 2 workers), and the phase-1 cache.
+"""Training throughput: a plain in-process step vs Ray Train (1 and 2 workers), same model.
 
-    python -m jobs.bench train [--data URI] [--model tiny_bilstm] [--epochs 2] [--batch-size 32]
+    python -m jobs.bench train [--data URI] [--model tiny_bilstm] [--input 72x96] [--epochs 3]
+        [--batch-size 32] [--channels-last auto|on|off] [--repeats 3]
 
-(a) a plain PyTorch loop (``iter_split`` decoding in the loop's process), (b) Ray Train with
-1 worker, (c) 2 workers: phase-2 training images/s (all weights train), same model and batch,
-all in one run. Then phase-1 epoch time with the CNN frozen, without and with the feature
-cache (the one-off cost of building the cache is printed too). Without ``--data`` the
-committed sample is ingested to a temporary folder first.
+(a) the plain step: ``PhaseTrainer`` over decoded images kept in memory (what ``jobs.train
+--local`` runs), NCHW and channels-last; (b) Ray Train with 1 worker, (c) with 2 workers:
+phase-2 training images/s (every weight trains), same model, batch and data, all in one run.
+Each figure is the median (and spread) over ``--repeats`` epochs after the first (the first
+decodes the shards and warms up). Then phase-1 epoch time with the CNN frozen, without and
+with the feature cache. Without ``--data`` the committed sample is ingested first.
 """
 
 from __future__ import annotations
@@ -15,85 +17,56 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import torch
 
-
-def _plain_epochs(data: str, model_name: str, epochs: int, bs: int) -> float:
-    """Images/s of phase-2 training in one process, decoding included; the first epoch warms up."""
-    from cellmodel.config import PhaseSection
-    from cellmodel.data.dataset import iter_split
-    from cellmodel.models import build_model
-    from cellmodel.train import make_loss, make_optimizer, train_epoch
-
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    opt = make_optimizer(model.parameters(), PhaseSection(optimizer="adam", lr=1e-3))
-    rate = 0.0
-    for e in range(epochs):
-        batches = (((torch.from_numpy(x),), torch.from_numpy(y))
-                   for x, y in iter_split(data, "train", model.cfg, bs, shuffle=True, seed=e))  # fmt: skip
-        t0 = time.perf_counter()
-        m = train_epoch(model, batches, opt, make_loss(0.1), device=torch.device("cpu"))
-        rate = m["n"] / (time.perf_counter() - t0)
-    return rate
+from jobs.bench._timing import median_spread
 
 
-def _ray_epochs(data: str, model_name: str, epochs: int, bs: int, workers: int, out: str) -> float:
-    """Images/s of Ray Train's phase 2 (the last epoch's figure from the run history)."""
+def _config(data: str, out: str, name: str, model: str, size, bs: int, epochs: int, cl: str,
+            *extra: str):  # fmt: skip
     from cellmodel.config import load_config
+
+    return load_config(None, [
+        f"data.uri={json.dumps(data)}", f"run.storage={json.dumps(out)}", f"run.name={name}",
+        f"model.name={model}", f"model.overrides.input_size=[3, {size[0]}, {size[1]}]",
+        f"data.batch_size={bs}", "phase1.epochs=0", f"phase2.epochs={epochs}",
+        "phase2.lr=1e-3", f"phase2.channels_last={cl}", "run.max_failures=0", *extra,
+    ])  # fmt: skip
+
+
+def _rates(history: list[dict]) -> list[float]:
+    """Images/s of every epoch but the first (decoding and warm-up)."""
+    return [r["images_per_s"] for r in history[1:]] or [history[-1]["images_per_s"]]
+
+
+def plain(cfg) -> list[float]:
+    from cellmodel.train import run_local
+
+    return _rates(run_local(cfg, device="cpu").history)
+
+
+def ray_train(cfg, workers: int) -> list[float]:
     from cellmodel.train import run_training
 
-    cfg = load_config(None, [
-        f"data.uri={json.dumps(data)}", f"run.storage={json.dumps(out)}",
-        f"run.name=bench-{workers}w", f"model.name={model_name}", f"data.batch_size={bs}",
-        "phase1.epochs=0", f"phase2.epochs={epochs}", "phase2.lr=1e-3",
-        f"scaling.num_workers={workers}", "run.max_failures=0",
-    ])  # fmt: skip
-    return run_training(cfg).history[-1]["images_per_s"]
+    cfg.scaling.num_workers = workers
+    cfg.scaling.cpus_per_worker = max(1, (os.cpu_count() or 2) // workers)
+    return _rates(run_training(cfg).history)
 
 
-def _phase1_cache(data: str, model_name: str, epochs: int, bs: int) -> dict:
-    """Seconds per phase-1 epoch, decoding + frozen CNN each epoch vs the feature cache."""
-    from cellmodel.config import PhaseSection
-    from cellmodel.data.dataset import iter_split
-    from cellmodel.models import build_model
-    from cellmodel.train import CachedForward, build_cache, make_loss, make_optimizer, train_epoch
+def phase1_cache(data: str, out: str, model: str, size, bs: int, epochs: int) -> dict:
+    """Seconds per phase-1 epoch, frozen CNN each epoch vs the feature cache."""
+    from cellmodel.train import run_local
 
-    cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    model.freeze_cnn()
-    phase = PhaseSection(optimizer="rmsprop", lr=1e-3)
-
-    def batches(seed):
-        for x, y in iter_split(data, "train", model.cfg, bs, shuffle=True, seed=seed):
-            yield (torch.from_numpy(x),), torch.from_numpy(y)
-
-    opt = make_optimizer(model.parameters(), phase)
-    t_plain = []
-    for e in range(epochs):
-        t0 = time.perf_counter()
-        train_epoch(model, batches(e), opt, make_loss(0.1), device=cpu)
-        t_plain.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    cache = build_cache(model, ((x, y) for (x,), y in batches(0)), device=cpu)
-    build_s = time.perf_counter() - t0
-    net = CachedForward(model)
-    opt = make_optimizer(net.parameters(), phase)
-    t_cached = []
-    for e in range(epochs):
-        t0 = time.perf_counter()
-        train_epoch(net, cache.batches(bs, shuffle=True, seed=e), opt, make_loss(0.1), device=cpu)
-        t_cached.append(time.perf_counter() - t0)
-    return {
-        "epoch_s_uncached": min(t_plain),
-        "epoch_s_cached": min(t_cached),
-        "cache_build_s": build_s,
-        "cache_mb": cache.nbytes / 2**20,
-        "rows": len(cache),
-    }
+    got = {}
+    for cached in (False, True):
+        cfg = _config(data, out, f"p1-{cached}", model, size, bs, 0, "off",
+                      f"phase1.epochs={epochs}", f"phase1.feature_cache={str(cached).lower()}")  # fmt: skip
+        hist = run_local(cfg, device="cpu").history
+        got[cached] = median_spread([r["epoch_s"] for r in hist[1:]] or [hist[-1]["epoch_s"]])
+        if cached:
+            got["cache_build_s"] = hist[0].get("cache_build_s")
+    return got
 
 
 def main(argv: list[str]) -> int:
@@ -102,31 +75,43 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--data", help="shard dataset (default: ingest the committed sample)")
     p.add_argument("--model", default="tiny_bilstm")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per measurement (first warms up)")
+    p.add_argument("--input", default="120x160", help="HEIGHTxWIDTH of the model input")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs (after a warm-up one)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--skip-ray", action="store_true", help="only the plain loop and the cache")
+    p.add_argument("--skip-ray", action="store_true", help="only the plain step and the cache")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    size = tuple(int(v) for v in args.input.lower().split("x"))
+    epochs, bs = max(args.repeats, 1) + 1, args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             from cellmodel.data.ingest import ingest
 
             data = os.path.join(tmp, "shards")
-            ingest("data/sample/crops", data, target_per_class=40, progress=False, workers=1)
-        ep, bs = max(args.epochs, 1), args.batch_size
-        print(f"model {args.model}, batch {bs}, {ep} epoch(s) per figure, torch threads "
-              f"{torch.get_num_threads()}")  # fmt: skip
-        plain = _plain_epochs(data, args.model, ep, bs)
-        print(f"(a) plain PyTorch loop      {plain:8.1f} img/s   1.00x")
-        if not args.skip_ray:
-            for w, label in ((1, "(b) Ray Train, 1 worker "), (2, "(c) Ray Train, 2 workers")):
-                r = _ray_epochs(data, args.model, ep, bs, w, os.path.join(tmp, "runs"))
-                print(f"{label}   {r:8.1f} img/s   {r / plain:4.2f}x")
-        c = _phase1_cache(data, args.model, ep, bs)
-        print(
-            f"phase-1 epoch ({c['rows']} rows): {c['epoch_s_uncached']:.3f} s without the cache, "
-            f"{c['epoch_s_cached']:.3f} s with it ({c['epoch_s_uncached'] / c['epoch_s_cached']:.1f}x"
-            f" faster); building the cache once: {c['cache_build_s']:.3f} s, {c['cache_mb']:.1f} MiB"
+            ingest("data/sample/crops", data, target_per_class=40, progress=False, workers=1,
+                   group="file")  # fmt: skip
+        out = os.path.join(tmp, "runs")
+        print(f"model {args.model} at {size[0]}x{size[1]}, batch {bs}, median of {epochs - 1} "
+              f"epoch(s) after a warm-up one, torch threads {torch.get_num_threads()}")  # fmt: skip
+        rows = {}
+        for cl in ("off", "on"):
+            rows[f"plain, {'channels-last' if cl == 'on' else 'NCHW'}"] = median_spread(
+                plain(_config(data, out, f"plain-{cl}", args.model, size, bs, epochs, cl)))  # fmt: skip
+        best_cl = max(
+            ("off", "on"),
+            key=lambda c: rows[f"plain, {'channels-last' if c == 'on' else 'NCHW'}"].median,
         )
+        best = max(r.median for r in rows.values())
+        if not args.skip_ray:
+            for w in (1, 2):
+                cfg = _config(data, out, f"ray-{w}w", args.model, size, bs, epochs, best_cl)
+                rows[f"Ray Train, {w} worker(s), {'channels-last' if best_cl == 'on' else 'NCHW'}"] = median_spread(ray_train(cfg, w))  # fmt: skip
+        print(f"{'':45s} {'img/s':>8s} {'spread':>8s}  vs best plain")
+        for name, t in rows.items():
+            print(f"{name:45s} {t.median:8.1f} {t.spread:8.1f}  {t.median / best:5.2f}x")
+        c = phase1_cache(data, out, args.model, size, bs, epochs)
+        print(f"phase-1 epoch: {c[False].median:.3f} s without the feature cache, "
+              f"{c[True].median:.3f} s with it ({c[False].median / c[True].median:.1f}x faster); "
+              f"building the cache once: {c['cache_build_s']} s")  # fmt: skip
     return 0

@@ -1,0 +1,451 @@
+"""Evaluate and cross-validate the white-cell finder on annotated slides (VOC layout).
+
+- :func:`evaluate_finder`: recall and precision of one finder setting against the VOC
+  ``WBC`` boxes at an IoU threshold (greedy one-to-one matching, best score first).
+- :func:`cross_validate`: k folds over the slides. For each fold the settings are chosen
+  on the other k-1 folds only (a grid over the pixel settings and the size filters, the
+  box margins fitted by least squares), then scored on the held fold, which played no
+  part in choosing them. Reported per fold, with the mean and the worst fold.
+- :func:`compose_pair`: a slide with two touching white cells, made from two real slides
+  (BCCD has about one white cell per slide, so splitting would never be exercised): the
+  second slide's cell is cut out with a soft elliptic mask and pasted so that its box
+  touches or overlaps the first cell's box. Cross-validation composes pairs within each
+  fold, so a held fold's pairs are made of held-out cells only.
+- :func:`evaluate_slide_class`: the slide job on ``JPEGImages`` against ``labels.csv``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from cellmodel import storage
+from cellmodel.infer.finder import (
+    PIXEL_SETTINGS,
+    FinderConfig,
+    Nucleus,
+    boxes_from_nuclei,
+    find_cells,
+    find_nuclei,
+    match,
+)
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+
+# The grid searched on the training folds (pixel settings; every combination).
+PIXEL_GRID: dict[str, list] = {
+    "rel_floor": [0.5, 0.6],
+    "cell_level": [0.3, 0.4],
+    "split_depth": [2.0, 4.0, 99.0],  # 99: never split
+    "split_min_dist": [90.0, 120.0],
+}
+# Size filters, searched for each pixel setting (cheap: no pixel work).
+BOX_GRID: dict[str, list] = {
+    "min_area": [1500.0, 2000.0, 2500.0],
+    "max_cell_size": [220.0, 260.0, 300.0],
+}
+
+
+@dataclass
+class Slide:
+    """One annotated slide held in memory."""
+
+    name: str
+    image: Image.Image
+    truths: list[Box]
+    composed: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def load_slides(slides: str, limit: int | None = None) -> list[Slide]:
+    """Every slide of a VOC-layout folder or URI with its ``WBC`` boxes, sorted by name."""
+    from cellmodel.data.transforms import decode_image
+    from cellmodel.data.voc import parse_voc
+
+    fs, root = storage.get_fs(slides)
+    xmls = sorted(p for p in fs.find(f"{root}/Annotations") if p.endswith(".xml"))
+    if not xmls:
+        raise FileNotFoundError(f"no Annotations/*.xml under {slides}; give a VOC-layout folder")
+    out = []
+    for x in xmls[:limit]:
+        stem = x.rsplit("/", 1)[1][:-4]
+        _, boxes = parse_voc(fs.cat_file(x))
+        truth = [b.as_tuple() for b in boxes if b.name == "WBC"]
+        img = decode_image(fs.cat_file(f"{root}/JPEGImages/{stem}.jpg"))
+        out.append(Slide(stem, img, truth))
+    return out
+
+
+# ---------------------------------------------------------------- composed pairs
+
+
+def compose_pair(a: Slide, b: Slide, rng: np.random.Generator) -> Slide | None:
+    """``a`` with ``b``'s white cell pasted beside its own, touching or overlapping it.
+
+    Needs one WBC box on each slide. The pasted box overlaps ``a``'s box by 0-20 % of its
+    side along the axis of placement (touching to overlapping cells) and is shifted by up
+    to 30 % across it; a direction where the pasted cell fits inside the slide is drawn at
+    random. None when no direction fits.
+    """
+    if len(a.truths) != 1 or len(b.truths) != 1:
+        return None
+    ax0, ay0, ax1, ay1 = a.truths[0]
+    bx0, by0, bx1, by1 = (int(round(v)) for v in b.truths[0])
+    bw, bh = bx1 - bx0, by1 - by0
+    if bw < 40 or bh < 40:
+        return None
+    iw, ih = a.image.size
+    over = rng.uniform(0.0, 0.2)
+    shift = rng.uniform(-0.3, 0.3)
+    acx, acy = (ax0 + ax1) / 2, (ay0 + ay1) / 2
+    places = {
+        "left": (ax0 - bw + over * bw, acy - bh / 2 + shift * bh),
+        "right": (ax1 - over * bw, acy - bh / 2 + shift * bh),
+        "up": (acx - bw / 2 + shift * bw, ay0 - bh + over * bh),
+        "down": (acx - bw / 2 + shift * bw, ay1 - over * bh),
+    }
+    fits = [
+        (int(round(x)), int(round(y)))
+        for x, y in places.values()
+        if 0 <= x and 0 <= y and x + bw <= iw and y + bh <= ih
+    ]
+    if not fits:
+        return None
+    x, y = fits[int(rng.integers(len(fits)))]
+    patch = b.image.crop((bx0, by0, bx1, by1))
+    mask = Image.new("L", (bw, bh), 0)
+    ImageDraw.Draw(mask).ellipse((1, 1, bw - 2, bh - 2), fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(2))
+    img = a.image.copy()
+    img.paste(patch, (x, y), mask)
+    truths = [a.truths[0], (float(x), float(y), float(x + bw), float(y + bh))]
+    meta = {"base": a.name, "pasted": b.name, "at": (x, y), "overlap": round(over, 3)}
+    return Slide(f"{a.name}+{b.name}", img, truths, composed=True, meta=meta)
+
+
+def composed_pairs(slides: list[Slide], seed: int = 0) -> list[Slide]:
+    """One composed pair per slide of ``slides`` (with a random partner among them)."""
+    rng = np.random.default_rng(seed)
+    single = [s for s in slides if len(s.truths) == 1 and not s.composed]
+    out = []
+    for s in single:
+        for _ in range(5):  # a few partners, until one fits beside this slide's cell
+            other = single[int(rng.integers(len(single)))]
+            if other is s:
+                continue
+            pair = compose_pair(s, other, rng)
+            if pair is not None:
+                out.append(pair)
+                break
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(dets: list[list[Box]], truths: list[list[Box]], iou: float = 0.5) -> dict:
+    """Totals over slides: true positives, detections, truths, recall and precision."""
+    tp = n_pred = n_true = 0
+    for d, t in zip(dets, truths, strict=True):
+        tp += match(d, t, iou)
+        n_pred += len(d)
+        n_true += len(t)
+    return {
+        "true_positives": tp,
+        "detections": n_pred,
+        "wbc_boxes": n_true,
+        "recall": tp / n_true if n_true else None,
+        "precision": tp / n_pred if n_pred else None,
+    }
+
+
+def _f1(s: dict) -> float:
+    r, p = s["recall"] or 0.0, s["precision"] or 0.0
+    return 2 * r * p / (r + p) if r + p else 0.0
+
+
+def evaluate_finder(
+    slides: str, finder: dict | None = None, iou_threshold: float = 0.5, limit: int | None = None
+) -> dict:
+    """Finder recall/precision against the WBC boxes of every annotated slide."""
+    cfg = FinderConfig.from_dict(finder)
+    data = load_slides(slides, limit)
+    dets, missed, t_find = [], [], 0.0
+    for s in data:
+        t0 = time.perf_counter()
+        found = find_cells(s.image, cfg)
+        t_find += time.perf_counter() - t0
+        boxes = [d.as_tuple() for d in found]
+        dets.append(boxes)
+        if match(boxes, s.truths, iou_threshold) < len(s.truths):
+            missed.append(s.name)
+    out = {"slides": len(data), "iou_threshold": iou_threshold}
+    out |= score(dets, [s.truths for s in data], iou_threshold)
+    out |= {
+        "finder_ms_per_slide": round(1000 * t_find / len(data), 2),
+        "slides_with_a_missed_cell": missed,
+    }
+    return out
+
+
+# ---------------------------------------------------------------- cross-validation
+
+
+def fit_box_margins(nuclei: list[list[Nucleus]], truths: list[list[Box]]) -> dict:
+    """``grow``, ``margin`` and ``margin_gap`` by least squares on matched cells.
+
+    A truth box is matched to the one nucleus whose centre lies inside it (skipped when
+    none or several, and for boxes cut by the slide border, whose side is not the cell's).
+    Model, per axis: ``truth side = cell_grow * cell side + grow * nucleus side + margin
+    + margin_gap * (1 - fill)``.
+    """
+    rows, target = [], []
+    for nucs, ts in zip(nuclei, truths, strict=True):
+        for t in ts:
+            if t[0] <= 1 or t[1] <= 1 or t[2] >= 639 or t[3] >= 479:
+                continue
+            inside = [
+                n
+                for n in nucs
+                if n.area >= 1000
+                and t[0] <= (n.x0 + n.x1) / 2 <= t[2]
+                and t[1] <= (n.y0 + n.y1) / 2 <= t[3]
+            ]
+            if len(inside) != 1:
+                continue
+            n, c = inside[0], inside[0].cell
+            g = 1.0 - n.fill
+            rows += [[c[2] - c[0], n.x1 - n.x0, 1.0, g], [c[3] - c[1], n.y1 - n.y0, 1.0, g]]
+            target += [t[2] - t[0], t[3] - t[1]]
+    if len(rows) < 6:
+        return {}
+    coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(target), rcond=None)
+    return {
+        "cell_grow": round(float(coef[0]), 4),
+        "grow": round(float(coef[1]), 4),
+        "margin": round(float(coef[2]), 2),
+        "margin_gap": round(float(coef[3]), 2),
+    }
+
+
+def _grid(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())]
+
+
+def _pixel_key(cfg: FinderConfig) -> tuple:
+    return tuple(getattr(cfg, k) for k in PIXEL_SETTINGS)
+
+
+def cross_validate(
+    slides: str,
+    k: int = 5,
+    *,
+    base: dict | None = None,
+    pixel_grid: dict[str, list] | None = None,
+    box_grid: dict[str, list] | None = None,
+    iou_threshold: float = 0.5,
+    compose: bool = True,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """k-fold cross-validation of the finder's settings over slides (see the module doc).
+
+    Folds are a seeded permutation of the real slides; composed pairs are made inside each
+    fold. Settings are chosen on the training folds by F1 over real and composed slides
+    together (ties: the earlier grid point). Returns the per-fold rows, the mean and worst
+    fold, and the setting chosen on all slides (what to ship).
+    """
+    pixel_grid = PIXEL_GRID if pixel_grid is None else pixel_grid
+    box_grid = BOX_GRID if box_grid is None else box_grid
+    real = load_slides(slides, limit)
+    if len(real) < k:
+        raise ValueError(f"{len(real)} slides cannot make {k} folds")
+    order = np.random.default_rng(seed).permutation(len(real))
+    fold_of = np.empty(len(real), np.int64)
+    for f, idx in enumerate(np.array_split(order, k)):
+        fold_of[idx] = f
+    data: list[Slide] = list(real)
+    folds = list(fold_of)
+    if compose:
+        for f in range(k):
+            pairs = composed_pairs([real[i] for i in np.nonzero(fold_of == f)[0]], seed + f)
+            data += pairs
+            folds += [f] * len(pairs)
+    folds_arr = np.asarray(folds)
+    truths = [s.truths for s in data]
+    is_composed = np.asarray([s.composed for s in data])
+
+    # The pixel stage once per pixel setting, for every slide.
+    base_cfg = FinderConfig.from_dict(base)
+    cache: dict[tuple, list[list[Nucleus]]] = {}
+    pixel_cfgs = [FinderConfig.from_dict(base_cfg.to_dict() | g) for g in _grid(pixel_grid)]
+    t0 = time.perf_counter()
+    for i, cfg in enumerate(pixel_cfgs):
+        key = _pixel_key(cfg)
+        if key not in cache:
+            cache[key] = [find_nuclei(s.image, cfg) for s in data]
+        if progress:
+            print(f"  pixel setting {i + 1}/{len(pixel_cfgs)} ({time.perf_counter() - t0:.0f} s)")
+
+    def choose(train: np.ndarray) -> tuple[FinderConfig, dict]:
+        best, best_f1 = None, -1.0
+        for cfg in pixel_cfgs:
+            nuc = cache[_pixel_key(cfg)]
+            tr_nuc = [nuc[i] for i in train]
+            tr_truth = [truths[i] for i in train]
+            margins = fit_box_margins(tr_nuc, tr_truth)
+            for g in _grid(box_grid):
+                c = FinderConfig.from_dict(cfg.to_dict() | margins | g)
+                dets = [
+                    [d.as_tuple() for d in boxes_from_nuclei(n, data[i].image.size, c)]
+                    for n, i in zip(tr_nuc, train, strict=True)
+                ]
+                s = score(dets, tr_truth, iou_threshold)
+                if _f1(s) > best_f1:
+                    best, best_f1 = c, _f1(s)
+        return best, {"train_f1": round(best_f1, 4)}
+
+    def held_scores(cfg: FinderConfig, idx: np.ndarray) -> dict:
+        nuc = cache[_pixel_key(cfg)]
+        dets = [
+            [d.as_tuple() for d in boxes_from_nuclei(nuc[i], data[i].image.size, cfg)] for i in idx
+        ]
+        tr = [truths[i] for i in idx]
+        comp = is_composed[idx]
+        out = {"all": score(dets, tr, iou_threshold)}
+        for name, sel in (("real", ~comp), ("composed", comp)):
+            out[name] = score(
+                [d for d, c in zip(dets, sel, strict=True) if c],
+                [t for t, c in zip(tr, sel, strict=True) if c],
+                iou_threshold,
+            )
+        return out
+
+    rows = []
+    for f in range(k):
+        train = np.nonzero(folds_arr != f)[0]
+        held = np.nonzero(folds_arr == f)[0]
+        cfg, info = choose(train)
+        sc = held_scores(cfg, held)
+        chosen = {
+            n: getattr(cfg, n) for n in [*pixel_grid, *box_grid, "grow", "margin", "margin_gap"]
+        }
+        rows.append(
+            {
+                "fold": f,
+                "real_slides": int((~is_composed[held]).sum()),
+                "composed_slides": int(is_composed[held].sum()),
+                **info,
+                "chosen": chosen,
+                **sc,
+            }
+        )
+        if progress:
+            print(format_fold(rows[-1]))
+    final, _ = choose(np.arange(len(data)))
+    # Speed of the chosen setting, one process, real slides only (decode not counted).
+    t0 = time.perf_counter()
+    for s in real:
+        find_cells(s.image, final)
+    ms = 1000 * (time.perf_counter() - t0) / len(real)
+
+    def summary(part: str, metric: str) -> dict:
+        vals = [r[part][metric] for r in rows if r[part][metric] is not None]
+        return {"mean": float(np.mean(vals)), "worst": float(np.min(vals))} if vals else {}
+
+    return {
+        "slides": slides,
+        "k": k,
+        "seed": seed,
+        "iou_threshold": iou_threshold,
+        "real_slides": len(real),
+        "composed_slides": int(is_composed.sum()),
+        "folds": rows,
+        "summary": {
+            part: {m: summary(part, m) for m in ("recall", "precision")}
+            for part in ("real", "composed", "all")
+        },
+        "final": final.to_dict(),
+        "finder_ms_per_slide": round(ms, 2),
+    }
+
+
+def _fmt(s: dict, m: str) -> str:
+    return "n/a" if s.get(m) is None else f"{s[m]:.3f}"
+
+
+def format_fold(r: dict) -> str:
+    return (
+        f"fold {r['fold']}: real {_fmt(r['real'], 'recall')}/{_fmt(r['real'], 'precision')}, "
+        f"composed {_fmt(r['composed'], 'recall')}/{_fmt(r['composed'], 'precision')}, "
+        f"all {_fmt(r['all'], 'recall')}/{_fmt(r['all'], 'precision')} (recall/precision)"
+    )
+
+
+def format_cv_table(res: dict) -> str:
+    """The per-fold table (Markdown) with the mean and the worst fold."""
+    head = (
+        "| fold | real slides | composed pairs | real recall | real precision | "
+        "pairs recall | pairs precision | all recall | all precision | chosen on the other folds |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in res["folds"]:
+        c = r["chosen"]
+        chosen = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
+        )
+        lines.append(
+            f"| {r['fold']} | {r['real_slides']} | {r['composed_slides']} | "
+            f"{_fmt(r['real'], 'recall')} | {_fmt(r['real'], 'precision')} | "
+            f"{_fmt(r['composed'], 'recall')} | {_fmt(r['composed'], 'precision')} | "
+            f"{_fmt(r['all'], 'recall')} | {_fmt(r['all'], 'precision')} | {chosen} |"
+        )
+    s = res["summary"]
+    for what in ("mean", "worst"):
+        cells = [
+            f"{s[p][m][what]:.3f}" if s[p][m] else "n/a"
+            for p in ("real", "composed", "all")
+            for m in ("recall", "precision")
+        ]
+        lines.append(f"| **{what}** | | | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- slide-level class
+
+
+def evaluate_slide_class(slides: str, checkpoint: str, output: str, cfg=None) -> dict:
+    """Run the slide job over ``<slides>/JPEGImages``; compare ``top_class`` with labels.csv."""
+    from cellmodel.data.voc import read_labels_csv
+    from cellmodel.infer.slides import read_results, run_slides
+
+    labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
+    run_slides(storage.join(slides, "JPEGImages"), checkpoint, output, cfg, progress=True)
+    _, table = read_results(output)
+    classes = [c for c in table.columns if c.startswith("count_")]
+    names = {c.removeprefix("count_").upper() for c in classes}
+    right = total = 0
+    confusion: dict[str, dict[str, int]] = {}
+    for row in table.itertuples():
+        num = "".join(ch for ch in row.slide_id.rsplit("/", 1)[-1] if ch.isdigit())
+        truth = labels.get(int(num)) if num else None
+        if not truth or len(truth) != 1 or truth[0] not in names or row.status != "ok":
+            continue  # unlabelled, multi-label, BASOPHIL or unreadable: no single answer
+        pred = row.top_class or "none"
+        confusion.setdefault(truth[0], {}).setdefault(pred, 0)
+        confusion[truth[0]][pred] += 1
+        right, total = right + (pred == truth[0]), total + 1
+    return {
+        "single_label_slides": total,
+        "slide_accuracy": right / total if total else None,
+        "confusion": confusion,
+    }
