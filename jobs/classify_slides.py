@@ -18,22 +18,9 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
 
 def load_config(path: str | None, overrides: dict):
     """The job's ``SlidesConfig`` from a TOML file plus command-line overrides."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from cellmodel.infer.slides import load_config as load
 
-    from cellmodel.infer.slides import SlidesConfig
-
-    p = Path(path) if path else DEFAULT_CONFIG
-    try:
-        d = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ValueError(f"config file {p} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config file {p} is not valid TOML: {e}") from e
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    return SlidesConfig.from_dict(d)
+    return load(path or DEFAULT_CONFIG, overrides)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +35,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--slides-per-part", type=int, help="slides per output part")
     ap.add_argument("--backend", choices=("eager", "onnx", "auto"), help="model backend")
     ap.add_argument("--limit", type=int, help="only the first N slides (by name)")
+    ap.add_argument(
+        "--overlays",
+        action="store_true",
+        default=None,
+        help="also write overlays/<slide>.png (boxes, class, confidence, low-confidence flags)",
+    )
+    ap.add_argument(
+        "--no-rescale",
+        dest="rescale",
+        action="store_false",
+        default=None,
+        help="cut cells at the crop size, not at the training pixel scale",
+    )
+    ap.add_argument(
+        "--train-rbc-px",
+        type=float,
+        help="training red-cell diameter (px) when the checkpoint does not record it",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 "num_gpus": args.num_gpus,
                 "slides_per_part": args.slides_per_part,
                 "backend": args.backend,
+                "overlays": args.overlays,
+                "rescale": args.rescale,
+                "train_rbc_diameter_px": args.train_rbc_px,
             },
         )
         # Fail before any work if the output cannot be written.
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot use {args.output} or {args.input}: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    print(f"report: {storage.join(args.output, 'report.md')}")
     print(json.dumps({"output": args.output, **{k: summary[k] for k in ("n_slides", "n_cells")}}))
     return 0
 

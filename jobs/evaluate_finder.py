@@ -1,12 +1,20 @@
 """Evaluate the slide job on annotated slides (BCCD / Pascal VOC layout), in one command.
 
-    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--checkpoint URI --output URI]
+    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K]
+        [--checkpoint URI --output URI]
 
 1. The white-cell finder against the VOC ``WBC`` boxes: recall and precision at
-   IoU >= 0.5 (greedy one-to-one matching, best score first). No Ray, no model.
-2. With ``--checkpoint``: the slide job itself runs over ``JPEGImages`` (resumable into
+   IoU >= 0.5 (greedy one-to-one matching, best score first), with the settings of
+   ``--config``. No Ray, no model.
+2. ``--cv K``: k-fold cross-validation over slides instead: the settings are chosen on
+   k-1 folds (grid search, box margins by least squares) and scored on the held fold,
+   with touching pairs composed from real cells inside each fold; prints the per-fold
+   table with the mean and the worst fold, and the setting chosen on all slides.
+3. With ``--checkpoint``: the slide job itself runs over ``JPEGImages`` (resumable into
    ``--output``), and each slide's ``top_class`` is compared with ``labels.csv`` on the
    slides with exactly one label among the model's classes.
+
+The work is done in ``cellmodel.infer.finder_eval``; this module only reads arguments.
 """
 
 from __future__ import annotations
@@ -16,75 +24,11 @@ import json
 import logging
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 from cellmodel import storage
 
-
-def evaluate_finder(slides: str, finder: dict | None = None, iou_threshold: float = 0.5) -> dict:
-    """Finder recall/precision against the WBC boxes of every annotated slide."""
-    from cellmodel.data.transforms import decode_image
-    from cellmodel.data.voc import parse_voc
-    from cellmodel.infer.finder import FinderConfig, find_cells, match
-
-    cfg = FinderConfig.from_dict(finder)
-    fs, root = storage.get_fs(slides)
-    xmls = sorted(p for p in fs.find(f"{root}/Annotations") if p.endswith(".xml"))
-    if not xmls:
-        raise FileNotFoundError(f"no Annotations/*.xml under {slides}; give a VOC-layout folder")
-    tp = n_pred = n_true = 0
-    missed, t_find = [], 0.0
-    for x in xmls:
-        stem = x.rsplit("/", 1)[1][:-4]
-        _, boxes = parse_voc(fs.cat_file(x))
-        truth = [b.as_tuple() for b in boxes if b.name == "WBC"]
-        img = decode_image(fs.cat_file(f"{root}/JPEGImages/{stem}.jpg"))
-        t0 = time.perf_counter()
-        dets = find_cells(img, cfg)
-        t_find += time.perf_counter() - t0
-        m = match([d.as_tuple() for d in dets], truth, iou_threshold)
-        tp, n_pred, n_true = tp + m, n_pred + len(dets), n_true + len(truth)
-        if m < len(truth):
-            missed.append(stem)
-    return {
-        "slides": len(xmls),
-        "iou_threshold": iou_threshold,
-        "wbc_boxes": n_true,
-        "detections": n_pred,
-        "true_positives": tp,
-        "recall": tp / n_true if n_true else None,
-        "precision": tp / n_pred if n_pred else None,
-        "finder_ms_per_slide": round(1000 * t_find / len(xmls), 2),
-        "slides_with_a_missed_cell": missed,
-    }
-
-
-def evaluate_slide_class(slides: str, checkpoint: str, output: str, cfg=None) -> dict:
-    """Run the slide job over ``<slides>/JPEGImages``; compare ``top_class`` with labels.csv."""
-    from cellmodel.data.voc import read_labels_csv
-    from cellmodel.infer.slides import read_results, run_slides
-
-    labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
-    run_slides(storage.join(slides, "JPEGImages"), checkpoint, output, cfg, progress=True)
-    _, table = read_results(output)
-    classes = [c for c in table.columns if c.startswith("count_")]
-    names = {c.removeprefix("count_").upper() for c in classes}
-    right = total = 0
-    confusion: dict[str, dict[str, int]] = {}
-    for row in table.itertuples():
-        num = "".join(ch for ch in row.slide_id.rsplit("/", 1)[-1] if ch.isdigit())
-        truth = labels.get(int(num)) if num else None
-        if not truth or len(truth) != 1 or truth[0] not in names or row.status != "ok":
-            continue  # unlabelled, multi-label, BASOPHIL or unreadable: no single answer
-        pred = row.top_class or "none"
-        confusion.setdefault(truth[0], {}).setdefault(pred, 0)
-        confusion[truth[0]][pred] += 1
-        right, total = right + (pred == truth[0]), total + 1
-    return {
-        "single_label_slides": total,
-        "slide_accuracy": right / total if total else None,
-        "confusion": confusion,
-    }
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,36 +38,68 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--slides", required=True, help="VOC-layout folder or URI (bccd)")
+    ap.add_argument("--cv", type=int, metavar="K", help="k-fold cross-validation of the finder")
+    ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (--cv)")
+    ap.add_argument("--no-compose", action="store_true", help="--cv without composed pairs")
+    ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--checkpoint", help="also evaluate the slide-level class with this model")
     ap.add_argument("--output", help="where the slide job writes (default: a temporary folder)")
+    ap.add_argument("--overlays", action="store_true", help="slide job: write overlays too")
     ap.add_argument("--config", help="slide-job TOML (default jobs/configs/slides.toml)")
     ap.add_argument("--iou", type=float, default=0.5, help="IoU for a match (default 0.5)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
-    from jobs.classify_slides import load_config
+    from cellmodel.infer import finder_eval
+    from cellmodel.infer.slides import load_config
 
     try:
-        cfg = load_config(args.config, {})
-        result = {"finder": evaluate_finder(args.slides, cfg.finder.to_dict(), args.iou)}
+        cfg = load_config(args.config or DEFAULT_CONFIG, {"overlays": args.overlays or None})
+        if args.cv:
+            res = finder_eval.cross_validate(
+                args.slides,
+                args.cv,
+                base=cfg.finder.to_dict(),
+                iou_threshold=args.iou,
+                compose=not args.no_compose,
+                seed=args.seed,
+                limit=args.limit,
+                progress=True,
+            )
+            result = {"cross_validation": res}
+        else:
+            f = finder_eval.evaluate_finder(args.slides, cfg.finder.to_dict(), args.iou, args.limit)
+            result = {"finder": f}
         if args.checkpoint:
             out = args.output or tempfile.mkdtemp(prefix="evaluate-slides-")
-            result["slide_class"] = evaluate_slide_class(args.slides, args.checkpoint, out, cfg)
+            result["slide_class"] = finder_eval.evaluate_slide_class(
+                args.slides, args.checkpoint, out, cfg
+            )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    f = result["finder"]
-    print(
-        f"finder on {f['slides']} slides: recall {f['recall']:.3f}, precision "
-        f"{f['precision']:.3f} at IoU >= {args.iou} ({f['true_positives']} of "
-        f"{f['wbc_boxes']} WBC boxes, {f['detections']} detections)"
-    )
+    if "finder" in result:
+        f = result["finder"]
+        print(
+            f"finder on {f['slides']} slides: recall {f['recall']:.3f}, precision "
+            f"{f['precision']:.3f} at IoU >= {args.iou} ({f['true_positives']} of "
+            f"{f['wbc_boxes']} WBC boxes, {f['detections']} detections)"
+        )
+    else:
+        res = result["cross_validation"]
+        print(
+            f"{res['k']}-fold cross-validation over {res['real_slides']} slides "
+            f"(+{res['composed_slides']} composed pairs), IoU >= {args.iou}:"
+        )
+        print(finder_eval.format_cv_table(res))
+        print(f"chosen on all slides: {json.dumps(res['final'])}")
+        print(f"finder: {res['finder_ms_per_slide']} ms per slide (one process)")
     if "slide_class" in result:
         s = result["slide_class"]
         acc = "n/a" if s["slide_accuracy"] is None else f"{s['slide_accuracy']:.3f}"
         print(f"slide class: accuracy {acc} on {s['single_label_slides']} single-label slides")
     if args.json:
-        storage.write_bytes(args.json, json.dumps(result, indent=2).encode())
+        storage.write_bytes(args.json, json.dumps(result, indent=2, default=str).encode())
     return 0
 
 

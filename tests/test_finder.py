@@ -11,12 +11,15 @@ from PIL import Image
 from cellmodel.data.voc import parse_voc
 from cellmodel.infer.finder import (
     FinderConfig,
+    distance_transform,
+    fill_holes,
     find_cells,
     iou,
     label_components,
     match,
     otsu_threshold,
 )
+from cellmodel.infer.finder_eval import Slide, compose_pair, load_slides
 
 # BCCD labels a few platelets as WBC (e.g. a 31x27 box on slide 113); a white cell is
 # never that small, so boxes under this side are not counted as cells to find.
@@ -67,7 +70,8 @@ def test_synthetic_nucleus_is_found_with_a_cell_sized_box():
     assert len(dets) == 1
     cx, cy = dets[0].center
     assert abs(cx - 300) < 8 and abs(cy - 200) < 8
-    assert dets[0].xmax - dets[0].xmin >= FinderConfig().min_cell_size - 1
+    # The box fits the cell (a 70 px disc), not a fixed 150 px minimum.
+    assert 60 <= dets[0].xmax - dets[0].xmin <= 120
 
 
 def _flood_count(mask: np.ndarray) -> int:
@@ -141,3 +145,128 @@ def test_evaluation_command_on_the_sample(sample_dir, tmp_path, capsys):
     assert "recall 0.958, precision 0.958" in capsys.readouterr().out
     assert main(["--slides", str(tmp_path)]) == 2
     assert "no Annotations" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the cases of issue 13
+# Real BCCD slides of data/sample/slides/extra: 00020 and 00087 hold small white cells
+# (boxes 123x83 and 104x106: a finder that holds boxes at 150 px misses them at IoU 0.5);
+# 00164 is the palest stain of the 278 BCCD slides.
+
+
+def extra_slides(sample_dir) -> dict[str, Slide]:
+    return {s.name: s for s in load_slides(str(sample_dir / "slides" / "extra"))}
+
+
+@pytest.mark.parametrize("stem", ["BloodImage_00020", "BloodImage_00087"])
+def test_small_cell_gets_a_box_of_its_own_size(sample_dir, stem):
+    s = extra_slides(sample_dir)[stem]
+    dets = find_cells(s.image)
+    assert match([d.as_tuple() for d in dets], s.truths) == len(s.truths) == 1
+    best = max(dets, key=lambda d: iou(d.as_tuple(), s.truths[0]))
+    assert max(best.xmax - best.xmin, best.ymax - best.ymin) < 150
+    assert len(dets) == 1
+
+
+def washed_out(img: Image.Image, keep: float) -> Image.Image:
+    """The slide as a paler stain: every colour moved towards white (``keep`` of its depth)."""
+    a = np.asarray(img, np.float32)
+    return Image.fromarray(np.clip(255 - (255 - a) * keep, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.6, 0.45])
+def test_pale_stain_is_found(sample_dir, keep):
+    """The palest BCCD slide, and copies washed out further: the threshold follows the stain.
+
+    At keep=0.45 the nucleus' blue-green contrast is under the old fixed floor (55).
+    """
+    s = extra_slides(sample_dir)["BloodImage_00164"]
+    img = washed_out(s.image, keep)
+    dets = find_cells(img)
+    assert match([d.as_tuple() for d in dets], s.truths) == 1
+    assert len(dets) == 1
+
+
+def test_dark_and_pale_copies_of_the_sample_are_found(sample_dir):
+    slides = load_slides(str(sample_dir / "slides"))
+    found = total = 0
+    for s in slides[::4]:
+        truth = [t for t in s.truths if t[2] - t[0] >= 60]
+        for keep in (0.5, 1.0):
+            dets = find_cells(washed_out(s.image, keep))
+            found += match([d.as_tuple() for d in dets], truth)
+            total += len(truth)
+    assert found == total
+
+
+def pairs(sample_dir, n: int = 6) -> list[Slide]:
+    """Touching pairs composed from real sample cells (see finder_eval.compose_pair)."""
+    slides = [s for s in load_slides(str(sample_dir / "slides")) if len(s.truths) == 1]
+    rng = np.random.default_rng(3)
+    out = []
+    for a, b in zip(slides, slides[1:] + slides[:1], strict=True):
+        p = compose_pair(a, b, rng)
+        if p is not None:
+            out.append(p)
+    return out[:n]
+
+
+def test_touching_cells_are_split(sample_dir):
+    made = pairs(sample_dir, 8)
+    assert len(made) == 8
+    split = 0
+    for p in made:
+        dets = find_cells(p.image)
+        m = match([d.as_tuple() for d in dets], p.truths)
+        split += m == 2
+        assert m >= 1, p.name  # never lose both cells of a pair
+    assert split >= 7, f"{split} of 8 touching pairs found as two cells"
+
+
+def test_composed_pair_is_a_real_cell_beside_another(sample_dir):
+    p = pairs(sample_dir, 1)[0]
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = p.truths
+    # The boxes touch or overlap (by at most 20 % of a side) and both lie in the slide.
+    gap_x = max(ax0, bx0) - min(ax1, bx1)
+    gap_y = max(ay0, by0) - min(ay1, by1)
+    assert min(gap_x, gap_y) <= 1 and max(gap_x, gap_y) <= 0
+    assert p.image.size == (640, 480) and 0 <= bx0 and bx1 <= 640 and 0 <= by0 and by1 <= 480
+    assert p.meta["base"] != p.meta["pasted"]
+
+
+def test_distance_transform_of_a_disc_and_a_square():
+    yy, xx = np.mgrid[:61, :61]
+    disc = (yy - 30) ** 2 + (xx - 30) ** 2 <= 20**2
+    d = distance_transform(disc)
+    assert 18 <= d[30, 30] <= 21 and d[~disc].max() == 0 and d[disc].min() == 1
+    sq = np.zeros((20, 20), bool)
+    sq[5:15, 5:15] = True
+    assert distance_transform(sq)[9, 9] == 5
+
+
+def test_fill_holes():
+    m = np.zeros((20, 20), bool)
+    m[5:15, 5:15] = True
+    m[8:12, 8:12] = False  # a hole
+    m[0:3, 0:3] = True
+    m[1, 1] = False  # touches nothing outside, still a hole
+    filled = fill_holes(m)
+    assert filled[8:12, 8:12].all() and filled[1, 1]
+    assert not filled[16:, 16:].any()
+
+
+def test_cross_validation_command_on_the_sample(sample_dir, tmp_path, capsys):
+    from jobs.evaluate_finder import main
+
+    out = tmp_path / "cv.json"
+    assert main(["--slides", str(sample_dir / "slides"), "--cv", "3", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3-fold cross-validation over 24 slides" in text
+    assert "| **mean** |" in text and "| **worst** |" in text
+    res = json.loads(out.read_text())["cross_validation"]
+    assert [r["fold"] for r in res["folds"]] == [0, 1, 2]
+    assert sum(r["real_slides"] for r in res["folds"]) == 24
+    for r in res["folds"]:
+        # Each fold is scored with settings chosen without it, and is scored on its own.
+        assert r["real"]["wbc_boxes"] >= r["real_slides"] - 2
+        assert r["all"]["recall"] >= 0.85
+    assert res["summary"]["all"]["recall"]["worst"] <= res["summary"]["all"]["recall"]["mean"]

@@ -227,7 +227,7 @@ def test_command_line_errors_are_one_line(bucket, tmp_path, capsys):
 
 def test_slide_class_evaluation_joins_labels(ray_session, bucket):
     from cellmodel.data.voc import read_labels_csv
-    from jobs.evaluate_finder import evaluate_slide_class
+    from cellmodel.infer.finder_eval import evaluate_slide_class
 
     # Reuses the finished output of the resume test when it ran first (then nothing to do).
     out = f"{bucket}/out-resume"
@@ -270,3 +270,102 @@ def test_classifier_stage_matches_the_predictor(tmp_path, backend):
     ref = pred.predict_arrays(stack_bytes(pngs, pred.cfg))
     np.testing.assert_allclose(out["probs"], ref, atol=1e-4)
     assert "crop" not in out and len(out["probs"]) == len(rows["slide_id"]) >= 3
+
+
+# ---------------------------------------------------------------- scale, overlays, report
+
+
+def test_training_scale_comes_from_the_checkpoint_then_the_settings():
+    from cellmodel.infer.slides import training_scale
+
+    on = SlidesConfig.from_dict({"train_rbc_diameter_px": 40.0})
+    assert training_scale({"data": {"rbc_diameter_px": 38.5}}, on) == (38.5, "checkpoint")
+    assert training_scale({"data": {}}, on)[0] == 40.0
+    assert training_scale({}, SlidesConfig())[0] is None
+    off = SlidesConfig.from_dict({"rescale": False, "train_rbc_diameter_px": 40.0})
+    assert training_scale({"data": {"rbc_diameter_px": 38.5}}, off)[0] is None
+    with pytest.raises(ValueError, match="train_rbc_diameter_px"):
+        SlidesConfig.from_dict({"train_rbc_diameter_px": -1})
+
+
+def test_cut_cell_keeps_the_cell_centred():
+    from cellmodel.infer.slides import cut_cell
+
+    a = np.zeros((480, 640, 3), np.uint8)
+    a[200:240, 300:340] = 255  # a white square centred at (320, 220)
+    img = Image.fromarray(a)
+    same = cut_cell(img, (320, 220), (320, 240), (320, 240))
+    assert same.shape == (240, 320, 3) and same[120, 160].tolist() == [255, 255, 255]
+    # A window twice the crop, resized: the square is half as large, still centred.
+    big = cut_cell(img, (320, 220), (640, 480), (320, 240))
+    assert big.shape == (240, 320, 3)
+    ys, xs = np.nonzero(big[..., 0] > 127)
+    assert abs(xs.mean() - 160) < 2 and abs(ys.mean() - 120) < 2
+    assert 8 <= xs.max() - xs.min() + 1 <= 12
+    # Near the border the window leaves the slide: it stays centred (edges repeated).
+    edge = cut_cell(img, (10, 10), (320, 240), (320, 240))
+    assert edge.shape == (240, 320, 3)
+
+
+@pytest.fixture(scope="module")
+def multi_cell_input(tmp_path_factory, sample_dir):
+    """Three sample slides and two composed ones with two white cells each (real cells:
+    one slide's cell pasted beside another's, see ``finder_eval.compose_pair``)."""
+    from cellmodel.infer.finder_eval import compose_pair, load_slides
+
+    root = tmp_path_factory.mktemp("multi")
+    slides = {s.name: s for s in load_slides(str(sample_dir / "slides"))}
+    for stem in ("BloodImage_00021", "BloodImage_00127", "BloodImage_00113"):
+        slides[stem].image.save(root / f"{stem}.jpg", quality=95)
+    rng = np.random.default_rng(3)
+    truths = {}
+    for a, b in (
+        ("BloodImage_00021", "BloodImage_00045"),
+        ("BloodImage_00208", "BloodImage_00233"),
+    ):
+        p = compose_pair(slides[a], slides[b], rng)
+        assert p is not None
+        p.image.save(root / f"pair-{a[-3:]}-{b[-3:]}.png")
+        truths[f"pair-{a[-3:]}-{b[-3:]}.png"] = p.truths
+    return root, truths
+
+
+def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell_input):
+    import torch
+
+    root, truths = multi_cell_input
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        build_model("tiny_bilstm"), str(tmp_path / "ck"), data={"rbc_diameter_px": 38.0}
+    )
+    out = str(tmp_path / "out")
+    cfg = SlidesConfig.from_dict(CFG | {"overlays": True, "low_confidence": 0.9})
+    s = run_slides(str(root), ckpt, out, cfg, progress=False)
+    assert s["n_slides"] == 5 and s["train_rbc_diameter_px"] == 38.0
+    cells, slides = read_results(out)
+    by = slides.set_index("slide_id")
+    # Every white cell of a composed two-cell slide is counted, each in its own box.
+    for sid, truth in truths.items():
+        assert by.loc[sid].n_cells == 2, sid
+        mine = cells[cells.slide_id == sid].sort_values("det_score", ascending=False)
+        assert match(mine[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist(), truth) == 2
+    # Cells were cut at the training scale: the window is the crop times slide/training RBC.
+    for row in slides.itertuples():
+        assert 60 < row.rbc_diameter_px < 100
+        assert row.crop_scale == pytest.approx(row.rbc_diameter_px / 38.0, rel=0.02)
+    # One overlay per slide: the slide under a header line.
+    for sid in by.index:
+        png = Image.open(Path(out) / "overlays" / f"{sid}.png")
+        assert png.size == (640, 480 + 26)
+    # Overlays show class colours: the pixels on a box's edge are not the slide's.
+    first = cells.iloc[0]
+    png = np.asarray(Image.open(Path(out) / "overlays" / f"{first.slide_id}.png").convert("RGB"))
+    x0, y0 = int(first.xmin) + 1, int(first.ymin) + 26 + 1
+    assert png[y0, x0 + 20].tolist() != png[y0 + 20, x0 + 20].tolist()
+    report = (Path(out) / "report.md").read_text()
+    for part in ("# Slide report", "## Differential, all slides", "## Flagged slides",
+                 "## Per slide", "## Overlays (5 of 5 slides"):  # fmt: skip
+        assert part in report
+    assert "overlays/pair-021-045.png" in report
+    # low_confidence 0.9 with a random tiny model: every slide is flagged.
+    assert report.count("low_confidence") >= 5

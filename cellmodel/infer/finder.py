@@ -49,6 +49,8 @@ PIXEL_SETTINGS = (
     "split_depth",
     "split_min_dist",
     "split_min_area",
+    "split_elongation",
+    "split_length",
 )
 
 
@@ -61,22 +63,26 @@ class FinderConfig:
 
     downsample: int = 4  # work at 1/4 resolution: a nucleus stays 15-25 px across
     min_threshold: float = 20.0  # absolute blue-green floor: below it nothing is a nucleus
-    rel_floor: float = 0.55  # threshold >= rel_floor x the slide's 99.5th stain percentile
+    rel_floor: float = 0.5  # threshold >= rel_floor x the slide's 99.5th stain percentile
     max_threshold: float = 80.0  # cap on the per-slide threshold, for heavily stained slides
     open_size: int = 3  # opening kernel (pixels at working scale): removes specks
     merge_size: int = 7  # closing (working-scale px) joining the lobes of one nucleus
-    cell_level: float = 0.35  # cytoplasm: smoothed stain above this x the nucleus threshold
+    cell_level: float = 0.4  # cytoplasm: smoothed stain above this x the nucleus threshold
     split_depth: float = 2.0  # working-scale px: a valley this deep separates two cells
-    split_min_dist: float = 110.0  # two cells' peaks are at least this far apart
+    split_min_dist: float = 90.0  # two cells' peaks are at least this far apart
     split_min_area: float = 2000.0  # each part of a split blob holds this much nucleus
+    # A blob with one peak (overlapping cells leave no valley) is still cut in two at its
+    # narrowest cross-section when it is this elongated (major / minor axis) and this long.
+    split_elongation: float = 1.6
+    split_length: float = 200.0
     min_area: float = 2000.0  # nucleus area (px); platelets are smaller
-    max_cell_size: float = 260.0  # a nucleus wider or higher than this is not one cell
+    max_cell_size: float = 300.0  # a nucleus wider or higher than this is not one cell
     # Box side, per axis: cell_grow x whole-cell side + grow x nucleus side + margin
     # + margin_gap x (1 - fill), centred on the whole cell; fitted by least squares.
-    cell_grow: float = 1.0
-    grow: float = 0.0
-    margin: float = 10.0  # px
-    margin_gap: float = 0.0  # px per unit of its box the nucleus leaves empty (lobed nuclei)
+    cell_grow: float = 0.8127
+    grow: float = 0.2102
+    margin: float = 24.6  # px
+    margin_gap: float = 14.82  # px per unit of its box the nucleus leaves empty (lobed nuclei)
     min_cell_size: float = 60.0  # the box is at least this wide/high
     min_score: float = 0.0  # boxes below this score are dropped
 
@@ -346,6 +352,8 @@ def find_nuclei(img: Image.Image, cfg: FinderConfig | None = None) -> list[Nucle
             continue
         peaks = _split_peaks(dist[sl], comp, cfg.split_depth, min_dist)
         owner = _assign(peaks, dist[sl], nuc, cfg.split_min_area / (ds * ds))
+        if len(peaks) == 1:
+            owner = _split_elongated(comp, nuc, cfg, ds)
         sv = s[sl]
         oy, ox = sl[0].start, sl[1].start
         for j in range(int(owner.max()) + 1):
@@ -398,6 +406,42 @@ def _assign(peaks: list, dist: np.ndarray, nuc: np.ndarray, min_px: float) -> np
         if sizes[small] >= min_px:
             return owner
         del peaks[small]
+
+
+def _split_elongated(comp: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: int) -> np.ndarray:
+    """0/1 per pixel: ``comp`` cut at its narrowest cross-section if it is two cells.
+
+    Two overlapping cells make one blob with no valley between their distance peaks, but
+    an elongated one (about 1.9 x as long as wide for discs overlapping by a fifth); a
+    single cell is close to round. The cut is perpendicular to the major axis, where the
+    blob is narrowest within its middle 60 %; both parts must hold ``split_min_area`` of
+    nucleus. All zeros when the blob is one cell.
+    """
+    zero = np.zeros(comp.shape, np.int32)
+    ys, xs = np.nonzero(comp)
+    if len(ys) < 20:
+        return zero
+    cy, cx = ys.mean(), xs.mean()
+    cov = np.cov(np.stack([ys - cy, xs - cx]))
+    evals, evecs = np.linalg.eigh(cov)
+    minor, major = max(evals[0], 1e-6), evals[1]
+    if np.sqrt(major / minor) < cfg.split_elongation or 4 * np.sqrt(major) * ds < cfg.split_length:
+        return zero
+    axis = evecs[:, 1]
+    yy, xx = np.mgrid[: comp.shape[0], : comp.shape[1]]
+    t = (yy - cy) * axis[0] + (xx - cx) * axis[1]
+    tb = np.round(t[comp]).astype(np.int64)
+    lo, hi = tb.min(), tb.max()
+    width = np.bincount(tb - lo, minlength=hi - lo + 1)
+    a, b = int(0.2 * (hi - lo)), int(0.8 * (hi - lo))
+    if b <= a:
+        return zero
+    cut = lo + a + int(np.argmin(width[a : b + 1]))
+    owner = (t > cut).astype(np.int32)
+    min_px = cfg.split_min_area / (ds * ds)
+    if (nuc & (owner == 0)).sum() < min_px or (nuc & (owner == 1)).sum() < min_px:
+        return zero
+    return owner
 
 
 def _bounding_slices(labels: np.ndarray, n: int) -> list[tuple[slice, slice]]:

@@ -41,15 +41,15 @@ Box = tuple[float, float, float, float]
 
 # The grid searched on the training folds (pixel settings; every combination).
 PIXEL_GRID: dict[str, list] = {
-    "rel_floor": [0.5, 0.6],
-    "cell_level": [0.3, 0.4],
-    "split_depth": [2.0, 4.0, 99.0],  # 99: never split
-    "split_min_dist": [90.0, 120.0],
+    "cell_level": [0.4, 0.5],
+    "split_depth": [1.5, 2.0],
+    "split_min_dist": [70.0, 90.0],
+    "split_elongation": [1.5, 1.7],
 }
 # Size filters, searched for each pixel setting (cheap: no pixel work).
 BOX_GRID: dict[str, list] = {
-    "min_area": [1500.0, 2000.0, 2500.0],
-    "max_cell_size": [220.0, 260.0, 300.0],
+    "min_area": [1500.0, 2000.0],
+    "max_cell_size": [260.0, 300.0, 340.0],
 }
 
 

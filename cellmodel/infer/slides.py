@@ -66,6 +66,17 @@ class SlidesConfig:
     slides_per_part: int = 64  # slides per output Parquet part
     low_confidence: float = 0.5  # a cell whose top probability is below this is doubtful
     backend: str = "eager"  # Predictor backend: eager, onnx or auto (ONNX Runtime on CPU)
+    # Pixel scale (cellmodel.data.scale): cut each cell with a window that shows what a
+    # training crop shows, i.e. crop size x slide red-cell diameter / training red-cell
+    # diameter, resized to the crop size. The training diameter comes from the
+    # checkpoint (meta["data"]["rbc_diameter_px"]), else from train_rbc_diameter_px;
+    # without either, cells are cut at the crop size (no rescale).
+    rescale: bool = True
+    train_rbc_diameter_px: float | None = None
+    # None: measured on each slide (falls back to no rescale on a slide with too few red
+    # cells); a number: used for every slide.
+    slide_rbc_diameter_px: float | None = None
+    overlays: bool = False  # write overlays/<slide>.png (boxes, class, confidence, flags)
     finder: FinderConfig = field(default_factory=FinderConfig)
 
     @classmethod
@@ -82,12 +93,36 @@ class SlidesConfig:
         for k in ("batch_size", "concurrency", "find_batch_size", "slides_per_part"):
             if int(getattr(cfg, k)) < 1:
                 raise ValueError(f"{k} must be at least 1, got {getattr(cfg, k)}")
+        for k in ("train_rbc_diameter_px", "slide_rbc_diameter_px"):
+            v = getattr(cfg, k)
+            if v is not None and not float(v) > 0:
+                raise ValueError(f"{k} must be a positive number of pixels, got {v!r}")
         if cfg.backend not in ("eager", "onnx", "auto"):
             raise ValueError(f"backend must be eager, onnx or auto, got {cfg.backend!r}")
         return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_config(path, overrides: dict | None = None) -> SlidesConfig:
+    """A ``SlidesConfig`` from a TOML file (``path``) plus overrides (None values ignored)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ValueError(f"config file {p} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {p} is not valid TOML: {e}") from e
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return SlidesConfig.from_dict(d)
 
 
 # ---------------------------------------------------------------- listing and state
@@ -175,19 +210,56 @@ def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -
     return row | dict(width=size[0], height=size[1])
 
 
-def find_batch(batch: dict, finder: dict, crop_size: tuple[int, int]) -> dict:
+def cut_cell(
+    img, center: tuple[float, float], window: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    """A ``window`` (width, height) centred on ``center``, resized to ``size``; uint8 HxWx3.
+
+    The window stays centred on the cell (training crops are centred on their cell); where
+    it leaves the slide, the slide's edge pixels are repeated.
+    """
+    from PIL import Image
+
+    ww, wh = window
+    iw, ih = img.size
+    left = int(round(center[0] - ww / 2))
+    top = int(round(center[1] - wh / 2))
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + ww, iw), min(top + wh, ih)
+    if x1 <= x0 or y1 <= y0:  # centre outside the slide: should not happen
+        x0, y0, x1, y1 = 0, 0, iw, ih
+    part = img.crop((x0, y0, x1, y1))
+    if (x0, y0, x1, y1) != (left, top, left + ww, top + wh):
+        a = np.asarray(part)
+        pad = ((y0 - top, top + wh - y1), (x0 - left, left + ww - x1), (0, 0))
+        part = Image.fromarray(np.pad(a, [(max(0, p), max(0, q)) for p, q in pad], mode="edge"))
+    if part.size != tuple(size):
+        part = part.resize(tuple(size), Image.BILINEAR)
+    return np.asarray(part)
+
+
+def find_batch(
+    batch: dict,
+    finder: dict,
+    crop_size: tuple[int, int],
+    train_rbc_px: float | None = None,
+    slide_rbc_px: float | None = None,
+) -> dict:
     """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
 
-    Slides with no cell or that failed give one row with ``cell_index`` -1.
+    Each cell is cut at the training pixel scale when ``train_rbc_px`` is given (see
+    ``SlidesConfig``): the slide's red-cell diameter is ``slide_rbc_px`` or measured.
+    Slides with no cell, or that failed, give one row with ``cell_index`` -1.
     """
+    from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import ImageDecodeError, decode_image
-    from cellmodel.data.voc import crop_around
 
     fcfg = FinderConfig.from_dict(finder)
     w, h = crop_size
     rows, crops = [], []
     for slide_id, uri in zip(batch["slide_id"], batch["uri"], strict=True):
         slide_id, uri = str(slide_id), str(uri)
+        rbc, window = None, (w, h)
         try:
             img = decode_image(storage.read_bytes(uri))
         except ImageDecodeError as e:
@@ -198,13 +270,18 @@ def find_batch(batch: dict, finder: dict, crop_size: tuple[int, int]) -> dict:
         else:
             dets = find_cells(img, fcfg)
             base = _slide_row(slide_id, uri, size=img.size)
+            if train_rbc_px and dets:
+                rbc = slide_rbc_px or estimate_rbc_diameter(img)
+                window = crop_window((w, h), rbc, train_rbc_px)
+        base["rbc_diameter_px"] = float(rbc) if rbc else float("nan")
+        base["crop_scale"] = window[0] / w
         for i, d in enumerate(dets or [None]):
             row = dict(base, n_cells=len(dets), cell_index=i if d else -1)
             box = d.as_tuple() if d else (0.0, 0.0, 0.0, 0.0)
             row.update(zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
             row["det_score"] = d.score if d else 0.0
             rows.append(row)
-            crops.append(np.asarray(crop_around(img, d.center, (w, h))) if d else None)
+            crops.append(cut_cell(img, d.center, window, (w, h)) if d else None)
     if not rows:
         return {}
     out = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
@@ -277,6 +354,9 @@ def summarize_slide(first: dict, cells: list[dict], classes: list[str], low: flo
         k: first[k] for k in ("slide_id", "uri", "status", "reason", "message", "width", "height")
     }
     row["n_cells"] = n
+    rbc = first.get("rbc_diameter_px")
+    row["rbc_diameter_px"] = None if rbc is None or rbc != rbc else float(rbc)  # NaN: unknown
+    row["crop_scale"] = float(first.get("crop_scale", 1.0))
     for j, c in enumerate(classes):
         row[f"count_{c.lower()}"] = int(counts[j])
     for j, c in enumerate(classes):
@@ -301,6 +381,7 @@ def _slides_schema(classes: list[str]) -> pa.Schema:
     s, i32, f32 = pa.string(), pa.int32(), pa.float32()
     fields = [(k, s) for k in ("slide_id", "uri", "status", "reason", "message")]
     fields += [("width", i32), ("height", i32), ("n_cells", i32)]
+    fields += [("rbc_diameter_px", f32), ("crop_scale", f32)]
     fields += [(f"count_{c.lower()}", i32) for c in classes]
     fields += [(f"frac_{c.lower()}", f32) for c in classes]
     fields += [("top_class", s), ("mean_confidence", f32), ("n_low_confidence", i32)]
@@ -427,7 +508,10 @@ def run_slides(
     slides = list_slides(input_uri)[:limit]
     # The same local checkpoint named by a relative or an absolute path is one checkpoint.
     ckpt_id = checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint)
+    train_rbc, scale_from = training_scale(meta, cfg)
+    log.info("pixel scale: training red-cell diameter %s px (%s)", train_rbc, scale_from)
     job = dict(checkpoint=ckpt_id, classes=classes, input=input_uri, config=cfg.to_dict())
+    job["scale"] = {"train_rbc_diameter_px": train_rbc, "from": scale_from}
     check_job(output, job | {"model": meta.get("model_name")})
     parts = committed_parts(output)
     for p in remove_orphans(output, parts):
@@ -450,7 +534,12 @@ def run_slides(
             find_batch,
             batch_size=cfg.find_batch_size,
             batch_format="numpy",
-            fn_kwargs={"finder": cfg.finder.to_dict(), "crop_size": CROP_SIZE},
+            fn_kwargs={
+                "finder": cfg.finder.to_dict(),
+                "crop_size": CROP_SIZE,
+                "train_rbc_px": train_rbc,
+                "slide_rbc_px": cfg.slide_rbc_diameter_px,
+            },
         )
         ds = ds.map_batches(
             Classifier,
@@ -471,9 +560,26 @@ def run_slides(
         n_skipped=len(slides) - len(todo),
         seconds=round(time.perf_counter() - t0, 2),
         checkpoint=checkpoint,
+        train_rbc_diameter_px=train_rbc,
+        scale_from=scale_from,
     )
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    from cellmodel.infer.report import write_report
+
+    write_report(output, summary, low_confidence=cfg.low_confidence)
     return summary
+
+
+def training_scale(meta: dict, cfg: SlidesConfig) -> tuple[float | None, str]:
+    """``(training red-cell diameter in px or None, where it came from)``."""
+    if not cfg.rescale:
+        return None, "rescale is off"
+    v = (meta.get("data") or {}).get("rbc_diameter_px")
+    if v:
+        return float(v), "checkpoint"
+    if cfg.train_rbc_diameter_px:
+        return float(cfg.train_rbc_diameter_px), "train_rbc_diameter_px setting"
+    return None, "unknown: neither the checkpoint nor the settings give it; no rescale"
 
 
 def _collect(ds, output, classes, cfg, parts, total, tqdm_cls) -> None:
@@ -499,10 +605,10 @@ def _collect(ds, output, classes, cfg, parts, total, tqdm_cls) -> None:
             if bar:
                 bar.update(1)
             if len(group_slides) >= cfg.slides_per_part:
-                _flush(output, group_slides, group_cells, classes, parts, written)
+                _flush(output, group_slides, group_cells, classes, parts, written, cfg)
                 written += 1
     if group_slides:
-        _flush(output, group_slides, group_cells, classes, parts, written)
+        _flush(output, group_slides, group_cells, classes, parts, written, cfg)
     if bar:
         bar.close()
     if pending:
@@ -514,7 +620,11 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _flush(output, group_slides, group_cells, classes, parts, written: int) -> None:
+def _flush(output, group_slides, group_cells, classes, parts, written: int, cfg=None) -> None:
+    if cfg is not None and cfg.overlays:
+        from cellmodel.infer.report import write_overlays
+
+        write_overlays(output, group_slides, group_cells, classes, cfg.low_confidence)
     after, _, mode = os.environ.get(FAULT_ENV, "").partition(":")
     fault = (mode or "raise") if after.isdigit() and written >= int(after) else ""
     parts.append(write_part(output, group_slides, group_cells, classes, fault=fault))

@@ -3,7 +3,8 @@
 Measures, in one run and on one machine:
 
 - model only: ``Predictor.predict_arrays`` on preprocessed batches (images/s), the baseline;
-- finder only: decode + find + crop per slide in this process (slides/s);
+- finder only: decode + find + cut per slide in this process (slides/s), and the finder
+  alone (find_cells on decoded slides) and the red-cell scale estimate alone;
 - end to end: ``run_slides`` on a local Ray instance, from slide files to committed
   Parquet parts (slides/s and cells/s), including actor start-up and checkpoint loading.
 
@@ -38,6 +39,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--backend", default="eager", help="Predictor backend: eager, onnx, auto")
     ap.add_argument("--model-batches", type=int, default=5, help="batches for model-only timing")
+    ap.add_argument(
+        "--train-rbc-px", type=float, default=37.0, help="training red-cell diameter (cut scale)"
+    )
     args = ap.parse_args(argv)
 
     from cellmodel.infer.slides import list_slides
@@ -51,14 +55,19 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     import ray
     import torch
 
+    from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import decode_image
-    from cellmodel.data.voc import CROP_SIZE, crop_around
+    from cellmodel.data.voc import CROP_SIZE
     from cellmodel.infer.finder import find_cells
     from cellmodel.infer.predictor import Predictor
-    from cellmodel.infer.slides import SlidesConfig, run_slides
+    from cellmodel.infer.slides import SlidesConfig, cut_cell, run_slides
     from cellmodel.models import build_model, save_checkpoint
 
-    ckpt = save_checkpoint(build_model(args.model), os.path.join(tmp, "ckpt"))
+    ckpt = save_checkpoint(
+        build_model(args.model),
+        os.path.join(tmp, "ckpt"),
+        data={"rbc_diameter_px": args.train_rbc_px},
+    )
 
     # Baseline: the model alone on ready-made input, one thread like one Ray actor (Ray
     # sets OMP_NUM_THREADS=1 in a 1-CPU worker). Timed before and after the end-to-end
@@ -79,12 +88,27 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     model_before = model_only()
 
     # The finder alone (one process), on the same slides.
+    # One thread: "per core" figures.
     t0 = time.perf_counter()
+    imgs = []
     for _, uri in slides:
         img = decode_image(Path(uri).read_bytes())
-        for d in find_cells(img):
-            crop_around(img, d.center, CROP_SIZE)
+        imgs.append(img)
+        dets = find_cells(img)
+        if dets:
+            window = crop_window(CROP_SIZE, estimate_rbc_diameter(img), args.train_rbc_px)
+            for d in dets:
+                cut_cell(img, d.center, window, CROP_SIZE)
     finder_sps = len(slides) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for img in imgs:
+        find_cells(img)
+    find_only_sps = len(imgs) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for img in imgs:
+        estimate_rbc_diameter(img)
+    scale_only_sps = len(imgs) / (time.perf_counter() - t0)
+    del imgs
 
     # End to end on a local Ray instance (start-up of Ray itself is not counted).
     ensure_ray(num_cpus=args.num_cpus, quiet=True)
@@ -117,6 +141,8 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
         "model_only_images_per_s": round(model_ips, 2),
         "model_only_before_after": [round(model_before, 2), round(2 * model_ips - model_before, 2)],
         "finder_only_slides_per_s": round(finder_sps, 2),
+        "find_cells_slides_per_s": round(find_only_sps, 2),
+        "rbc_scale_slides_per_s": round(scale_only_sps, 2),
         "end_to_end_slides_per_s": round(e2e_sps, 3),
         "end_to_end_cells_per_s": round(summary["n_cells"] / summary["seconds"], 3),
         "end_to_end_seconds": summary["seconds"],
