@@ -253,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.parallel > 1:
             import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
             ctx = mp.get_context("spawn")  # CUDA cannot be forked
             with ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
-                for run in pool.map(_run_star, jobs):
-                    record(run)
+                # Recorded as each finishes: a run stopped at a time limit keeps what is done.
+                for fut in as_completed([pool.submit(run_one, *job) for job in jobs]):
+                    record(fut.result())
         else:
             for job in jobs:
                 record(run_one(*job))
@@ -268,10 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     print(to_markdown(summarize(runs, names), header))
     print(f"written to {storage.join(args.out, 'comparison.md')}")
     return 0
-
-
-def _run_star(job: tuple) -> dict:
-    return run_one(*job)
 
 
 def _registered(name: str) -> bool:

@@ -210,6 +210,20 @@ def test_local_run_from_random_weights_learns_in_every_phase(local_shards, tmp_p
     assert again.history == hist
 
 
+def test_mlflow_tracking_logs_params_and_every_epoch(local_shards, tmp_path):
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    cfg = _cfg(local_shards, str(tmp_path / "runs"), "tracked", "phase1.epochs=2",
+               "phase2.epochs=1", "tracking.mlflow=true", f"tracking.uri={json.dumps(str(store))}")  # fmt: skip
+    run_local(cfg, device="cpu")
+    mlflow.set_tracking_uri("file://" + str(store))  # the tracker allowed the file store
+    (run,) = mlflow.search_runs(experiment_names=["cellmodel"], output_format="list")
+    assert run.data.params["phase1.epochs"] == "2" and run.data.tags["cellmodel_run"] == "tracked"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [0, 1, 2]
+
+
 # -- Ray Train runs ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_shards(tmp_path_factory):

@@ -237,9 +237,23 @@ def run_phases(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Phase 1 then phase 2, resuming from the state the reporter restores; returns it."""
+    from cellmodel.train.tracking import Tracker
+
     state = reporter.restore(model)
     model.to(device)
     bs = cfg.data.batch_size
+    tracker = Tracker(cfg, rank)
+    try:
+        _phases(cfg, model, data, reporter, state, tracker, device=device, bs=bs,
+                steps_per_epoch=steps_per_epoch, rank=rank, wrap=wrap, on_step=on_step,
+                on_epoch=on_epoch, log=log)  # fmt: skip
+    finally:
+        tracker.close()
+    return state
+
+
+def _phases(cfg, model, data, reporter, state, tracker, *, device, bs, steps_per_epoch, rank,
+            wrap, on_step, on_epoch, log) -> None:  # fmt: skip
     for phase_no, phase in ((1, cfg.phase1), (2, cfg.phase2)):
         if phase_no < state["phase"]:
             continue
@@ -278,9 +292,9 @@ def run_phases(
             if rank == 0:
                 log(epoch_line(metrics))
             reporter.report(trainer, metrics, state)
+            tracker.log_epoch(metrics)
         del trainer
         gc.collect()  # drop the DDP reducer (and its gradient hooks) before the next phase wraps
-    return state
 
 
 def epoch_line(m: dict) -> str:

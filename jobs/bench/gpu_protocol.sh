@@ -38,12 +38,19 @@ timeout "$BUDGET" python3 -m jobs.compare --config jobs/configs/gpu_scratch.toml
   --parallel 3 --seeds 0 1 2 --tta --out "$RUNS/gpu" --variant gpu_scratch= \
   "${common[@]}" > "$OUTDIR/gpu.log" 2>&1 &
 G=$!
-wait $A $G
-for d in ablation gpu; do
-  cp "$RUNS/$d/comparison.md" "$OUTDIR/$d.md" 2>/dev/null
+timeout "$BUDGET" python3 -m jobs.compare --config jobs/configs/gpu_scratch.toml --local \
+  --parallel 3 --seeds 0 1 2 --tta --out "$RUNS/compact" --variant compact_bilstm=model.name=compact_bilstm \
+  "${common[@]}" > "$OUTDIR/compact.log" 2>&1 &
+C=$!
+wait $A $G $C
+for d in ablation gpu compact; do
   cp "$RUNS/$d/comparison.json" "$OUTDIR/$d.json" 2>/dev/null
 done
-tail -n 3 "$OUTDIR"/*.log
+# The bundled model: the compact variant's seed 0 (a fixed choice, not the best seed).
+python3 -m jobs.bundle --checkpoint "$RUNS/gpu_scratch-compact_bilstm-s0/model" --out "$OUTDIR/bundled" \
+  --command "python -m jobs.train --local --config jobs/configs/gpu_scratch.toml model.name=compact_bilstm" \
+  >> "$OUTDIR/compact.log" 2>&1
+tail -n 4 "$OUTDIR"/*.log
 timeout 90 python3 - > "$OUTDIR/latency.log" 2>&1 <<'PY'
 import time, torch
 from cellmodel.infer.predictor import Predictor
