@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [
         (args.config, args.overrides, v, todo[v], seed, args) for v in names for seed in args.seeds
     ]
-    runs = []
+    runs: list[dict] = []
+    failed: list[dict] = []
 
     def record(run: dict) -> None:
         runs.append(run)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         storage.write_bytes(
             storage.join(args.out, "comparison.json"),
-            json.dumps({"summary": rows, "runs": runs}, indent=2).encode(),
+            json.dumps({"summary": rows, "runs": runs, "failed": failed}, indent=2).encode(),
         )
 
     try:
@@ -258,8 +259,16 @@ def main(argv: list[str] | None = None) -> int:
             ctx = mp.get_context("spawn")  # CUDA cannot be forked
             with ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
                 # Recorded as each finishes: a run stopped at a time limit keeps what is done.
-                for fut in as_completed([pool.submit(run_one, *job) for job in jobs]):
-                    record(fut.result())
+                futures = {pool.submit(run_one, *job): job for job in jobs}
+                for fut in as_completed(futures):
+                    try:
+                        record(fut.result())
+                    except (ConfigError, DatasetNotFoundError, EvalDataError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one failed run must not sink the rest
+                        _, _, variant, _, seed, _ = futures[fut]
+                        failed.append({"model": variant, "seed": seed, "error": repr(e)[:500]})
+                        print(f"[{variant} s{seed}] failed: {e!r}", file=sys.stderr)
         else:
             for job in jobs:
                 record(run_one(*job))
@@ -267,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(to_markdown(summarize(runs, names), header))
+    if failed:
+        print(f"{len(failed)} run(s) failed: {failed}", file=sys.stderr)
     print(f"written to {storage.join(args.out, 'comparison.md')}")
     return 0
 
