@@ -68,21 +68,21 @@ class FinderConfig:
     open_size: int = 3  # opening kernel (pixels at working scale): removes specks
     merge_size: int = 7  # closing (working-scale px) joining the lobes of one nucleus
     cell_level: float = 0.4  # cytoplasm: smoothed stain above this x the nucleus threshold
-    split_depth: float = 2.0  # working-scale px: a valley this deep separates two cells
+    split_depth: float = 1.5  # working-scale px: a valley this deep separates two cells
     split_min_dist: float = 90.0  # two cells' peaks are at least this far apart
     split_min_area: float = 2000.0  # each part of a split blob holds this much nucleus
     # A blob with one peak (overlapping cells leave no valley) is still cut in two at its
     # narrowest cross-section when it is this elongated (major / minor axis) and this long.
-    split_elongation: float = 1.6
+    split_elongation: float = 1.7
     split_length: float = 200.0
     min_area: float = 2000.0  # nucleus area (px); platelets are smaller
     max_cell_size: float = 300.0  # a nucleus wider or higher than this is not one cell
     # Box side, per axis: cell_grow x whole-cell side + grow x nucleus side + margin
     # + margin_gap x (1 - fill), centred on the whole cell; fitted by least squares.
-    cell_grow: float = 0.8127
-    grow: float = 0.2102
-    margin: float = 24.6  # px
-    margin_gap: float = 14.82  # px per unit of its box the nucleus leaves empty (lobed nuclei)
+    cell_grow: float = 0.81
+    grow: float = 0.2341
+    margin: float = 22.14  # px
+    margin_gap: float = 14.49  # px per unit of its box the nucleus leaves empty (lobed nuclei)
     min_cell_size: float = 60.0  # the box is at least this wide/high
     min_score: float = 0.0  # boxes below this score are dropped
 

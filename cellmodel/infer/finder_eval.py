@@ -337,7 +337,8 @@ def cross_validate(
         cfg, info = choose(train)
         sc = held_scores(cfg, held)
         chosen = {
-            n: getattr(cfg, n) for n in [*pixel_grid, *box_grid, "grow", "margin", "margin_gap"]
+            n: getattr(cfg, n)
+            for n in [*pixel_grid, *box_grid, "cell_grow", "grow", "margin", "margin_gap"]
         }
         rows.append(
             {
