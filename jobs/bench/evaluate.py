@@ -18,6 +18,7 @@ from cellmodel.evaluate.data import ClassFolders
 from cellmodel.evaluate.run import predict_data
 from cellmodel.infer.predictor import Predictor
 from cellmodel.models import build_model, save_checkpoint
+from jobs.bench._timing import median_spread
 
 DEFAULT_DATA = "/work/shared/data/blood-cells/TRAIN"
 
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,16 +49,16 @@ def main(argv: list[str]) -> int:
         f"{torch.get_num_threads()} threads; {a.model}, {len(keep)} images, batch {a.batch_size}"
     )
     predict_data(predictor, data, a.batch_size, workers=max(a.workers))  # warm-up: file cache
-    best: dict[int, float] = {}
-    for _ in range(a.repeats):
+    rates: dict[int, list[float]] = {w: [] for w in a.workers}
+    for _ in range(a.repeats):  # interleaved, so that load changes hit every setting alike
         for w in a.workers:
             t = time.perf_counter()
             predict_data(predictor, data, a.batch_size, workers=w)
-            rate = len(keep) / (time.perf_counter() - t)
-            best[w] = max(best.get(w, 0.0), rate)
-    base = best[a.workers[0]]
-    print(f"| decode threads | images/s (best of {a.repeats}) | ratio |")
+            rates[w].append(len(keep) / (time.perf_counter() - t))
+    got = {w: median_spread(r) for w, r in rates.items()}
+    base = got[a.workers[0]].median
+    print(f"| decode threads | images/s (median ± spread of {a.repeats}) | ratio |")
     print("|---|---|---|")
     for w in a.workers:
-        print(f"| {w} | {best[w]:.1f} | {best[w] / base:.2f}x |")
+        print(f"| {w} | {got[w].median:.1f} ± {got[w].spread:.1f} | {got[w].median / base:.2f}x |")
     return 0

@@ -134,8 +134,9 @@ def draw_groups(
 def calibrate(copies: int = 6, seed: int = 0) -> int:
     """Verification scores on synthetic copies of the sample slides' cells.
 
-    crop vs slide: each copy against its own slide (true) and, with its slide removed,
-    against the best other slide (absent); crop vs crop: each copy against its top polar
+    Within each class, as the methods compare: crop vs slide, each copy against its top
+    polar candidates among the slides (true: its own slide; false: another slide, what a
+    crop of a missing slide would score); crop vs crop, each copy against its top polar
     candidates among all copies (true: same cell, false: another cell).
     """
     import numpy as np
@@ -145,7 +146,7 @@ def calibrate(copies: int = 6, seed: int = 0) -> int:
     root = ROOT / "data" / "sample" / "slides"
     slides = {s.slide_id: s for s in grouping.load_slides(root)}
     rng = np.random.default_rng(seed)
-    cells, truth = [], []
+    cells, truth, classes = [], [], []
     for sid in slides:
         _, boxes = parse_voc((root / "Annotations" / f"{sid}.xml").read_bytes())
         wbc = [b for b in boxes if b.name == "WBC" and b.xmax - b.xmin > 60]
@@ -155,21 +156,26 @@ def calibrate(copies: int = 6, seed: int = 0) -> int:
         for im in grouping.synthetic_copies(img, wbc[0].center, copies, rng):
             cells.append(grouping._cell(im))
             truth.append(sid)
-    refs = grouping._Refs()
-    for s in slides.values():
-        refs.add(s.cell, s.slide_id)
-    true_s, absent_s = [], []
-    for c, t in zip(cells, truth):
-        for j, v in grouping._candidates(c, refs, 4, 0.6):
-            (true_s if refs.ids[j] == t else absent_s).append(v)
-    crops = grouping._Refs()
-    for c, t in zip(cells, truth):
-        crops.add(c, t)
-    same, other = [], []
-    for i, c in enumerate(cells):
-        for j, v in grouping._candidates(c, crops, 7, 0.4):
-            if j != i:
-                (same if truth[j] == truth[i] else other).append(v)
+            classes.append(slides[sid].classes[0])
+    true_s, absent_s, same, other = [], [], [], []
+    worst: list = []
+    for cls in sorted(set(classes)):
+        refs = grouping._Refs()
+        for s in slides.values():
+            if cls in s.classes:
+                refs.add(s.cell, s.slide_id)
+        rows = [i for i, c in enumerate(classes) if c == cls]
+        crops = grouping._Refs()
+        for i in rows:
+            crops.add(cells[i], truth[i])
+        for i in rows:
+            for j, v in grouping._candidates(cells[i], refs, 4, 0.6):
+                (true_s if refs.ids[j] == truth[i] else absent_s).append(v)
+            for j, v in grouping._candidates(cells[i], crops, 7, 0.4):
+                if rows[j] != i:
+                    (same if crops.ids[j] == truth[i] else other).append(v)
+                    if crops.ids[j] != truth[i]:
+                        worst.append((v, truth[i], crops.ids[j]))
 
     def show(name: str, pos: list, neg: list) -> None:
         lo, hi = min(pos), max(neg)
@@ -182,6 +188,7 @@ def calibrate(copies: int = 6, seed: int = 0) -> int:
     print(f"{len(cells)} synthetic copies of {len(set(truth))} cells")
     show("crop vs slide", true_s, absent_s)
     show("crop vs crop ", same, other)
+    print("highest crop-vs-crop scores between different cells:", sorted(worst)[-3:])
     return 0
 
 

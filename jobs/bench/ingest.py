@@ -14,11 +14,11 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 from cellmodel import CLASSES
 from cellmodel.data.transforms import decode_image
+from jobs.bench._timing import measure
 
 DEFAULT_TRAIN = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "blood-cells" / "TRAIN"
@@ -59,12 +59,15 @@ def start_s3() -> tuple[object, str]:
     return server, "s3://bench"
 
 
-def _baseline(source: Path) -> tuple[int, float]:
+def _baseline(source: Path, repeats: int) -> tuple[int, float]:
+    """Files and median seconds of a single-threaded read + decode of every file."""
     files = sorted(p for p in source.rglob("*") if p.is_file())
-    t = time.perf_counter()
-    for f in files:
-        decode_image(f.read_bytes())
-    return len(files), time.perf_counter() - t
+
+    def one() -> None:
+        for f in files:
+            decode_image(f.read_bytes())
+
+    return len(files), measure(one, repeats=repeats, warmup=0).median
 
 
 def main(argv: list[str]) -> int:
@@ -74,6 +77,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--target-per-class", type=int, default=None)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     args = p.parse_args(argv)
     if not args.source.is_dir():
         print(f"error: source {args.source} is not a folder; pass --source", flush=True)
@@ -82,7 +86,7 @@ def main(argv: list[str]) -> int:
     from cellmodel.data.ingest import ingest
 
     source = crop_subset(args.source, args.per_class)
-    n_files, dt = _baseline(source)
+    n_files, dt = _baseline(source, args.repeats)
     base = n_files / dt
     print(f"source {args.source} ({n_files} files)")
     print(f"baseline read+decode: {base:8.1f} img/s  (1.00x)")
@@ -94,17 +98,17 @@ def main(argv: list[str]) -> int:
     import warnings
 
     for name, out in targets:
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = ingest(
-                str(source),
-                str(out),
-                target_per_class=args.target_per_class,
-                progress=False,
-                workers=args.workers,
-            )
-        dt = time.perf_counter() - t
+        got = {}
+
+        def one(out=out, got=got) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got["m"] = ingest(str(source), str(out), target_per_class=args.target_per_class,
+                                  progress=False, workers=args.workers, overwrite=True,
+                                  group="file")  # fmt: skip
+
+        dt = measure(one, repeats=args.repeats, warmup=0).median
+        m = got["m"]
         rows = sum(v["rows"] for v in m["splits"].values())
         augmented = rows - m["source"]["cells"]
         mb = sum(s["bytes"] for v in m["splits"].values() for s in v["shards"]) / 1e6

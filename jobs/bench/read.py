@@ -18,11 +18,13 @@ import warnings
 from pathlib import Path
 
 from cellmodel.cluster import ensure_ray
+from jobs.bench._timing import Timing, measure, median_spread
 from jobs.bench.ingest import DEFAULT_TRAIN, crop_subset, start_s3
 
 
-def train_rate(name: str, batch: int, steps: int) -> float:
-    """Images/s of full training steps of ``name`` on random input (CPU)."""
+def train_rate(name: str, batch: int, steps: int) -> Timing:
+    """Images/s of full training steps of ``name`` on random input (CPU): median of
+    ``steps`` timed steps after a warm-up one."""
     import torch
 
     from cellmodel.models import build_model
@@ -39,34 +41,47 @@ def train_rate(name: str, batch: int, steps: int) -> float:
         loss_fn(model(x), y).backward()
         opt.step()
 
-    step()  # warm-up: allocations, kernel selection
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - t)
+    t = measure(step, repeats=steps, warmup=1)  # warm-up: allocations, kernel selection
+    return _rate(batch, t)
 
 
-def ray_rate(uri: str, cfg, batch: int) -> float:
+def _rate(n: int, t: Timing) -> Timing:
+    """Seconds per pass -> items per second (the spread scaled alike)."""
+    r = n / t.median
+    return Timing(r, r * t.spread / t.median, t.n)
+
+
+def _passes(fn, repeats: int) -> Timing:
+    """Items/s of ``fn`` (which returns the items it read): median over ``repeats`` passes."""
+    rates = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t))
+    return median_spread(rates)
+
+
+def ray_rate(uri: str, cfg, batch: int, repeats: int = 3) -> Timing:
     """Images/s over the train split, after a pass over val has started Ray's workers."""
     from cellmodel.data.dataset import read_split
 
     for _ in read_split(uri, "val", cfg).iter_batches(batch_size=batch):
         pass
-    n = 0
-    t = time.perf_counter()
-    for b in read_split(uri, "train", cfg).iter_batches(batch_size=batch, batch_format="numpy"):
-        n += len(b["label"])
-    return n / (time.perf_counter() - t)
+
+    def one() -> int:
+        ds = read_split(uri, "train", cfg)
+        return sum(len(b["label"]) for b in ds.iter_batches(batch_size=batch, batch_format="numpy"))
+
+    return _passes(one, repeats)
 
 
-def plain_rate(uri: str, cfg, batch: int) -> float:
+def plain_rate(uri: str, cfg, batch: int, repeats: int = 3) -> Timing:
     from cellmodel.data.dataset import iter_split
 
-    n = 0
-    t = time.perf_counter()
-    for _, y in iter_split(uri, "train", cfg, batch_size=batch, shuffle=True):
-        n += len(y)
-    return n / (time.perf_counter() - t)
+    def one() -> int:
+        return sum(len(y) for _, y in iter_split(uri, "train", cfg, batch_size=batch, shuffle=True))
+
+    return _passes(one, repeats)
 
 
 def main(argv: list[str]) -> int:
@@ -76,6 +91,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--models", default="tiny_bilstm,xception_bilstm")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
     p.add_argument("--no-s3", action="store_true")
     args = p.parse_args(argv)
     if not args.source.is_dir():
@@ -97,21 +113,22 @@ def main(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _, uri in targets:
-            m = ingest(str(source), uri, progress=False)
+            m = ingest(str(source), uri, progress=False, group="file")
     rows = m["splits"]["train"]["rows"]
     ensure_ray(quiet=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"train split: {rows} rows from {args.source}; batch {args.batch}")
     for name in args.models.split(","):
         cfg = model_config(name)
-        consume = train_rate(name, args.batch, args.steps)
+        consume = train_rate(name, args.batch, args.steps).median
         print(f"{name} {tuple(cfg.input_size)}: training step {consume:8.1f} img/s (1.00x)")
         for where, uri in targets:
-            ray_r = ray_rate(uri, cfg, args.batch)
-            plain_r = plain_rate(uri, cfg, args.batch)
+            ray_r = ray_rate(uri, cfg, args.batch, args.repeats)
+            plain_r = plain_rate(uri, cfg, args.batch, args.repeats)
             print(
-                f"  read+decode {where:5s} Ray Data {ray_r:8.1f} img/s ({ray_r / consume:6.2f}x)"
-                f"   plain iterator {plain_r:8.1f} img/s ({plain_r / consume:6.2f}x)"
+                f"  read+decode {where:5s} Ray Data {ray_r.median:8.1f} ± {ray_r.spread:.1f} img/s "
+                f"({ray_r.median / consume:6.2f}x)   plain iterator {plain_r.median:8.1f} ± "
+                f"{plain_r.spread:.1f} img/s ({plain_r.median / consume:6.2f}x)"
             )
     ray.shutdown()
     if server is not None:
