@@ -41,23 +41,25 @@ from cellmodel.data.voc import parse_voc, read_labels_csv
 # Polar signature (half-resolution pixels: a 320x240 crop is analysed at 160x120).
 N_RINGS = 24
 RING_STEP = 2.0  # rings reach 48 half-res px = 96 crop px around the nucleus
-N_ANGLES = 128
+N_ANGLES = 64
 N_FREQ = 32  # angular frequencies kept (low-pass, and a smaller matrix product)
-# Zooms tried between a crop and a reference (geometric, about 6% apart).
-ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.85, 1.18, 7))
+# Zooms tried between a crop and a reference (geometric, about 6% apart; the angle step
+# of 5.6 degrees is refined by a parabola through the correlation peak).
+ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.88, 1.13, 5))
 # Stage-2 verification on quarter-resolution pictures (half of the half).
 TOP_CANDIDATES = 2
 # Verification ignores the nucleus (dilated by this many quarter-res px): one round blob
 # looks like another; the red cells around it are what identify a slide.
 EXCLUDE_NUCLEUS = 2
 # Thresholds on the verification score, chosen on synthetic known-truth copies of the
-# sample slides' cells (python -m jobs.bench grouping --calibrate; docs/grouping.md):
-# crop vs slide: true >= 0.76, absent slide <= 0.51 -> midpoint 0.64;
-# crop vs crop: true >= 0.75, different cells <= 0.72 -> midpoint 0.74.
-MIN_SCORE = 0.64
+# sample slides' cells (python -m jobs.bench grouping --calibrate; docs/grouping.md), each
+# the midpoint between the lowest true score and the highest false one:
+# crop vs slide: true >= 0.78, another slide <= 0.66 -> 0.72;
+# crop vs crop: true >= 0.70, another cell <= 0.71 (they touch) -> 0.71.
+MIN_SCORE = 0.72
 MIN_MARGIN = 0.10  # best minus next other slide: below it two slides fit (duplicate shots)
-GROUP_MIN_SCORE = 0.74
-MERGE_SCORE = 0.74
+GROUP_MIN_SCORE = 0.71
+MERGE_SCORE = 0.80
 
 
 class GroupingError(ValueError):
@@ -264,27 +266,33 @@ def _stage1(q: np.ndarray, refs: _Refs) -> tuple[np.ndarray, np.ndarray, np.ndar
     fl, zi = np.divmod(k, z)
     cols = np.arange(n)
     score = per[k, cols]
-    angle = ncc[k, :, cols].argmax(-1) * 2 * np.pi / N_ANGLES
+    curve = ncc[k, :, cols]  # (N, T): the chosen flip and zoom of each reference
+    t = curve.argmax(-1)
+    y0 = curve[cols, t]
+    ym = curve[cols, (t - 1) % N_ANGLES]
+    yp = curve[cols, (t + 1) % N_ANGLES]
+    den = ym - 2 * y0 + yp
+    frac = np.where(den < -1e-9, 0.5 * (ym - yp) / np.where(den < -1e-9, den, -1.0), 0.0)
+    angle = (t + np.clip(frac, -0.5, 0.5)) * 2 * np.pi / N_ANGLES  # parabolic peak
     return score, zi, fl, angle
 
 
 def _masked_ncc(
-    t: np.ndarray, mt: np.ndarray, im: np.ndarray, mi: np.ndarray, min_frac: float
+    t: np.ndarray, mt: np.ndarray, im: np.ndarray, mi: np.ndarray, pad: int, min_frac: float
 ) -> float:
-    """Best masked NCC of template ``t`` over every translation against ``im``."""
-    shape = (
-        sfft.next_fast_len(im.shape[0] + t.shape[0]),
-        sfft.next_fast_len(im.shape[1] + t.shape[1]),
-    )
+    """Best masked NCC of template ``t`` against ``im`` (``t``'s frame grown by ``pad`` on
+    each side) over the translations that keep ``t`` inside ``im`` (circular FFT: no wrap)."""
+    shape = (sfft.next_fast_len(im.shape[0]), sfft.next_fast_len(im.shape[1]))
     mt = mt.astype(np.float32)
     mi = mi.astype(np.float32)
     t = t * mt
     im = im * mi
-    ft = [sfft.rfft2(x[::-1, ::-1], shape) for x in (t, mt, t * t)]
+    ft = [np.conj(sfft.rfft2(x, shape)) for x in (t, mt, t * t)]
     fi = [sfft.rfft2(x, shape) for x in (im, mi, im * im)]
+    k = 2 * pad + 1
 
     def c(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return sfft.irfft2(x * y, shape)
+        return sfft.irfft2(x * y, shape)[:k, :k]
 
     n = np.maximum(c(ft[1], fi[1]), 1e-6)
     st, si = c(ft[0], fi[1]), c(ft[1], fi[0])
@@ -311,7 +319,7 @@ def _verify(a: _Cell, b: _Cell, flip: int, angle: float, zoom: float, min_frac: 
     coords = [by + ry, bx + rx]
     warped = ndi.map_coordinates(b.small, coords, order=1, mode="constant", cval=0.0)
     wmask = ndi.map_coordinates(b.small_valid.astype(np.float32), coords, order=0) > 0.5
-    return _masked_ncc(a.small, a.small_valid, warped, wmask, min_frac)
+    return _masked_ncc(a.small, a.small_valid, warped, wmask, pad, min_frac)
 
 
 def _candidates(cell: _Cell, refs: _Refs, top: int, min_frac: float) -> list[tuple[int, float]]:
