@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,28 @@ def five_class_folder(sample_dir, tmp_path_factory) -> Path:
     return src
 
 
-def test_five_class_folder_ingests_trains_evaluates_and_predicts(five_class_folder, tmp_path):
-    from cellmodel.evaluate import evaluate_checkpoint
-    from cellmodel.infer.predictor import Predictor
+CLASSES5 = ["BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
+
+@pytest.fixture(scope="module")
+def five_class_model(five_class_folder, tmp_path_factory) -> tuple[str, str, dict]:
+    """(shards, trained checkpoint, manifest) of the five-class folder."""
+    tmp_path = tmp_path_factory.mktemp("five-run")
     shards = str(tmp_path / "shards")
     m = ingest(str(five_class_folder), shards, group="file", target_per_class=40,
                progress=False, workers=1, scale=0.5)  # fmt: skip
-    classes = ["BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+    cfg = load_config(CONFIGS / "quickstart.toml", [
+        f"data.uri={json.dumps(shards)}", f"run.storage={json.dumps(str(tmp_path / 'runs'))}",
+        "run.name=five", "phase1.epochs=1", "phase2.epochs=1"])  # fmt: skip
+    return shards, run_local(cfg, device="cpu").model_uri, m
+
+
+def test_five_class_folder_ingests_trains_evaluates_and_predicts(five_class_model):
+    from cellmodel.evaluate import evaluate_checkpoint
+    from cellmodel.infer.predictor import Predictor
+
+    shards, model_uri, m = five_class_model
+    classes = CLASSES5
     assert m["classes"] == classes
     assert m["geometry"]["crop_size"] == [160, 120] and m["geometry"]["window"] == [320, 240]
     from PIL import Image
@@ -55,21 +70,40 @@ def test_five_class_folder_ingests_trains_evaluates_and_predicts(five_class_fold
     assert Image.open(io.BytesIO(row["image"])).size == (160, 120)
     assert m["splits"]["train"]["counts"] == {c: 40 for c in classes}
 
-    cfg = load_config(CONFIGS / "quickstart.toml", [
-        f"data.uri={json.dumps(shards)}", f"run.storage={json.dumps(str(tmp_path / 'runs'))}",
-        "run.name=five", "phase1.epochs=1", "phase2.epochs=1"])  # fmt: skip
-    result = run_local(cfg, device="cpu")
-    model, meta = load_checkpoint(result.model_uri)
+    model, meta = load_checkpoint(model_uri)
     assert meta["classes"] == classes and model.cfg.num_classes == 5
     assert meta["data"]["classes"] == classes and meta["data"]["crop_size"] == [160, 120]
 
-    metrics = evaluate_checkpoint(result.model_uri, shards, split="val")
-    assert metrics["classes"] == classes if "classes" in metrics else True
+    metrics = evaluate_checkpoint(model_uri, shards, split="val")
     assert "BASOPHIL" in metrics["data_classes"]
-    probs = Predictor(result.model_uri).predict_arrays(
-        np.zeros((2, *model.cfg.input_size), np.float32)
-    )
+    assert set(metrics["per_class"]) == set(classes) if "per_class" in metrics else True
+    probs = Predictor(model_uri).predict_arrays(np.zeros((2, *model.cfg.input_size), np.float32))
     assert probs.shape == (2, 5)
+
+
+def test_five_class_model_serves_over_http(five_class_model, ray_session, sample_dir):
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import AppArgs
+
+    _, model_uri, _ = five_class_model
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(AppArgs(checkpoint=model_uri)), name="five", route_prefix="/")
+        image = next((sample_dir / "crops" / "MONOCYTE").glob("*.jpeg")).read_bytes()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=image,
+                       headers={"content-type": "image/jpeg"}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert sorted(body["probabilities"]) == CLASSES5 and body["class"] in CLASSES5
+    finally:
+        serve.delete("five")
+        serve.shutdown()
 
 
 def test_classes_asked_for_keep_a_subset(five_class_folder, tmp_path):
