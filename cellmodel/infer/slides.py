@@ -77,6 +77,11 @@ class SlidesConfig:
     # cells); a number: used for every slide.
     slide_rbc_diameter_px: float | None = None
     overlays: bool = False  # write overlays/<slide>.png (boxes, class, confidence, flags)
+    # On a slide with several white cells, paint the other cells (an ellipse in each box,
+    # outside this cell's box) in the slide's background colour before cutting a cell:
+    # at the training scale the window is wide enough to show a neighbour, and training
+    # crops show one white cell.
+    mask_neighbours: bool = True
     finder: FinderConfig = field(default_factory=FinderConfig)
 
     @classmethod
@@ -238,12 +243,32 @@ def cut_cell(
     return np.asarray(part)
 
 
+def hide_others(img, cell, others):
+    """``img`` with each of ``others`` (an ellipse inscribed in its box, outside ``cell``'s
+    box) painted in the slide's background colour (the median of its brightest tenth)."""
+    from PIL import Image, ImageDraw
+
+    a = np.asarray(img)
+    g = a[..., 1]
+    bright = a[g >= np.percentile(g, 90)]
+    bg = tuple(int(v) for v in np.median(bright, axis=0))
+    mask = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for o in others:
+        draw.ellipse(o.as_tuple(), fill=255)
+    draw.rectangle(cell.as_tuple(), fill=0)
+    out = img.copy()
+    out.paste(Image.new("RGB", img.size, bg), (0, 0), mask)
+    return out
+
+
 def find_batch(
     batch: dict,
     finder: dict,
     crop_size: tuple[int, int],
     train_rbc_px: float | None = None,
     slide_rbc_px: float | None = None,
+    mask_neighbours: bool = False,
 ) -> dict:
     """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
 
@@ -281,7 +306,10 @@ def find_batch(
             row.update(zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
             row["det_score"] = d.score if d else 0.0
             rows.append(row)
-            crops.append(cut_cell(img, d.center, window, (w, h)) if d else None)
+            src = img
+            if d is not None and mask_neighbours and len(dets) > 1:
+                src = hide_others(img, d, [o for o in dets if o is not d])
+            crops.append(cut_cell(src, d.center, window, (w, h)) if d else None)
     if not rows:
         return {}
     out = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
@@ -539,6 +567,7 @@ def run_slides(
                 "crop_size": CROP_SIZE,
                 "train_rbc_px": train_rbc,
                 "slide_rbc_px": cfg.slide_rbc_diameter_px,
+                "mask_neighbours": cfg.mask_neighbours,
             },
         )
         ds = ds.map_batches(
