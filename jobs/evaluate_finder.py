@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (--cv)")
     ap.add_argument("--no-compose", action="store_true", help="--cv without composed pairs")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
+    ap.add_argument("--exclude", default="", help="--cv: slide names left out, comma-separated")
+    ap.add_argument(
+        "--min-box", type=float, default=0.0, help="--cv: drop WBC boxes with a side under PX"
+    )
     ap.add_argument("--checkpoint", help="also evaluate the slide-level class with this model")
     ap.add_argument("--output", help="where the slide job writes (default: a temporary folder)")
     ap.add_argument("--overlays", action="store_true", help="slide job: write overlays too")
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 compose=not args.no_compose,
                 seed=args.seed,
                 limit=args.limit,
+                exclude=[x for x in args.exclude.split(",") if x],
+                min_box=args.min_box,
                 progress=True,
             )
             result = {"cross_validation": res}

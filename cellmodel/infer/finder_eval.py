@@ -64,8 +64,17 @@ class Slide:
     meta: dict = field(default_factory=dict)
 
 
-def load_slides(slides: str, limit: int | None = None) -> list[Slide]:
-    """Every slide of a VOC-layout folder or URI with its ``WBC`` boxes, sorted by name."""
+def load_slides(
+    slides: str,
+    limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
+) -> list[Slide]:
+    """Every slide of a VOC-layout folder or URI with its ``WBC`` boxes, sorted by name.
+
+    ``exclude``: slide names (file stems) left out; ``min_box``: ``WBC`` boxes with a side
+    under this many pixels are dropped (BCCD labels a few platelets WBC).
+    """
     from cellmodel.data.transforms import decode_image
     from cellmodel.data.voc import parse_voc
 
@@ -74,10 +83,15 @@ def load_slides(slides: str, limit: int | None = None) -> list[Slide]:
     if not xmls:
         raise FileNotFoundError(f"no Annotations/*.xml under {slides}; give a VOC-layout folder")
     out = []
+    xmls = [x for x in xmls if x.rsplit("/", 1)[1][:-4] not in set(exclude)]
     for x in xmls[:limit]:
         stem = x.rsplit("/", 1)[1][:-4]
         _, boxes = parse_voc(fs.cat_file(x))
-        truth = [b.as_tuple() for b in boxes if b.name == "WBC"]
+        truth = [
+            b.as_tuple()
+            for b in boxes
+            if b.name == "WBC" and min(b.xmax - b.xmin, b.ymax - b.ymin) >= min_box
+        ]
         img = decode_image(fs.cat_file(f"{root}/JPEGImages/{stem}.jpg"))
         out.append(Slide(stem, img, truth))
     return out
@@ -255,6 +269,8 @@ def cross_validate(
     compose: bool = True,
     seed: int = 0,
     limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
     progress: bool = False,
 ) -> dict:
     """k-fold cross-validation of the finder's settings over slides (see the module doc).
@@ -266,7 +282,7 @@ def cross_validate(
     """
     pixel_grid = PIXEL_GRID if pixel_grid is None else pixel_grid
     box_grid = BOX_GRID if box_grid is None else box_grid
-    real = load_slides(slides, limit)
+    real = load_slides(slides, limit, exclude, min_box)
     if len(real) < k:
         raise ValueError(f"{len(real)} slides cannot make {k} folds")
     order = np.random.default_rng(seed).permutation(len(real))
@@ -369,6 +385,8 @@ def cross_validate(
         "seed": seed,
         "iou_threshold": iou_threshold,
         "real_slides": len(real),
+        "excluded": list(exclude),
+        "min_box": min_box,
         "composed_slides": int(is_composed.sum()),
         "folds": rows,
         "summary": {
