@@ -167,3 +167,34 @@ def crop_window(
         return tuple(crop_size)
     k = slide_rbc_px / train_rbc_px
     return max(1, round(crop_size[0] * k)), max(1, round(crop_size[1] * k))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellmodel.data.scale FOLDER [FOLDER ...] [--n N]``: red-cell diameters."""
+    import argparse
+    import json
+
+    from cellmodel import storage
+
+    ap = argparse.ArgumentParser(prog="python -m cellmodel.data.scale", description=main.__doc__)
+    ap.add_argument("folders", nargs="+", help="folders or URIs of images (searched recursively)")
+    ap.add_argument("--n", type=int, default=200, help="images sampled per folder")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = {}
+    for folder in args.folders:
+        fs, root = storage.get_fs(folder)
+        proto = folder.split("://", 1)[0] + "://" if storage.is_remote(folder) else ""
+        files = sorted(
+            proto + p for p in fs.find(root) if p.lower().endswith((".jpg", ".jpeg", ".png"))
+        )
+        out[folder] = estimate_dataset_scale(files, n=args.n, seed=args.seed)
+    names = list(out)
+    if len(names) == 2 and all(out[k].get("rbc_diameter_px") for k in names):
+        out["ratio"] = round(out[names[1]]["rbc_diameter_px"] / out[names[0]]["rbc_diameter_px"], 3)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
