@@ -490,13 +490,14 @@ def bench_chaos(
     print(f"| {_summary(rows, seconds)} |")
     bad = [s for _, _, s in rows if s not in ("200", "503")]
     print(f"responses other than 200/503: {len(bad)}")
-    back = [
-        t for t, r, _ in sampler.samples if t > min(killed.values(), default=0) and r >= replicas
-    ]
-    if killed and back:
-        print(
-            f"replicas back to {replicas} running {back[0] - min(killed.values()):.1f} s after the kill"
-        )
+    if killed:
+        t_kill = min(killed.values())
+        after = [(t, r) for t, r, _ in sampler.samples if t > t_kill]
+        down = next((t for t, r in after if r < replicas), None)
+        up = next((t for t, r in after if down is not None and t > down and r >= replicas), None)
+        if down is not None:
+            back = f"; {replicas} running again after {up - t_kill:.1f} s" if up else ""
+            print(f"Serve saw the replica gone {down - t_kill:.1f} s after the kill{back}")
     _plot(
         rows,
         sampler.samples,
