@@ -93,7 +93,7 @@ def probe(
                     f"the image is {w}x{h} pixels, over the limit of {max_pixels} pixels; "
                     "send a single-cell crop or a slide image",
                 )
-            if img.format == "JPEG":
+            if img.format in ("JPEG", "MPO"):  # MPO: a camera JPEG with extra pictures
                 tw, th = input_size
                 turned = img.getexif().get(0x0112) in _QUARTER_TURNS
                 img.draft("RGB", (2 * th, 2 * tw) if turned else (2 * tw, 2 * th))

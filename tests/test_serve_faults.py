@@ -182,6 +182,43 @@ def test_pixel_budget_per_request(client, sample_dir):
     assert r.status_code == 413 and r.json()["error"]["reason"] == "pixel_budget", r.text
 
 
+def _odd_uploads(crop: bytes) -> dict[str, tuple[bytes, str, int]]:
+    """Uploads a real client sends by mistake or by habit: (bytes, content type, status)."""
+    rgb = Image.open(io.BytesIO(crop)).convert("RGB")
+    frames = [rgb, rgb.rotate(90)]
+    return {
+        "cmyk_jpeg": (_encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg", 200),
+        "png_16bit": (_encode(rgb.convert("I;16"), "PNG"), "image/png", 200),
+        "palette_png": (_encode(rgb.convert("P"), "PNG", transparency=0), "image/png", 200),
+        "grey_alpha_png": (_encode(rgb.convert("LA"), "PNG"), "image/png", 200),
+        "one_pixel": (_encode(rgb.resize((1, 1)), "PNG"), "image/png", 200),
+        "animated_webp": (
+            _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+            "image/webp",
+            200,
+        ),
+        "multipage_tiff": (
+            _encode(frames[0], "TIFF", save_all=True, append_images=frames[1:]),
+            "image/tiff",
+            200,
+        ),
+        "animated_gif": (
+            _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+            "image/gif",
+            415,
+        ),
+        "zip": (b"PK\x03\x04" + bytes(100), "image/jpeg", 422),
+        "html": (b"<!doctype html><html><body>cell</body></html>", "image/png", 422),
+    }
+
+
+@pytest.mark.parametrize("case", list(_odd_uploads(_encode(Image.new("RGB", (8, 8)), "PNG"))))
+def test_odd_uploads_are_200_or_4xx(client, sample_dir, case):
+    data, content_type, status = _odd_uploads(_crops(sample_dir, 1)[0])[case]
+    r = _post(client, data, content_type)
+    assert r.status_code == status, r.text
+
+
 # -- OpenAPI ------------------------------------------------------------------------------------
 
 
