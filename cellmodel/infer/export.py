@@ -161,12 +161,11 @@ def openvino_forward(
     seed: int = 0,
 ) -> OpenVinoForward:
     """``model`` exported and compiled by OpenVINO, checked against eager like ONNX Runtime."""
+    blob = export_onnx(model, input_size)  # ExportError when the export itself fails
     try:
-        runner = OpenVinoForward(export_onnx(model, input_size), num_threads)
+        runner = OpenVinoForward(blob, num_threads)
     except ImportError:
-        raise
-    except ExportError:
-        raise
+        raise  # not installed: the caller decides
     except Exception as e:  # noqa: BLE001 - OpenVINO raises its own RuntimeError types
         raise ExportError(f"OpenVINO could not compile {type(model).__name__}: {e}") from e
     check_against_eager(runner, model, input_size, atol, seed, "OpenVINO")
