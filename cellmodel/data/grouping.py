@@ -59,6 +59,9 @@ EXCLUDE_NUCLEUS = 2
 MIN_SCORE = 0.72
 MIN_MARGIN = 0.10  # best minus next other slide: below it two slides fit (duplicate shots)
 GROUP_MIN_SCORE = 0.71
+# match_to_slides raises when fewer than this share of (20 or more) crops match any slide:
+# the slides are not the ones the crops were cut from. A partial slide set is fine.
+MIN_ASSIGNED = 0.05
 MERGE_SCORE = 0.80
 
 
@@ -537,6 +540,27 @@ def load_slides(slides_dir: str | Path, scale: float = 0.5) -> list[Slide]:
     return out
 
 
+def _merge_duplicate_slides(refs: _Refs, min_score: float) -> list[str]:
+    """Source ids of ``refs``: slides that verify with each other (two shots of one cell,
+    as BCCD has) share one id, ``"A+B"``, so their crops are one source, not a tie."""
+    parent = list(range(len(refs)))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for j in range(len(refs)):
+        for k, v in _candidates(refs.cells[j], refs, TOP_CANDIDATES + 1, 0.3):
+            if refs.ids[k] != refs.ids[j] and v >= min_score:
+                parent[find(k)] = find(j)
+    members: dict[int, set[str]] = {}
+    for j in range(len(refs)):
+        members.setdefault(find(j), set()).add(refs.ids[j])
+    return ["+".join(sorted(members[find(j)])) for j in range(len(refs))]
+
+
 def _match_one(cell: _Cell, refs: _Refs, min_score: float, min_margin: float, top: int):
     cand = _candidates(cell, refs, top, 0.6)
     best_j, best = cand[0]
@@ -565,7 +589,9 @@ def match_to_slides(
 ) -> Grouping:
     """Name the slide each crop was cut from (source id = slide id, e.g. BloodImage_00012).
 
-    Only slides whose ``labels.csv`` class includes the crop's class are candidates.
+    Only slides whose ``labels.csv`` class includes the crop's class are candidates. Slides
+    that show the same cell (they verify with each other at ``min_score``) share one source
+    id, ``"BloodImage_00037+BloodImage_00038"`` (listed in ``params["duplicate_slides"]``).
     ``score`` is the best verification score, ``confidence`` its margin over the next other
     slide; a crop with score < ``min_score`` or margin < ``min_margin`` stays unassigned
     (None). Raises ``SlidesMismatchError`` when a class has no slide, or when almost no
@@ -583,11 +609,14 @@ def match_to_slides(
             "slides covering every class, or use group_crops for them"
         )
     refs_by_class: dict[str, _Refs] = {}
+    duplicates: set[str] = set()
     for cls in sorted(set(labels)):
         refs = _Refs()
         for s in slides:
             if cls in s.classes:
                 refs.add(s.cell, s.slide_id)
+        refs.ids = _merge_duplicate_slides(refs, min_score)
+        duplicates |= {i for i in refs.ids if "+" in i}
         refs.matrix()
         refs_by_class[cls] = refs
     n = len(labels)
@@ -616,10 +645,15 @@ def match_to_slides(
         labels=labels,
         method="match_to_slides",
         score=[r[2] for r in rows],
-        params={"min_score": min_score, "min_margin": min_margin, "top": top},
+        params={
+            "min_score": min_score,
+            "min_margin": min_margin,
+            "top": top,
+            "duplicate_slides": sorted(duplicates),
+        },
     )
     assigned = sum(s is not None for s in source)
-    if n >= 20 and assigned < 0.2 * n:
+    if n >= 20 and assigned < MIN_ASSIGNED * n:
         raise SlidesMismatchError(
             f"only {assigned} of {n} crops match a slide: these slides are not the ones the "
             "crops were cut from (or the crops are not 320x240 views at half the slide scale). "

@@ -237,6 +237,7 @@ def main(argv: list[str]) -> int:
                 [str(f.relative_to(args.source)), s, sc, cf]
                 for f, s, sc, cf in zip(files, g.source_id, g.score, g.confidence)
             ]
+            args.json.write_text(json.dumps(out, indent=1))  # keep partial results
     if len(results) == 2:
         a = agreement(results["group_crops"].source_id, results["match_to_slides"].source_id)
         out["agreement"] = a
