@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (--cv)")
     ap.add_argument("--no-compose", action="store_true", help="--cv without composed pairs")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
-    ap.add_argument("--exclude", default="", help="--cv: slide names left out, comma-separated")
+    ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
     ap.add_argument(
-        "--min-box", type=float, default=0.0, help="--cv: drop WBC boxes with a side under PX"
+        "--min-box", type=float, default=0.0, help="drop WBC boxes with a side under PX"
     )
     ap.add_argument("--checkpoint", help="also evaluate the slide-level class with this model")
     ap.add_argument("--output", help="where the slide job writes (default: a temporary folder)")
@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             result = {"cross_validation": res}
         else:
-            f = finder_eval.evaluate_finder(args.slides, cfg.finder.to_dict(), args.iou, args.limit)
+            f = finder_eval.evaluate_finder(
+                args.slides,
+                cfg.finder.to_dict(),
+                args.iou,
+                args.limit,
+                exclude=[x for x in args.exclude.split(",") if x],
+                min_box=args.min_box,
+            )
             result = {"finder": f}
         if args.checkpoint:
             out = args.output or tempfile.mkdtemp(prefix="evaluate-slides-")

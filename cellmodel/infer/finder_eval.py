@@ -186,11 +186,16 @@ def _f1(s: dict) -> float:
 
 
 def evaluate_finder(
-    slides: str, finder: dict | None = None, iou_threshold: float = 0.5, limit: int | None = None
+    slides: str,
+    finder: dict | None = None,
+    iou_threshold: float = 0.5,
+    limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
 ) -> dict:
     """Finder recall/precision against the WBC boxes of every annotated slide."""
     cfg = FinderConfig.from_dict(finder)
-    data = load_slides(slides, limit)
+    data = load_slides(slides, limit, exclude, min_box)
     dets, missed, t_find = [], [], 0.0
     for s in data:
         t0 = time.perf_counter()
