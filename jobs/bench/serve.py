@@ -146,41 +146,64 @@ async def _load(
         return time.perf_counter() - t0, np.array(lat) * 1e3
 
 
-def _deploy(ckpt: str, *, user_config: dict, autoscaling: dict | None = None) -> None:
+def _deploy(
+    ckpt: str, *, user_config: dict, autoscaling: dict | None = None, threads: int = 1
+) -> None:
     from ray import serve
 
     from serve.app import Classifier, Ingress
     from serve.settings import AppArgs
 
     opts = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1}
-    classifier = Classifier.options(user_config=user_config, **opts).bind(ckpt)
+    classifier = Classifier.options(
+        user_config=user_config, ray_actor_options={"num_cpus": threads}, **opts
+    ).bind(ckpt, "auto", threads)
     args = AppArgs(checkpoint=ckpt).model_dump()
     serve.run(
         Ingress.options(num_replicas=1).bind(classifier, args), name="cellmodel", route_prefix="/"
     )
 
 
-def bench_http(url: str, ckpt: str, levels: list[int], requests: int) -> None:
+def bench_http(
+    url: str,
+    ckpt: str,
+    levels: list[int],
+    requests: int,
+    threads: int = 1,
+    batch_sizes: tuple[int, ...] = (16, 1),
+) -> None:
+    """The endpoint against the raw model on the same threads: one classifier replica with
+    ``threads`` CPUs and intra-op threads, backend auto, as the replica runs it."""
     images = _images(32)
-    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=1)  # as the replica runs it
+    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=threads)
     x1 = stack_bytes(images[:1], raw.cfg)
+    x8 = stack_bytes(images[:8], raw.cfg)
     t_raw = _per_image_ms(raw.predict_arrays, x1, 2.0)
+    t_raw8 = _per_image_ms(raw.predict_arrays, x8, 2.0)
+    best_rate = 1e3 / min(t_raw, t_raw8)
     print(
-        f"\n## http  (raw forward, same backend, batch 1, 1 thread: {t_raw:.2f} ms/img = {1e3 / t_raw:.0f} img/s)"
+        f"\n## http  ({raw.cfg.name}; raw forward, backend {raw.backend}, {threads} thread(s): "
+        f"batch 1 {t_raw:.2f} ms/img, batch 8 {t_raw8:.2f} ms/img; best rate {best_rate:.1f} img/s)"
     )
     print(
-        "| max_batch_size | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | p50 / raw forward |"
+        "| max_batch_size | concurrency | requests | req/s | req/s / raw best rate | p50 ms | "
+        "p95 ms | p99 ms | p50 / raw batch-1 |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for mbs in (16, 1):
-        _deploy(ckpt, user_config={"max_batch_size": mbs, "batch_wait_timeout_s": 0.005})
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mbs in batch_sizes:
+        _deploy(
+            ckpt,
+            user_config={"max_batch_size": mbs, "batch_wait_timeout_s": 0.005},
+            threads=threads,
+        )
         asyncio.run(_load(f"{url}/v1/classify", images, 4, 16))  # warm-up
         for c in levels:
             wall, lat = asyncio.run(_load(f"{url}/v1/classify", images, c, max(requests, 2 * c)))
             p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+            rate = len(lat) / wall
             print(
-                f"| {mbs} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {p50:.1f} | {p95:.1f} | "
-                f"{p99:.1f} | {p50 / t_raw:.1f}x |",
+                f"| {mbs} | {c} | {len(lat)} | {rate:.1f} | {rate / best_rate:.2f}x | {p50:.1f} | "
+                f"{p95:.1f} | {p99:.1f} | {p50 / t_raw:.2f}x |",
                 flush=True,
             )
 
@@ -552,6 +575,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads")
     ap.add_argument("--concurrency", nargs="*", type=int, default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=100, help="requests per concurrency level")
+    ap.add_argument("--http-model", default="tiny_bilstm", help="http part: model (random weights)")
+    ap.add_argument("--http-threads", type=int, default=1, help="http part: classifier CPUs")
+    ap.add_argument("--http-batch-sizes", nargs="*", type=int, default=[16, 1])
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--idle-s", type=float, default=25.0)
     ap.add_argument("--plot", type=Path, default=Path("docs/serving-autoscaling.png"))
@@ -599,7 +625,18 @@ def main(argv: list[str]) -> int:
         ckpt = save_checkpoint(build_model("tiny_bilstm"), f"{d}/tiny_bilstm")
         try:
             if "http" in a.parts:
-                bench_http(url, ckpt, a.concurrency, a.requests)
+                http_ckpt = ckpt
+                if a.http_model != "tiny_bilstm":
+                    torch.manual_seed(0)
+                    http_ckpt = save_checkpoint(build_model(a.http_model), f"{d}/{a.http_model}")
+                bench_http(
+                    url,
+                    http_ckpt,
+                    a.concurrency,
+                    a.requests,
+                    a.http_threads,
+                    tuple(a.http_batch_sizes),
+                )
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
             if "load" in a.parts:
