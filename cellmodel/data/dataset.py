@@ -23,7 +23,9 @@ from cellmodel.data.transforms import stack_bytes, stack_bytes_uint8
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
+# "unassigned": crops a source-grouping method could not place (kept, never trained on or
+# scored by default: a copy of a training cell there would leak into validation).
+SPLITS = ("train", "val", "test", "unassigned")
 
 # Column order and types of every shard; ``aug`` is JSON such as {"angle": 90.0, "flip": false}.
 SCHEMA = pa.schema(

@@ -58,6 +58,10 @@ class IngestSettings(Section):
     # ``slides`` is given; "file" makes every file its own source (may leak).
     group: Literal["auto", "file", "near_duplicate", "slides"] = "auto"
     slides: str = ""  # VOC slide folder (JPEGImages, Annotations, labels.csv) for group=slides
+    # Crops the grouping could not place: "holdout" keeps them in a split of their own
+    # ("unassigned": neither trained on nor scored, since each may copy a cell of either
+    # side); "own_source" makes each its own source (split like the rest: may leak).
+    unassigned: Literal["holdout", "own_source"] = "holdout"
     target_per_class: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
@@ -296,8 +300,9 @@ def ingest(
 
     warn = []
     grouping = None
+    lost: set[str] = set()  # source ids of crops the grouping could not place
     if src.layout == "crops" and st.group != "file":
-        grouping = _group(items, st, warn)
+        grouping = _group(items, st, warn, lost)
         if grouping is not None:
             src.source_known, src.grouping = True, grouping["method"]
     classes = _keep_common_classes(items, skipped, st, src.classes, warn)
@@ -312,12 +317,15 @@ def ingest(
     rng = np.random.default_rng(seed)
     by_class: dict[str, set[str]] = defaultdict(set)
     for it in items:
-        by_class[it.label_name].add(it.source_id)
+        if not (st.unassigned == "holdout" and it.source_id in lost):
+            by_class[it.label_name].add(it.source_id)
     for cls in classes:
         if len(by_class[cls]) == 1 and (val_fraction or test_fraction):
             warn.append(f"class {cls} has a single source cell: all of it goes to train, so it "
                         "is not validated; add cells of other slides to validate it")  # fmt: skip
     split_of = _split_sources(by_class, {"val": val_fraction, "test": test_fraction}, rng, classes)
+    if st.unassigned == "holdout":
+        split_of.update({sid: "unassigned" for sid in lost})
     per_split: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, it in enumerate(items):
         per_split[split_of[it.source_id]][it.label_name].append(i)
@@ -402,7 +410,7 @@ def ingest(
     return manifest
 
 
-def _group(items: list, st: IngestSettings, warn: list[str]) -> dict | None:
+def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> dict | None:
     """Trace each crop to its source cell (in place: ``item.source_id``); returns the report.
 
     Rows no method could place keep their own file as source (reported, never merged)."""
@@ -428,11 +436,14 @@ def _group(items: list, st: IngestSettings, warn: list[str]) -> dict | None:
     for it, sid in zip(items, result.source_id):
         if sid is None:
             unassigned += 1  # its own source: the file
+            lost.add(it.source_id)
         else:
             it.source_id = f"{it.label_name}/{sid}" if method != "slides" else str(sid)
     if unassigned:
-        warn.append(f"{unassigned} crop(s) matched no group ({method}); each stays its own "
-                    "source (listed in manifest source.grouping)")  # fmt: skip
+        where = ("kept in the 'unassigned' split, out of train and val" if st.unassigned == "holdout"
+                 else "each is its own source, so copies of one cell may sit in train and val")  # fmt: skip
+        warn.append(f"{unassigned} crop(s) matched no group ({method}): {where} (see manifest "
+                    "source.grouping)")  # fmt: skip
     return {"method": method, "unassigned": unassigned, **result.report()}
 
 
