@@ -63,6 +63,7 @@ GROUP_MIN_SCORE = 0.71
 # the slides are not the ones the crops were cut from. A partial slide set is fine.
 MIN_ASSIGNED = 0.05
 MERGE_SCORE = 0.80
+SMALL_GROUP = 3
 
 
 class GroupingError(ValueError):
@@ -447,10 +448,23 @@ def _group_class(cls: str) -> dict[int, tuple[str, float, float]]:
             refs.add(cells[i], str(i))
             score[i], conf[i] = 1.0, 1.0
     # leaders that verify against each other: a group split in two
+    pairs = []
     for j in range(len(refs)):
         for k, v in _candidates(refs.cells[j], refs, top + 1, 0.4):
-            if k != j and v >= merge_score:
-                parent[find(k)] = find(j)
+            if k != j:
+                pairs.append((v, j, k))
+                if v >= merge_score:
+                    parent[find(k)] = find(j)
+    # a small group (<= SMALL_GROUP crops) whose leader verifies with another group at the
+    # join threshold joins it: a wrong join then costs a few crops, like a wrong single join
+    size = Counter(find(group[i]) for i in idx)
+    for v, j, k in sorted(pairs, reverse=True):
+        a, b = find(j), find(k)
+        if v < min_score or a == b or min(size[a], size[b]) > SMALL_GROUP:
+            continue
+        small, big = (a, b) if size[a] <= size[b] else (b, a)
+        parent[small] = big
+        size[big] += size.pop(small)
     roots = sorted({find(j) for j in range(len(refs))}, key=lambda r: leader_of[r])
     name = {r: f"{cls}/g{n}" for n, r in enumerate(roots)}
     return {i: (name[find(group[i])], round(conf[i], 4), round(score[i], 4)) for i in idx}
