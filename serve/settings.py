@@ -14,7 +14,7 @@ from serve.images import DEFAULT_FORMATS, MEDIA_TYPES
 
 CHECKPOINT_ENV = "CELLMODEL_CHECKPOINT"
 # Where the quickstart (`make demo`, jobs/demo.py) leaves its best checkpoint, from the repo root.
-DEFAULT_CHECKPOINT = "runs/quickstart/model"
+DEFAULT_CHECKPOINT = "models/bundled"  # the bundled model (models/README.md)
 
 
 class AppArgs(BaseModel):
