@@ -16,10 +16,11 @@ Both rest on one comparison of a crop with a reference (another crop or a slide)
    shifts (FFT, both flips, a few zooms) gives the best angle, flip and zoom per reference;
 3. verification: the reference is warped into the crop's frame with that angle, flip and
    zoom, and a masked normalised cross-correlation over all translations (FFT, quarter
-   resolution) scores the whole overlapping picture, red cells included. Same-source pairs
-   score about 0.7-1.0, different cells about 0.2-0.6 (docs/grouping.md).
+   resolution) scores the overlapping picture outside the nucleus (the red cells around
+   it). Same-source pairs score about 0.7-1.0, different cells about 0.2-0.7
+   (docs/grouping.md).
 
-Everything is numpy/scipy; a crop costs a few milliseconds.
+Everything is numpy/scipy; a crop costs 10-30 ms of CPU (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ N_FREQ = 32  # angular frequencies kept (low-pass, and a smaller matrix product)
 # Zooms tried between a crop and a reference (geometric, about 6% apart; the angle step
 # of 5.6 degrees is refined by a parabola through the correlation peak).
 ZOOMS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.88, 1.13, 5))
-# Stage-2 verification on quarter-resolution pictures (half of the half).
+# References verified per crop (stage 2, on quarter-resolution pictures).
 TOP_CANDIDATES = 2
 # Verification ignores the nucleus (dilated by this many quarter-res px): one round blob
 # looks like another; the red cells around it are what identify a slide.
@@ -59,11 +60,14 @@ EXCLUDE_NUCLEUS = 2
 MIN_SCORE = 0.72
 MIN_MARGIN = 0.10  # best minus next other slide: below it two slides fit (duplicate shots)
 GROUP_MIN_SCORE = 0.71
+# Two groups merge at 0.80 (about the 5th percentile of true crop-vs-crop scores, above
+# every false one): a wrong merge costs a whole group. Groups of <= SMALL_GROUP crops may
+# join at GROUP_MIN_SCORE (a wrong join costs a few crops).
+MERGE_SCORE = 0.80
+SMALL_GROUP = 3
 # match_to_slides raises when fewer than this share of (20 or more) crops match any slide:
 # the slides are not the ones the crops were cut from. A partial slide set is fine.
 MIN_ASSIGNED = 0.05
-MERGE_SCORE = 0.80
-SMALL_GROUP = 3
 
 
 class GroupingError(ValueError):
@@ -76,7 +80,13 @@ class SlidesMismatchError(GroupingError):
 
 @dataclass
 class Grouping:
-    """Per input row: its source id (None when unassigned), confidence and score."""
+    """The source of each input row, in input order.
+
+    ``source_id``: ``"CLASS/g<k>"`` (group_crops) or a slide id (match_to_slides), None when
+    unassigned (keep such a row as its own source); ``confidence``: margin of the best match
+    over the next other source, 0..1 (1.0 for a group's leader); ``score``: the best
+    verification score; ``params``: thresholds used (and duplicate slides found).
+    """
 
     source_id: list[str | None]
     confidence: list[float]
