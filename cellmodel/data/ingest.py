@@ -438,7 +438,7 @@ def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> 
             unassigned += 1  # its own source: the file
             lost.add(it.source_id)
         else:
-            it.source_id = f"{it.label_name}/{sid}" if method != "slides" else str(sid)
+            it.source_id = str(sid)  # "CLASS/g<k>" groups, or slide ids
     if unassigned:
         where = ("kept in the 'unassigned' split, out of train and val" if st.unassigned == "holdout"
                  else "each is its own source, so copies of one cell may sit in train and val")  # fmt: skip
