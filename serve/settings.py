@@ -84,7 +84,11 @@ class AppArgs(BaseModel):
         A local relative path is made absolute here, because replicas may start in another
         working directory than the one ``serve run`` was called from.
         """
-        uri = self.checkpoint or os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT
+        uri = self.checkpoint or os.environ.get(CHECKPOINT_ENV)
+        if not uri:
+            # The bundled model, found from any working directory (also inside the image).
+            here = Path(DEFAULT_CHECKPOINT)
+            uri = str(here if here.exists() else Path(__file__).resolve().parents[1] / here)
         return uri if storage.is_remote(uri) else str(Path(uri).expanduser().absolute())
 
 
