@@ -34,6 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--num-gpus", type=float, help="GPUs per classifier actor")
     ap.add_argument("--slides-per-part", type=int, help="slides per output part")
     ap.add_argument("--backend", choices=("eager", "onnx", "auto"), help="model backend")
+    ap.add_argument(
+        "--tta",
+        action="store_true",
+        default=None,
+        help="average each cell over its 8 flips and quarter turns (8x the compute)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N slides (by name)")
     ap.add_argument(
         "--overlays",
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_gpus": args.num_gpus,
                 "slides_per_part": args.slides_per_part,
                 "backend": args.backend,
+                "tta": args.tta,
                 "overlays": args.overlays,
                 "rescale": args.rescale,
                 "train_rbc_diameter_px": args.train_rbc_px,

@@ -66,6 +66,7 @@ class SlidesConfig:
     slides_per_part: int = 64  # slides per output Parquet part
     low_confidence: float = 0.5  # a cell whose top probability is below this is doubtful
     backend: str = "eager"  # Predictor backend: eager, onnx or auto (ONNX Runtime on CPU)
+    tta: bool = False  # average each cell over its 8 flips and quarter turns (8x the compute)
     # Pixel scale (cellmodel.data.scale): cut each cell with a window that shows what a
     # training crop shows, i.e. crop size x slide red-cell diameter / training red-cell
     # diameter, resized to the crop size. The training diameter comes from the
@@ -324,11 +325,15 @@ def find_batch(
 class Classifier:
     """Ray Data actor: loads the checkpoint once, then classifies crop batches."""
 
-    def __init__(self, checkpoint: str, batch_size: int = 32, backend: str = "eager") -> None:
+    def __init__(
+        self, checkpoint: str, batch_size: int = 32, backend: str = "eager", tta: bool = False
+    ) -> None:
         from cellmodel.infer.predictor import Predictor
 
         # Only name a non-default backend, so the default works with any Predictor version.
-        kw = {"backend": backend} if backend != "eager" else {}
+        kw: dict = {"backend": backend} if backend != "eager" else {}
+        if tta:
+            kw["tta"] = True
         self.predictor = Predictor(checkpoint, **kw)
         self.pre = self.predictor.cfg.preprocessing()
         self.batch_size = batch_size
@@ -576,6 +581,7 @@ def run_slides(
                 "checkpoint": checkpoint,
                 "batch_size": cfg.batch_size,
                 "backend": cfg.backend,
+                "tta": cfg.tta,
             },
             batch_size=cfg.batch_size,
             batch_format="numpy",
