@@ -7,7 +7,7 @@ What a user does with a cluster (docs/cluster.md), on 127.0.0.1:
    ``JobSubmissionClient``, the code travelling as the job's ``working_dir``;
 3. ``serve deploy`` the Serve config (serve/config.yaml with a free port and the trained
    checkpoint) and classify a crop over HTTP;
-4. stop that head, and only it, by its own process ids (never ``ray stop``, which would stop
+4. stop that head, and only it, by its own process ids (never a blanket stop command, which would end
    every Ray instance on the machine).
 """
 
