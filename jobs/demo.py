@@ -40,6 +40,13 @@ def serve_once(checkpoint: Path, image: Path) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import os
+
+    import ray
+
+    # Shut Serve down afterwards only if this process started the Ray it runs on; on a
+    # cluster (RAY_ADDRESS) only the demo's own application is removed.
+    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray(quiet=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -54,7 +61,8 @@ def serve_once(checkpoint: Path, image: Path) -> int:
         return 0 if r.status_code == 200 else 1
     finally:
         serve.delete("demo")
-        serve.shutdown()
+        if own_ray:
+            serve.shutdown()
 
 
 def step(n: int, text: str) -> float:

@@ -426,8 +426,11 @@ def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> 
         method = "slides" if st.slides else "near_duplicate"
     if method == "slides" and not st.slides:
         raise IngestError("group=slides needs the slide folder: pass --slides DIR (VOC layout)")
-    images = [decode_image(it.image) for it in items]
     labels = [it.label_name for it in items]
+
+    def images(i: int):  # decoded on demand: the grouping keeps only a small copy of each
+        return decode_image(items[i].image)
+
     if method == "slides":
         result = g.match_to_slides(images, labels, st.slides)
     else:
