@@ -199,6 +199,26 @@ def test_bad_files_skipped_and_reported(sample_dir, tmp_path, s3_bucket):
         load_manifest(str(tmp_path / "out"))
 
 
+def test_one_class_folder_walker_for_ingest_and_evaluation(tmp_path):
+    from cellmodel.data.sources import class_folders, crop_folder
+    from cellmodel.evaluate.data import ClassFolders
+
+    for rel in ("B/x.png", "B/nested/y.JPG", "B/notes.txt", "a/z.jpeg", ".cache/w.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "stray.jpeg").write_bytes(b"")
+    fs, root = storage.get_fs(str(tmp_path))
+    found = {f.name: ([Path(p).name for p in f.images], [Path(p).name for p in f.others])
+             for f in class_folders(fs, root)}  # fmt: skip
+    # Sorted by path (B/nested/ before B/x.png); hidden folders and loose files ignored.
+    assert found == {"B": (["y.JPG", "x.png"], ["notes.txt"]), "a": (["z.jpeg"], [])}
+    src = crop_folder(str(tmp_path))
+    assert [k for k, _ in src.tasks] == ["B/nested/y.JPG", "B/x.png", "a/z.jpeg"]
+    assert [(s.item, s.reason) for s in src.skipped] == [("B/notes.txt", "not_an_image_file")]
+    ev = ClassFolders(str(tmp_path), ["A", "B"])
+    assert [i for i, _, _ in ev.items] == ["B/nested/y.JPG", "B/x.png", "a/z.jpeg"]
+
+
 def test_bad_slide_files_skipped(sample_dir, tmp_path):
     src = tmp_path / "slides"
     shutil.copytree(sample_dir / "slides", src)

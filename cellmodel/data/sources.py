@@ -114,6 +114,34 @@ def detect_layout(uri: str) -> str:
     return "crops"
 
 
+@dataclass
+class ClassFolder:
+    """One ``<root>/<CLASS>/`` folder: its name as written, and the files below it."""
+
+    name: str
+    path: str
+    images: list[str]  # paths with an image extension (``IMAGE_EXTS``), sorted
+    others: list[str]  # every other file, sorted
+
+
+def class_folders(fs, root: str) -> list[ClassFolder]:
+    """The class folders directly under ``root``, sorted by name, hidden ones (``.name``)
+    ignored; each with every file below it (recursively), split by extension.
+
+    The one walker of class-folder trees: ingest's crop folders and evaluation's data."""
+    out = []
+    for e in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        name = posixpath.basename(e["name"].rstrip("/"))
+        if e["type"] != "directory" or name.startswith("."):
+            continue
+        files = sorted(fs.find(e["name"]))
+        is_image = [f.lower().endswith(IMAGE_EXTS) for f in files]
+        out.append(ClassFolder(name, e["name"],
+                               images=[f for f, i in zip(files, is_image) if i],
+                               others=[f for f, i in zip(files, is_image) if not i]))  # fmt: skip
+    return out
+
+
 def crop_folder(
     uri: str,
     classes: list[str] | None = None,
@@ -126,27 +154,22 @@ def crop_folder(
     Every class folder is a class, unless ``classes`` lists the ones to keep."""
     fs, root = storage.get_fs(uri)
     src = Source(str(uri), "crops", source_known=False, grouping="file")
-    subdirs = sorted(p for p in fs.ls(root, detail=False) if fs.isdir(p))
     wanted = {class_name(c) for c in classes} if classes else None
     found = set()
-    for d in subdirs:
-        folder = posixpath.basename(d.rstrip("/"))
-        cls = class_name(folder)
+    for folder in class_folders(fs, root):
+        cls = class_name(folder.name)
         if wanted is not None and cls not in wanted:
-            n = len(fs.find(d))
-            src.skipped.append(Skip(folder + "/", "class_not_listed",
+            n = len(folder.images) + len(folder.others)
+            src.skipped.append(Skip(folder.name + "/", "class_not_listed",
                                     f"folder of {n} files; classes asked for: {sorted(wanted)}"))  # fmt: skip
             continue
         found.add(cls)
-        files = sorted(fs.find(d))
-        images = [f for f in files if f.lower().endswith(IMAGE_EXTS)]
-        for f in files:
-            if f not in images:
-                rel = posixpath.relpath(f, root)
-                src.skipped.append(Skip(rel, "not_an_image_file", "unknown file extension"))
-        if not images:
-            src.skipped.append(Skip(folder + "/", "empty_class_folder", "no image files"))
-        for f in images:
+        for f in folder.others:
+            rel = posixpath.relpath(f, root)
+            src.skipped.append(Skip(rel, "not_an_image_file", "unknown file extension"))
+        if not folder.images:
+            src.skipped.append(Skip(folder.name + "/", "empty_class_folder", "no image files"))
+        for f in folder.images:
             rel = posixpath.relpath(f, root)
             src.tasks.append((rel, _crop_task(fs, f, rel, cls, crop_size, scale)))
     for cls in sorted(wanted or ()):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellmodel import storage
-from cellmodel.data.transforms import IMAGE_EXTS as IMAGE_EXTENSIONS
+from cellmodel.data.sources import class_folders
+from cellmodel.data.transforms import IMAGE_EXTS
 
 
 class EvalDataError(ValueError):
@@ -47,10 +48,11 @@ def _match_classes(names: Sequence[str], classes: Sequence[str], where: str) -> 
 
 
 class ClassFolders:
-    """``<data>/<CLASS>/*.jpeg|jpg|png`` on a local path or any fsspec URI.
+    """``<data>/<CLASS>/*.jpeg`` (any of ``IMAGE_EXTS``) on a local path or any fsspec URI,
+    walked by ingest's walker (``cellmodel.data.sources.class_folders``).
 
     Folder names match the checkpoint's classes case-insensitively; a subset is fine (a
-    test split may lack a class); an unknown name is an error; hidden entries are ignored.
+    test split may lack a class); an unknown name is an error; hidden folders are ignored.
     """
 
     kind = "class_folders"
@@ -63,28 +65,23 @@ class ClassFolders:
                 f"data not found: {uri} is not a folder (give a class-folder tree "
                 "<data>/<CLASS>/*.jpeg or a shard dataset with manifest.json)"
             )
-        dirs = sorted(
-            posixpath.basename(e["name"].rstrip("/"))
-            for e in self.fs.ls(self.path, detail=True)
-            if e["type"] == "directory" and not posixpath.basename(e["name"]).startswith(".")
-        )
-        if not dirs:
+        folders = class_folders(self.fs, self.path)
+        if not folders:
             raise EvalDataError(
                 f"{uri} is empty: it holds no class folders; lay the images out as "
                 f"<data>/<CLASS>/*.jpeg with CLASS one of {', '.join(classes)}"
             )
+        dirs = [f.name for f in folders]
         mapping = _match_classes(dirs, classes, uri)
         self.items: list[tuple[str, str, int]] = []  # (id, path, label)
-        for d in dirs:
-            base = posixpath.join(self.path, d)
-            for e in sorted(self.fs.ls(base, detail=True), key=lambda e: e["name"]):
-                name = posixpath.basename(e["name"])
-                if e["type"] == "file" and name.lower().endswith(IMAGE_EXTENSIONS):
-                    self.items.append((f"{d}/{name}", e["name"], mapping[d]))
+        for folder in folders:
+            for p in folder.images:
+                rel = posixpath.relpath(p, folder.path)
+                self.items.append((f"{folder.name}/{rel}", p, mapping[folder.name]))
         if not self.items:
             raise EvalDataError(
                 f"{uri} is empty: its class folders ({', '.join(dirs)}) hold no images "
-                f"({', '.join(IMAGE_EXTENSIONS)})"
+                f"({', '.join(IMAGE_EXTS)})"
             )
         self.data_classes = sorted({classes[i] for _, _, i in self.items}, key=classes.index)
         self.has_sources = False

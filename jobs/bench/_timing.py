@@ -1,8 +1,8 @@
 """One way to time things for every benchmark: the median and spread of N measurements.
 
-``measure(fn, repeats)`` calls ``fn`` ``repeats`` times (after ``warmup`` untimed calls) and
-returns a ``Timing``; ``median_spread(values)`` summarises figures measured elsewhere (e.g.
-per-epoch images/s). The spread is half the distance between the 25th and 75th
+``measure(fn, repeats)`` calls ``fn`` ``repeats`` times (after ``warmup`` untimed calls; with
+``seconds``, for at least that long) and returns a ``Timing``; ``median_spread(values)``
+summarises figures measured elsewhere (e.g. per-epoch images/s). The spread is half the distance between the 25th and 75th
 percentiles. Baselines are measured in the same run and reported as ratios.
 """
 
@@ -34,13 +34,23 @@ def median_spread(values: Sequence[float]) -> Timing:
     return Timing(statistics.median(vals), (q[2] - q[0]) / 2, len(vals))
 
 
-def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
-    """Seconds per call of ``fn``: median and spread over ``repeats`` timed calls."""
+def measure(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, seconds: float = 0.0
+) -> Timing:
+    """Seconds per call of ``fn``: median and spread over ``repeats`` timed calls, or over
+    as many as fit in ``seconds`` when that is more."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < max(1, repeats) or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return median_spread(times)
+
+
+def per_second(n: float, t: Timing) -> Timing:
+    """Seconds per pass of ``n`` items -> items per second (the spread scaled alike)."""
+    r = n / t.median
+    return Timing(r, r * t.spread / t.median, t.n)

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from cellmodel.cluster import ensure_ray
-from jobs.bench._timing import Timing, measure, median_spread
+from jobs.bench._timing import Timing, measure, median_spread, per_second
 from jobs.bench.ingest import DEFAULT_TRAIN, crop_subset, start_s3
 
 
@@ -42,13 +42,7 @@ def train_rate(name: str, batch: int, steps: int) -> Timing:
         opt.step()
 
     t = measure(step, repeats=steps, warmup=1)  # warm-up: allocations, kernel selection
-    return _rate(batch, t)
-
-
-def _rate(n: int, t: Timing) -> Timing:
-    """Seconds per pass -> items per second (the spread scaled alike)."""
-    r = n / t.median
-    return Timing(r, r * t.spread / t.median, t.n)
+    return per_second(batch, t)
 
 
 def _passes(fn, repeats: int) -> Timing:

@@ -41,6 +41,7 @@ from cellmodel.data.transforms import stack_bytes
 from cellmodel.infer.predictor import Predictor
 from cellmodel.models import build_model, save_checkpoint
 from cellmodel.models.summary import count_flops
+from jobs.bench._timing import measure
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "crops"
 
@@ -51,19 +52,13 @@ def _images(n: int = 32) -> list[bytes]:
 
 
 def _per_image_ms(fn, x: np.ndarray, seconds: float) -> float:
-    """The fastest of repeated calls within ``seconds``: other load on a shared machine only
-    ever adds time, so the minimum is the steadiest estimate of the cost itself."""
-    fn(x)  # warm-up
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while best == float("inf") or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        fn(x)
-        best = min(best, time.perf_counter() - t)
-    return best / len(x) * 1e3
+    """Milliseconds per image of ``fn(x)``: the median of the calls that fit in ``seconds``
+    (at least 5, after a warm-up call), timed like every bench (``_timing.measure``)."""
+    return measure(lambda: fn(x), repeats=5, seconds=seconds).median / len(x) * 1e3
 
 
 def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured fp32 matmul rate of this machine with torch's current threads (best call)."""
+    """Measured fp32 matmul rate of this machine with torch's current threads (median call)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     ms = _per_image_ms(lambda _: a @ b, np.zeros(1), seconds)
     return 2 * size**3 / (ms / 1e3) / 1e9
@@ -87,7 +82,10 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
             ckpt = save_checkpoint(build_model(name), f"{d}/{name}")
             eager = Predictor(ckpt, "cpu", num_threads=threads)
             onnx = Predictor(ckpt, "cpu", backend="onnx", num_threads=threads)
-            extra = [Predictor(ckpt, "cpu", backend="openvino", num_threads=threads)] * has_ov
+            # Built only when installed (a list times False would still build it).
+            extra = (
+                [Predictor(ckpt, "cpu", backend="openvino", num_threads=threads)] if has_ov else []
+            )
             int8 = Predictor(
                 ckpt, "cpu", backend="onnx-int8", num_threads=threads, calibration=_images(32)
             )
@@ -178,25 +176,19 @@ def bench_http(
     raw = Predictor(ckpt, "cpu", backend="auto", num_threads=threads)
     x1 = stack_bytes(images[:1], raw.cfg)
     x8 = stack_bytes(images[:8], raw.cfg)
-    t_raw = _per_image_ms(raw.predict_arrays, x1, 2.0)
+    t_raw = _per_image_ms(raw.predict_arrays, x1, 3.0)
     t_raw8 = _per_image_ms(raw.predict_arrays, x8, 2.0)
     best_rate = 1e3 / min(t_raw, t_raw8)
-    calls, t_end = [], time.perf_counter() + 3.0  # the median too: the endpoint's is a median
-    while len(calls) < 5 or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        raw.predict_arrays(x1)
-        calls.append((time.perf_counter() - t) * 1e3)
-    med = float(np.median(calls))
     print(
-        f"\n## http  ({raw.cfg.name}; raw forward, backend {raw.backend}, {threads} thread(s): "
-        f"batch 1 {t_raw:.2f} ms/img (median {med:.2f}), batch 8 {t_raw8:.2f} ms/img; best rate "
+        f"\n## http  ({raw.cfg.name}; raw forward, backend {raw.backend}, {threads} thread(s), "
+        f"median call: batch 1 {t_raw:.2f} ms/img, batch 8 {t_raw8:.2f} ms/img; best rate "
         f"{best_rate:.1f} img/s)"
     )
     print(
         "| max_batch_size | concurrency | requests | req/s | req/s / raw best rate | p50 ms | "
-        "p95 ms | p99 ms | p50 / raw batch-1 (fastest) | p50 / raw batch-1 (median) |"
+        "p95 ms | p99 ms | p50 / raw batch-1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mbs in batch_sizes:
         _deploy(
             ckpt,
@@ -210,7 +202,7 @@ def bench_http(
             rate = len(lat) / wall
             print(
                 f"| {mbs} | {c} | {len(lat)} | {rate:.1f} | {rate / best_rate:.2f}x | {p50:.1f} | "
-                f"{p95:.1f} | {p99:.1f} | {p50 / t_raw:.2f}x | {p50 / med:.2f}x |",
+                f"{p95:.1f} | {p99:.1f} | {p50 / t_raw:.2f}x |",
                 flush=True,
             )
 
@@ -289,7 +281,7 @@ def bench_ort(models: list[str], threads_list: list[int], seconds: float) -> Non
     """ONNX Runtime's graph optimisation levels and thread spinning, per thread count."""
     from cellmodel.infer.export import OnnxForward, export_onnx
 
-    print("\n## ort  (ONNX Runtime session settings; ms/img, fastest call)")
+    print("\n## ort  (ONNX Runtime session settings; ms/img, median call)")
     print("| model | threads | batch | level none | basic | extended | all | all + spinning |")
     print("|---|---|---|---|---|---|---|---|")
     for name in models:

@@ -2,11 +2,16 @@
 
 Measures, in one run and on one machine:
 
-- model only: ``Predictor.predict_arrays`` on preprocessed batches (images/s), the baseline;
+- model only: ``Predictor.predict_arrays`` on preprocessed batches (images/s, median of
+  ``--model-batches`` batches), the baseline, before and after the end-to-end runs;
 - finder only: decode + find + cut per slide in this process (slides/s), and the finder
-  alone (find_cells on decoded slides) and the red-cell scale estimate alone;
+  alone (find_cells on decoded slides) and the red-cell scale estimate alone (median of
+  ``--repeats`` passes over the slides);
 - end to end: ``run_slides`` on a local Ray instance, from slide files to committed
-  Parquet parts (slides/s and cells/s), including actor start-up and checkpoint loading.
+  Parquet parts (slides/s and cells/s), including actor start-up and checkpoint loading;
+  one job run of n/4 and one of n slides (their difference is the steady state).
+
+Timings go through ``jobs/bench/_timing`` like every bench.
 
 The checkpoint holds random weights of ``--model``: speed does not depend on the weights.
 """
@@ -17,12 +22,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from cellmodel.cluster import ensure_ray
+from jobs.bench._timing import Timing, measure, per_second
 
 DEFAULT_SLIDES = (
     Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "bccd" / "JPEGImages"
@@ -39,6 +44,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--backend", default="eager", help="Predictor backend: eager, onnx, auto")
     ap.add_argument("--model-batches", type=int, default=5, help="batches for model-only timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes of the finder parts")
     ap.add_argument(
         "--train-rbc-px", type=float, default=37.0, help="training red-cell diameter (cut scale)"
     )
@@ -79,40 +85,35 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     x = x.astype(np.float32)
     pred.predict_arrays(x)  # warm-up
 
-    def model_only() -> float:
-        t0 = time.perf_counter()
-        for _ in range(args.model_batches):
-            pred.predict_arrays(x)
-        return args.model_batches * args.batch_size / (time.perf_counter() - t0)
+    def model_only() -> Timing:
+        t = measure(lambda: pred.predict_arrays(x), repeats=args.model_batches, warmup=0)
+        return per_second(args.batch_size, t)
 
     model_before = model_only()
 
-    # The finder alone (one process), on the same slides.
-    # One thread: "per core" figures.
-    t0 = time.perf_counter()
-    imgs = []
-    for _, uri in slides:
-        img = decode_image(Path(uri).read_bytes())
-        imgs.append(img)
-        dets = find_cells(img)
-        if dets:
-            window = crop_window(CROP_SIZE, estimate_rbc_diameter(img), args.train_rbc_px)
-            for d in dets:
-                cut_cell(img, d.center, window, CROP_SIZE)
-    finder_sps = len(slides) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for img in imgs:
-        find_cells(img)
-    find_only_sps = len(imgs) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for img in imgs:
-        estimate_rbc_diameter(img)
-    scale_only_sps = len(imgs) / (time.perf_counter() - t0)
-    del imgs
+    # The finder alone (one process, one thread: "per core" figures), on the same slides:
+    # decode + find + cut, then the finder and the red-cell scale estimate on decoded slides.
+    def finder_pass() -> None:
+        for _, uri in slides:
+            img = decode_image(Path(uri).read_bytes())
+            dets = find_cells(img)
+            if dets:
+                window = crop_window(CROP_SIZE, estimate_rbc_diameter(img), args.train_rbc_px)
+                for d in dets:
+                    cut_cell(img, d.center, window, CROP_SIZE)
+
+    imgs = [decode_image(Path(uri).read_bytes()) for _, uri in slides]
+    n = len(slides)
+    finder = per_second(n, measure(finder_pass, repeats=args.repeats, warmup=0))
+    find_only = per_second(n, measure(lambda: [find_cells(i) for i in imgs], args.repeats, 0))
+    scale_only = per_second(
+        n, measure(lambda: [estimate_rbc_diameter(i) for i in imgs], args.repeats, 0)
+    )
+    imgs.clear()  # free the decoded slides before the Ray runs
 
     # End to end on a local Ray instance (start-up of Ray itself is not counted).
     ensure_ray(num_cpus=args.num_cpus, quiet=True)
-    cfg = SlidesConfig.from_dict(
+    cfg = SlidesConfig.model_validate(
         {
             "batch_size": args.batch_size,
             "concurrency": args.concurrency,
@@ -129,7 +130,8 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
         args.slides, ckpt, os.path.join(tmp, "out"), cfg, limit=args.n, progress=False
     )
     ray.shutdown()
-    model_ips = (model_before + model_only()) / 2
+    model_after = model_only()
+    model_ips = (model_before.median + model_after.median) / 2
     e2e_sps = summary["n_slides"] / summary["seconds"]
     extra_s = summary["seconds"] - small["seconds"]
     steady_sps = (summary["n_slides"] - small["n_slides"]) / extra_s if extra_s > 0 else None
@@ -139,10 +141,16 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
         "slides": summary["n_slides"],
         "cells": summary["n_cells"],
         "model_only_images_per_s": round(model_ips, 2),
-        "model_only_before_after": [round(model_before, 2), round(2 * model_ips - model_before, 2)],
-        "finder_only_slides_per_s": round(finder_sps, 2),
-        "find_cells_slides_per_s": round(find_only_sps, 2),
-        "rbc_scale_slides_per_s": round(scale_only_sps, 2),
+        "model_only_before_after": [round(model_before.median, 2), round(model_after.median, 2)],
+        "model_only_spread_before_after": [
+            round(model_before.spread, 2),
+            round(model_after.spread, 2),
+        ],
+        "finder_only_slides_per_s": round(finder.median, 2),
+        "finder_only_spread": round(finder.spread, 2),
+        "find_cells_slides_per_s": round(find_only.median, 2),
+        "rbc_scale_slides_per_s": round(scale_only.median, 2),
+        "in_process_repeats": args.repeats,
         "end_to_end_slides_per_s": round(e2e_sps, 3),
         "end_to_end_cells_per_s": round(summary["n_cells"] / summary["seconds"], 3),
         "end_to_end_seconds": summary["seconds"],
