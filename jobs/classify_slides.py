@@ -60,6 +60,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="training red-cell diameter (px) when the checkpoint does not record it",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Fault injection for tests (run_slides): stop the part after N committed ones before
+    # its marker, raising or waiting there to be killed.
+    ap.add_argument("--fault-after-parts", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--fault-mode", choices=("raise", "hang"), default="raise",
+                    help=argparse.SUPPRESS)  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             limit=args.limit,
             progress=not args.quiet,
+            fault_after_parts=args.fault_after_parts,
+            fault_mode=args.fault_mode,
         )
     except (SlidesError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,7 +20,6 @@ from cellmodel import CLASSES, storage
 from cellmodel.data.voc import parse_voc
 from cellmodel.infer.finder import match
 from cellmodel.infer.slides import (
-    FAULT_ENV,
     SlidesConfig,
     SlidesError,
     committed_parts,
@@ -107,11 +106,12 @@ def check_results(cells, slides) -> None:
 
 def kill_midway(bucket: str, out: str, gcs_address: str) -> None:
     """Run the command in a subprocess on the session's Ray; SIGKILL it between the cells
-    file and the marker of its second part (held there by the fault hook)."""
-    env = dict(os.environ, RAY_ADDRESS=gcs_address, **{FAULT_ENV: "1:hang"})
+    file and the marker of its second part (held there by the hidden fault flags)."""
+    env = dict(os.environ, RAY_ADDRESS=gcs_address)
     cmd = [sys.executable, "-m", "jobs.classify_slides", "--input", IN.format(bucket=bucket),
            "--checkpoint", f"{bucket}/ckpt", "--output", out, "--quiet", "--concurrency", "1",
-           "--batch-size", "8", "--slides-per-part", "5"]  # fmt: skip
+           "--batch-size", "8", "--slides-per-part", "5",
+           "--fault-after-parts", "1", "--fault-mode", "hang"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     fs, path = storage.get_fs(out)

@@ -4,7 +4,8 @@
 source (a slide, or a file when the source cell is unknown) so that copies of one cell
 never land in two splits, balances the classes of each augmented split by rotating
 minority cells more (never dropping a cell), and writes ``<out>/<split>/part-NNNNN.parquet``
-followed by ``<out>/manifest.json``. The manifest is written last and removed first on
+followed by ``<out>/manifest.json``. The dataset is one unit of the commit protocol
+(``cellmodel.commit``): the manifest is its marker, written last and removed first on
 ``overwrite``, so a reader sees either a whole dataset or none.
 """
 
@@ -13,9 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import posixpath
-import signal
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 import cellmodel
-from cellmodel import storage
+from cellmodel import commit, storage
 from cellmodel.config import Section, validate_settings
 from cellmodel.data import augment, sources
 from cellmodel.data.augment import DEFAULT_ANGLES, Aug
@@ -37,12 +36,19 @@ from cellmodel.data.dataset import (
     SCHEMA,
     SCHEMA_VERSION,
     SPLITS,
-    load_manifest,
 )
 from cellmodel.data.transforms import decode_image
 from cellmodel.data.voc import CROP_SIZE
 
-IN_PROGRESS = "_INGEST_IN_PROGRESS"
+
+def _shard_paths(manifest: dict) -> list[str]:
+    return [s["path"] for v in manifest.get("splits", {}).values() for s in v["shards"]]
+
+
+# A dataset is one unit: the shards of every split, committed by the manifest.
+DATASET = commit.Layout(
+    markers=MANIFEST, data=tuple(f"{s}/part-*.parquet" for s in SPLITS), files=_shard_paths
+)
 
 
 class IngestSettings(Section):
@@ -122,36 +128,18 @@ def _render(item: sources.Item, aug: Aug) -> bytes:
 
 def _clear_destination(out: str) -> None:
     """Make ``out`` hold no dataset: the old manifest goes first (on object stores the
-    dataset vanishes for readers at once), then every shard of ours, old or stray."""
-    fs, root = storage.get_fs(out)
-    fs.invalidate_cache()  # listings below must be current, not this process's old view
-    manifest_path = posixpath.join(root, MANIFEST)
-    old_shards = []
-    if fs.exists(manifest_path):
-        try:
-            old = load_manifest(out)
-            old_shards = [s["path"] for v in old.get("splits", {}).values() for s in v["shards"]]
-        except (FileNotFoundError, KeyError, TypeError):
-            pass  # unreadable old manifest: the pattern sweep below still finds the shards
-        fs.rm(manifest_path)
-    for split in SPLITS:
-        d = posixpath.join(root, split)
-        if fs.exists(d):
-            old_shards += [
-                posixpath.relpath(p, root)
-                for p in fs.find(d)
-                if posixpath.basename(p).startswith("part-") and p.endswith(".parquet")
-            ]
-    for rel in sorted(set(old_shards)):
-        p = posixpath.join(root, rel)
-        if fs.exists(p):
-            fs.rm(p)
+    dataset vanishes for readers at once), then every shard, old or stray."""
+    commit.retract(out, MANIFEST)
+    commit.remove_uncommitted(out, DATASET, markers=[])
 
 
-def _write_marker(out: str) -> None:
-    body = json.dumps({"pid": os.getpid(), "started": _now()}).encode()
+def _probe_destination(out: str) -> None:
+    """Fail before any work when ``out`` cannot be written."""
+    probe = storage.join(out, ".write-test")
     try:
-        storage.write_bytes(storage.join(out, IN_PROGRESS), body)
+        storage.write_bytes(probe, b"")
+        fs, path = storage.get_fs(probe)
+        fs.rm(path)
     except Exception as e:  # any client error (permissions, credentials, no bucket) here
         raise IngestError(f"cannot write to destination {out}: {type(e).__name__}: {e}") from e
 
@@ -199,15 +187,14 @@ def _plan_split(
 
 
 class _ShardWriter:
-    """Renders rows (in a thread pool: decode, rotate, encode) and writes numbered shards."""
+    """Renders rows (in a thread pool: decode, rotate, encode) and writes numbered shards
+    as data files of the dataset's commit ``unit``."""
 
-    def __init__(self, out, items, shard_rows, row_group_rows, workers, classes,
-                 kill_after: int = 0) -> None:  # fmt: skip
-        self.out, self.items, self.classes = out, items, classes
+    def __init__(self, unit: commit.Unit, items, shard_rows, row_group_rows, workers,
+                 classes) -> None:  # fmt: skip
+        self.unit, self.items, self.classes = unit, items, classes
         self.shard_rows, self.row_group_rows = shard_rows, row_group_rows
         self.pool = ThreadPoolExecutor(max(1, workers))
-        self.written = 0
-        self.kill_after = kill_after
 
     def __enter__(self) -> _ShardWriter:
         return self
@@ -239,12 +226,9 @@ class _ShardWriter:
                 [self._row(r, im) for r, im in zip(chunk, images)], self.row_group_rows
             )
             rel = f"{split}/part-{n:05d}.parquet"
-            storage.write_bytes(storage.join(self.out, rel), data)
             digest = hashlib.sha256(data).hexdigest()
             shards.append({"path": rel, "rows": len(chunk), "bytes": len(data), "sha256": digest})
-            self.written += 1
-            if self.kill_after and self.written >= self.kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.unit.write(rel, data)
         return shards
 
 
@@ -281,7 +265,7 @@ def ingest(
         st.augment_val, st.shard_rows, st.row_group_rows, st.overwrite)  # fmt: skip
     src = sources.open_source(source, layout, st.classes or None, st.crop_size, st.scale)
     _check_destination(out, overwrite)
-    _write_marker(out)
+    _probe_destination(out)
 
     items: list[sources.Item] = []
     skipped = list(src.skipped)
@@ -291,7 +275,6 @@ def ingest(
         (items if isinstance(r, sources.Item) else skipped).append(r)
     skip_counts = dict(sorted(Counter(s.reason for s in skipped).items()))
     if not items:
-        _remove_marker(out)
         raise IngestError(
             f"nothing valid to ingest from {source} ({len(skipped)} skipped: {skip_counts}); "
             "check the source layout (class folders of crops, or JPEGImages/Annotations/"
@@ -345,8 +328,9 @@ def ingest(
         warnings.warn(w, stacklevel=2)
 
     _clear_destination(out)
-    writer = _ShardWriter(out, items, shard_rows, row_group_rows, workers, classes,
-                          kill_after_shards)  # fmt: skip
+    fault = commit.Fault(kill_after_shards, "kill") if kill_after_shards else None
+    unit = commit.Unit(out, DATASET, MANIFEST, fault=fault)
+    writer = _ShardWriter(unit, items, shard_rows, row_group_rows, workers, classes)
     bar = tqdm(
         total=sum(map(len, plans.values())), desc="write shards", unit="img", disable=not progress
     )
@@ -405,9 +389,7 @@ def ingest(
         "notes": notes,
         "warnings": warn,
     }
-    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
-    _remove_marker(out)
-    return manifest
+    return unit.commit(manifest)
 
 
 def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> dict | None:
@@ -493,12 +475,6 @@ def _geometry(items: list, st: IngestSettings) -> dict:
         geo["rbc_diameter_px"] = round(float(np.median(got)), 2)
         geo["rbc_diameter_images"] = len(got)
     return geo
-
-
-def _remove_marker(out: str) -> None:
-    fs, marker = storage.get_fs(storage.join(out, IN_PROGRESS))
-    if fs.exists(marker):
-        fs.rm(marker)
 
 
 def _check_destination(out: str, overwrite: bool) -> None:

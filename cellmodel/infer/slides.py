@@ -12,10 +12,11 @@ The pipeline is two Ray Data stages and one writer:
    ``cells/part-H.parquet``, ``slides/part-H.parquet``, then ``_committed/part-H.json``
    last. ``H`` is a hash of the slide ids in the part.
 
-Exactly once: a part exists for readers only once its marker exists. A re-run reads the
-markers, skips committed slides, and deletes data files without a marker (left by a run
-killed between the data files and the marker), so no slide is ever counted twice.
-Only one run at a time may write to one output.
+Exactly once, by the commit protocol (``cellmodel.commit``, ``PARTS``): a part exists for
+readers only once its marker exists. A re-run reads the markers, skips committed slides,
+and deletes data files without a marker (left by a run killed between the data files and
+the marker), so no slide is ever counted twice. Only one run at a time may write to one
+output.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellmodel import storage
+from cellmodel import commit, storage
 from cellmodel.infer.finder import FinderConfig, find_cells
 
 log = logging.getLogger(__name__)
@@ -42,17 +44,16 @@ from cellmodel.data.transforms import IMAGE_EXTS as IMAGE_EXTENSIONS  # noqa: E4
 COMMITTED = "_committed"
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "summary.json"
-# Fault injection for tests: "N" makes the run stop after the cells file of its part
-# N+1 (raising InjectedFault), "N:hang" makes it wait there to be killed.
-FAULT_ENV = "CELLMODEL_SLIDES_FAULT_AFTER_PARTS"
+# The output in the commit protocol: per part, two data files committed by one marker.
+PARTS = commit.Layout(
+    markers=f"{COMMITTED}/*.json",
+    data=("cells/*", "slides/*"),
+    files=lambda m: [f"cells/{m['part']}.parquet", f"slides/{m['part']}.parquet"],
+)
 
 
 class SlidesError(RuntimeError):
     """A user mistake: no slides at the input, an output written by another checkpoint..."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised on purpose when ``CELLMODEL_SLIDES_FAULT_AFTER_PARTS`` is set."""
 
 
 @dataclass(kw_only=True)
@@ -164,33 +165,7 @@ def part_name(slide_ids: list[str]) -> str:
 
 def committed_parts(output: str) -> list[dict]:
     """The markers of every committed part (what readers may see), sorted by name."""
-    fs, path = storage.get_fs(output)
-    mdir = f"{path.rstrip('/')}/{COMMITTED}"
-    fs.invalidate_cache()  # s3fs caches listings; another run may have written since
-    if not fs.exists(mdir):
-        return []
-    return [
-        json.loads(fs.cat_file(p))
-        for p in sorted(fs.find(mdir))
-        if p.endswith(".json") and not os.path.basename(p).startswith(".")
-    ]
-
-
-def remove_orphans(output: str, parts: list[dict]) -> list[str]:
-    """Delete data files whose part has no marker (an interrupted run); their paths."""
-    fs, path = storage.get_fs(output)
-    keep = {p["part"] for p in parts}
-    removed = []
-    for sub in ("cells", "slides"):
-        d = f"{path.rstrip('/')}/{sub}"
-        if not fs.exists(d):
-            continue
-        for p in fs.find(d):
-            stem = os.path.basename(p).split(".")[0]
-            if stem not in keep:
-                fs.rm(p)
-                removed.append(p)
-    return removed
+    return commit.committed(output, PARTS)
 
 
 def check_job(output: str, job: dict) -> None:
@@ -428,25 +403,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_part(
-    output: str, slides: list[dict], cells: list[dict], classes: list[str], *, fault: str = ""
+    output: str,
+    slides: list[dict],
+    cells: list[dict],
+    classes: list[str],
+    *,
+    fault: commit.Fault | None = None,
 ) -> dict:
     """Write one part (cells, slides, then the marker) and return its marker.
 
-    ``fault`` ("raise" or "hang", for tests) stops after the cells file: the worst moment
-    for a kill.
+    ``fault`` (tests) stops the part after its first data file, the cells file when
+    ``after_files`` is 1: the worst moment for a kill.
     """
     name = part_name([s["slide_id"] for s in slides])
-    cells_table = _cells_table(cells, classes)
-    storage.write_bytes(
-        storage.join(output, "cells", f"{name}.parquet"), _parquet_bytes(cells_table)
-    )
-    if fault == "hang":
-        log.warning("%s: waiting to be killed after the cells file of %s", FAULT_ENV, name)
-        time.sleep(3600)
-    if fault:
-        raise InjectedFault(f"{FAULT_ENV} is set: stopping after the cells file of {name}")
+    unit = commit.Unit(output, PARTS, f"{COMMITTED}/{name}.json", fault=fault)
+    unit.write(f"cells/{name}.parquet", _parquet_bytes(_cells_table(cells, classes)))
     stable = pa.Table.from_pylist(slides, schema=_slides_schema(classes))
-    storage.write_bytes(storage.join(output, "slides", f"{name}.parquet"), _parquet_bytes(stable))
+    unit.write(f"slides/{name}.parquet", _parquet_bytes(stable))
     marker = {
         "part": name,
         "slides": [s["slide_id"] for s in slides],
@@ -458,10 +431,7 @@ def write_part(
         "counts": {c: sum(s[f"count_{c.lower()}"] for s in slides) for c in classes},
         "errors": {s["slide_id"]: s["reason"] for s in slides if s["status"] != "ok"},
     }
-    storage.write_bytes(
-        storage.join(output, COMMITTED, f"{name}.json"), json.dumps(marker).encode()
-    )
-    return marker
+    return unit.commit(marker)
 
 
 # ---------------------------------------------------------------- the job
@@ -522,11 +492,17 @@ def run_slides(
     *,
     limit: int | None = None,
     progress: bool = True,
+    fault_after_parts: int | None = None,
+    fault_mode: Literal["raise", "hang"] = "raise",
 ) -> dict:
     """Classify every slide under ``input_uri`` not yet committed in ``output``.
 
     Returns the summary (also written to ``<output>/summary.json``), with ``n_new``
     (slides processed by this run), ``n_skipped`` and ``seconds``.
+
+    ``fault_after_parts`` (tests): after committing that many parts, stop the next part
+    between its cells file and its marker: raise ``commit.InjectedFault`` (``fault_mode``
+    "raise") or wait there to be killed ("hang").
     """
     import ray
     from tqdm import tqdm
@@ -547,7 +523,7 @@ def run_slides(
     job["scale"] = {"train_rbc_diameter_px": train_rbc, "from": scale_from}
     check_job(output, job | {"model": meta.get("model_name")})
     parts = committed_parts(output)
-    for p in remove_orphans(output, parts):
+    for p in commit.remove_uncommitted(output, PARTS, parts):
         log.warning("removed %s: written by an interrupted run without its marker", p)
     done = {s for p in parts for s in p["slides"]}
     todo = [(sid, uri) for sid, uri in slides if sid not in done]
@@ -588,7 +564,8 @@ def run_slides(
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_gpus=_actor_gpus(cfg),
         )
-        _collect(ds, output, classes, cfg, parts, len(todo), progress and tqdm)
+        fault = None if fault_after_parts is None else (fault_after_parts, fault_mode)
+        _collect(ds, output, classes, cfg, parts, len(todo), progress and tqdm, fault)
     summary = summarize(output)
     summary.update(
         n_new=len(todo),
@@ -617,8 +594,11 @@ def training_scale(meta: dict, cfg: SlidesConfig) -> tuple[float | None, str]:
     return None, "unknown: neither the checkpoint nor the settings give it; no rescale"
 
 
-def _collect(ds, output, classes, cfg, parts, total, tqdm_cls) -> None:
-    """Group the classified rows per slide and write complete slides part by part."""
+def _collect(ds, output, classes, cfg, parts, total, tqdm_cls, fault=None) -> None:
+    """Group the classified rows per slide and write complete slides part by part.
+
+    ``fault``: ``(after_parts, mode)``, see ``run_slides``.
+    """
     pending: dict[str, list[dict]] = {}
     written = 0  # parts committed by this run
     group_slides: list[dict] = []
@@ -640,10 +620,10 @@ def _collect(ds, output, classes, cfg, parts, total, tqdm_cls) -> None:
             if bar:
                 bar.update(1)
             if len(group_slides) >= cfg.slides_per_part:
-                _flush(output, group_slides, group_cells, classes, parts, written, cfg)
+                _flush(output, group_slides, group_cells, classes, parts, cfg, fault, written)
                 written += 1
     if group_slides:
-        _flush(output, group_slides, group_cells, classes, parts, written, cfg)
+        _flush(output, group_slides, group_cells, classes, parts, cfg, fault, written)
     if bar:
         bar.close()
     if pending:
@@ -655,14 +635,16 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _flush(output, group_slides, group_cells, classes, parts, written: int, cfg=None) -> None:
-    if cfg is not None and cfg.overlays:
+def _flush(output, group_slides, group_cells, classes, parts, cfg, fault, written) -> None:
+    """Commit one part; ``written`` parts are committed by this run so far."""
+    if cfg.overlays:
         from cellmodel.infer.report import write_overlays
 
         write_overlays(output, group_slides, group_cells, classes, cfg.low_confidence)
-    after, _, mode = os.environ.get(FAULT_ENV, "").partition(":")
-    fault = (mode or "raise") if after.isdigit() and written >= int(after) else ""
-    parts.append(write_part(output, group_slides, group_cells, classes, fault=fault))
+    # The fault (tests) hits the first part past its count, right after the cells file.
+    hit = fault is not None and written >= fault[0]
+    stop = commit.Fault(after_files=1, mode=fault[1]) if hit else None
+    parts.append(write_part(output, group_slides, group_cells, classes, fault=stop))
     name, n_slides, n_cells = parts[-1]["part"], len(group_slides), len(group_cells)
     log.info("committed %s (%d slides, %d cells)", name, n_slides, n_cells)
     group_slides.clear()
