@@ -3,6 +3,10 @@
 Finds the white cells on every slide, classifies them on a Ray Data actor pool and writes
 Parquet per cell and per slide, plus ``summary.json``. Re-running skips committed slides,
 so an interrupted run is resumed by running the same command again.
+
+Settings come from ``--config`` (default ``jobs/configs/slides.toml``), then
+``key=value`` overrides with TOML values (``finder.min_area=1500 tta=true``), then the
+flags below.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
 
 
-def load_config(path: str | None, overrides: dict):
-    """The job's ``SlidesConfig`` from a TOML file plus command-line overrides."""
+def load_config(path: str | None, flags: dict, overrides: list[str] | None = None):
+    """The job's ``SlidesConfig``: a TOML file, ``key=value`` overrides, then flags."""
     from cellmodel.infer.slides import load_config as load
 
-    return load(path or DEFAULT_CONFIG, overrides)
+    return load(path or DEFAULT_CONFIG, flags, overrides)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
     ap.add_argument("--output", required=True, help="output folder or URI (resumable)")
     ap.add_argument("--config", help=f"TOML settings (default {DEFAULT_CONFIG.name})")
+    ap.add_argument(
+        "overrides", nargs="*", help="key=value settings over the file's (finder.min_area=1500)"
+    )
     ap.add_argument("--batch-size", type=int, help="cells per model batch")
     ap.add_argument("--concurrency", type=int, help="classifier actors")
     ap.add_argument("--num-gpus", type=float, help="GPUs per classifier actor")
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rescale": args.rescale,
                 "train_rbc_diameter_px": args.train_rbc_px,
             },
+            args.overrides,
         )
         # Fail before any work if the output cannot be written.
         probe = storage.join(args.output, ".write-test")

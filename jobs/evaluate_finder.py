@@ -1,7 +1,7 @@
 """Evaluate the slide job on annotated slides (BCCD / Pascal VOC layout), in one command.
 
     python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K]
-        [--checkpoint URI --output URI]
+        [--checkpoint URI --output URI] [--config FILE] [key=value ...]
 
 1. The white-cell finder against the VOC ``WBC`` boxes: recall and precision at
    IoU >= 0.5 (greedy one-to-one matching, best score first), with the settings of
@@ -14,7 +14,9 @@
    ``--output``), and each slide's ``top_class`` is compared with ``labels.csv`` on the
    slides with exactly one label among the model's classes.
 
-The work is done in ``cellmodel.infer.finder_eval``; this module only reads arguments.
+Settings are the slide job's (``--config``, default ``jobs/configs/slides.toml``, then
+``key=value`` overrides such as ``finder.split_elongation=1.6``). The work is done in
+``cellmodel.infer.finder_eval``; this module only reads arguments.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="where the slide job writes (default: a temporary folder)")
     ap.add_argument("--overlays", action="store_true", help="slide job: write overlays too")
     ap.add_argument("--config", help="slide-job TOML (default jobs/configs/slides.toml)")
+    ap.add_argument("overrides", nargs="*", help="key=value settings over the file's")
     ap.add_argument("--iou", type=float, default=0.5, help="IoU for a match (default 0.5)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -58,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from cellmodel.infer.slides import load_config
 
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, {"overlays": args.overlays or None})
+        cfg = load_config(
+            args.config or DEFAULT_CONFIG, {"overlays": args.overlays or None}, args.overrides
+        )
         if args.cv:
             res = finder_eval.cross_validate(
                 args.slides,
                 args.cv,
-                base=cfg.finder.to_dict(),
+                base=cfg.finder,
                 iou_threshold=args.iou,
                 compose=not args.no_compose,
                 seed=args.seed,
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             f = finder_eval.evaluate_finder(
                 args.slides,
-                cfg.finder.to_dict(),
+                cfg.finder,
                 args.iou,
                 args.limit,
                 exclude=[x for x in args.exclude.split(",") if x],

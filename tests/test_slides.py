@@ -17,12 +17,14 @@ import s3fs
 from PIL import Image
 
 from cellmodel import CLASSES, storage
+from cellmodel.config import ConfigError
 from cellmodel.data.voc import parse_voc
 from cellmodel.infer.finder import match
 from cellmodel.infer.slides import (
     SlidesConfig,
     SlidesError,
     committed_parts,
+    load_config,
     read_results,
     run_slides,
 )
@@ -132,7 +134,7 @@ def kill_midway(bucket: str, out: str, gcs_address: str) -> None:
 
 def test_killed_run_resumes_without_duplicates(ray_session, bucket):
     out = f"{bucket}/out-resume"
-    cfg = SlidesConfig.from_dict(CFG)
+    cfg = SlidesConfig(**CFG)
     kill_midway(bucket, out, ray_session.get_runtime_context().gcs_address)
     assert len(committed_parts(out)) == 1
     fs, path = storage.get_fs(out)
@@ -221,8 +223,11 @@ def test_command_line_errors_are_one_line(bucket, tmp_path, capsys):
         str(tmp_path / "o"),
         "--batch-size",
         "0",
+        "finder.min_area=-1",
+        "backend=tf",
     )
-    assert rc == 2 and "batch_size" in err
+    # Every bad setting, from the flags and the overrides, in the one line.
+    assert rc == 2 and all(k in err for k in ("batch_size", "finder.min_area", "backend"))
 
 
 def test_slide_class_evaluation_joins_labels(ray_session, bucket):
@@ -231,7 +236,7 @@ def test_slide_class_evaluation_joins_labels(ray_session, bucket):
 
     # Reuses the finished output of the resume test when it ran first (then nothing to do).
     out = f"{bucket}/out-resume"
-    res = evaluate_slide_class(f"{bucket}/in", f"{bucket}/ckpt", out, SlidesConfig.from_dict(CFG))
+    res = evaluate_slide_class(f"{bucket}/in", f"{bucket}/ckpt", out, SlidesConfig(**CFG))
     labels = read_labels_csv((SAMPLE / "slides" / "labels.csv").read_bytes())
     _, slides = read_results(out)
     right = total = 0
@@ -278,14 +283,53 @@ def test_classifier_stage_matches_the_predictor(tmp_path, backend):
 def test_training_scale_comes_from_the_checkpoint_then_the_settings():
     from cellmodel.infer.slides import training_scale
 
-    on = SlidesConfig.from_dict({"train_rbc_diameter_px": 40.0})
+    on = SlidesConfig(train_rbc_diameter_px=40.0)
     assert training_scale({"data": {"rbc_diameter_px": 38.5}}, on) == (38.5, "checkpoint")
     assert training_scale({"data": {}}, on)[0] == 40.0
     assert training_scale({}, SlidesConfig())[0] is None
-    off = SlidesConfig.from_dict({"rescale": False, "train_rbc_diameter_px": 40.0})
+    off = SlidesConfig(rescale=False, train_rbc_diameter_px=40.0)
     assert training_scale({"data": {"rbc_diameter_px": 38.5}}, off)[0] is None
-    with pytest.raises(ValueError, match="train_rbc_diameter_px"):
-        SlidesConfig.from_dict({"train_rbc_diameter_px": -1})
+    with pytest.raises(ConfigError, match="train_rbc_diameter_px"):
+        load_config(None, {"train_rbc_diameter_px": -1})
+
+
+def test_settings_file_overrides_and_flags():
+    shipped = load_config(classify_slides.DEFAULT_CONFIG)
+    # slides.toml spells out the defaults, [finder] included: the two cannot drift apart.
+    assert shipped == SlidesConfig()
+    cfg = load_config(
+        classify_slides.DEFAULT_CONFIG,
+        {"tta": True, "batch_size": None},  # None: the flag was not given
+        ["finder.min_area=1500", "batch_size=8", "backend=onnx"],
+    )
+    assert (cfg.tta, cfg.batch_size, cfg.backend, cfg.finder.min_area) == (True, 8, "onnx", 1500.0)
+    assert load_config(None, {"batch_size": 4}, ["batch_size=8"]).batch_size == 4  # flags last
+
+
+def test_bad_settings_are_reported_together(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'batch_size = 0\nbackend = "tf"\nbogus = 1\n[finder]\nmin_areaa = 3\ndownsample = 0\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, {"low_confidence": 2.0}, ["finder.split_elongation=0.5"])
+    msg = str(e.value)
+    for what in (
+        "batch_size",
+        "backend",
+        "unknown key bogus",
+        "low_confidence",
+        "unknown key finder.min_areaa",
+        "finder.downsample",
+        "finder.split_elongation",
+    ):
+        assert what in msg, (what, msg)
+    assert "known keys there:" in msg and "min_area" in msg  # says what would be right
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        (tmp_path / "broken.toml").write_text("batch_size = = 3")
+        load_config(tmp_path / "broken.toml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
 
 
 def test_cut_cell_keeps_the_cell_centred():
@@ -339,7 +383,7 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
         build_model("tiny_bilstm"), str(tmp_path / "ck"), data={"rbc_diameter_px": 38.0}
     )
     out = str(tmp_path / "out")
-    cfg = SlidesConfig.from_dict(CFG | {"overlays": True, "low_confidence": 0.9})
+    cfg = SlidesConfig(**CFG, overlays=True, low_confidence=0.9)
     s = run_slides(str(root), ckpt, out, cfg, progress=False)
     assert s["n_slides"] == 5 and s["train_rbc_diameter_px"] == 38.0
     cells, slides = read_results(out)

@@ -14,7 +14,9 @@ pink (blue close to green) and the background is pale. So the finder:
 4. splits blobs that hold several cells: the distance transform of a blob has one peak
    per cell; two peaks are two cells when the valley between them is at least
    ``split_depth`` deep (a watershed with h-maxima markers) and they are at least
-   ``split_min_dist`` apart; each pixel then goes to its nearest peak;
+   ``split_min_dist`` apart; each pixel then goes to its nearest peak. A blob with one
+   peak is cut at its narrowest cross-section when it is elongated, but only when each
+   side then holds a whole cell's nucleus (``split_part_area``), not one neutrophil lobe;
 5. keeps cells whose nucleus area is large enough (platelets are small) and whose
    nucleus is not larger than one cell can be;
 6. fits a box to the cell's own extent: the nucleus box grown by a margin that depends on
@@ -32,10 +34,13 @@ Only numpy and PIL are used: no scipy, no OpenCV.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
+from pydantic import Field
+
+from cellmodel.config import Section
 
 # Settings that change the pixel stage (find_nuclei); the others only change boxes/scores.
 PIXEL_SETTINGS = (
@@ -51,54 +56,47 @@ PIXEL_SETTINGS = (
     "split_min_area",
     "split_elongation",
     "split_length",
+    "split_part_area",
 )
 
 
-@dataclass(kw_only=True)
-class FinderConfig:
+class FinderConfig(Section):
     """Tuning of the white-cell finder; defaults chosen by cross-validation on BCCD.
 
+    The ``[finder]`` section of the slide job's settings (``SlidesConfig.finder``).
     Lengths are in full-resolution slide pixels unless said otherwise.
     """
 
-    downsample: int = 4  # work at 1/4 resolution: a nucleus stays 15-25 px across
-    min_threshold: float = 20.0  # absolute blue-green floor: below it nothing is a nucleus
-    rel_floor: float = 0.5  # threshold >= rel_floor x the slide's 99.5th stain percentile
-    max_threshold: float = 80.0  # cap on the per-slide threshold, for heavily stained slides
-    open_size: int = 3  # opening kernel (pixels at working scale): removes specks
-    merge_size: int = 7  # closing (working-scale px) joining the lobes of one nucleus
-    cell_level: float = 0.4  # cytoplasm: smoothed stain above this x the nucleus threshold
-    split_depth: float = 1.5  # working-scale px: a valley this deep separates two cells
-    split_min_dist: float = 90.0  # two cells' peaks are at least this far apart
-    split_min_area: float = 2000.0  # each part of a split blob holds this much nucleus
+    downsample: int = Field(4, ge=1)  # work at 1/4 resolution: a nucleus stays 15-25 px across
+    min_threshold: float = Field(20.0, ge=0)  # absolute blue-green floor: below it, no nucleus
+    rel_floor: float = Field(0.5, ge=0, le=1)  # threshold >= this x the 99.5th stain percentile
+    max_threshold: float = Field(80.0, ge=0)  # cap on the per-slide threshold (dark slides)
+    open_size: int = Field(3, ge=0)  # opening kernel (pixels at working scale): removes specks
+    merge_size: int = Field(7, ge=0)  # closing (working-scale px) joining one nucleus' lobes
+    cell_level: float = Field(0.4, gt=0)  # cytoplasm: smoothed stain above this x the threshold
+    split_depth: float = Field(1.5, ge=0)  # working-scale px: a valley this deep parts two cells
+    split_min_dist: float = Field(90.0, ge=0)  # two cells' peaks are at least this far apart
+    split_min_area: float = Field(2000.0, ge=0)  # each part of a split blob holds this nucleus
     # A blob with one peak (overlapping cells leave no valley) is still cut in two at its
-    # narrowest cross-section when it is this elongated (major / minor axis) and this long.
-    split_elongation: float = 1.7
-    split_length: float = 200.0
-    min_area: float = 2000.0  # nucleus area (px); platelets are smaller
-    max_cell_size: float = 300.0  # a nucleus wider or higher than this is not one cell
+    # narrowest cross-section when it is this elongated (major / minor axis) and this long,
+    # and each part then holds at least split_part_area of nucleus: a whole cell's nucleus,
+    # not one lobe of a neutrophil (see _split_elongated).
+    split_elongation: float = Field(1.5, ge=1)
+    split_length: float = Field(200.0, ge=0)
+    split_part_area: float = Field(3500.0, ge=0)
+    min_area: float = Field(2000.0, ge=0)  # nucleus area (px); platelets are smaller
+    max_cell_size: float = Field(260.0, gt=0)  # a nucleus wider or higher is not one cell
     # Box side, per axis: cell_grow x whole-cell side + grow x nucleus side + margin
     # + margin_gap x (1 - fill), centred on the whole cell; fitted by least squares.
-    cell_grow: float = 0.81
-    grow: float = 0.2341
-    margin: float = 22.14  # px
-    margin_gap: float = 14.49  # px per unit of its box the nucleus leaves empty (lobed nuclei)
-    min_cell_size: float = 60.0  # the box is at least this wide/high
-    min_score: float = 0.0  # boxes below this score are dropped
+    cell_grow: float = 0.8186
+    grow: float = 0.2732
+    margin: float = 18.05  # px
+    margin_gap: float = 9.22  # px per unit of its box the nucleus leaves empty (lobed nuclei)
+    min_cell_size: float = Field(60.0, ge=0)  # the box is at least this wide/high
+    min_score: float = Field(0.0, ge=0, le=1)  # boxes below this score are dropped
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> FinderConfig:
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown finder settings {sorted(unknown)}; known settings: {sorted(known)}"
-            )
-        return cls(**d)
+        return self.model_dump(mode="json")
 
 
 @dataclass(frozen=True)
@@ -433,8 +431,12 @@ def _split_elongated(comp: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: i
     Two overlapping cells make one blob with no valley between their distance peaks, but
     an elongated one (about 1.9 x as long as wide for discs overlapping by a fifth); a
     single cell is close to round. The cut is perpendicular to the major axis, where the
-    blob is narrowest within its middle 60 %; both parts must hold ``split_min_area`` of
-    nucleus. All zeros when the blob is one cell.
+    blob is narrowest within its middle 60 %. Elongation alone is weak evidence: a lobed
+    neutrophil, or a cell with a bulge of cytoplasm, is elongated too, and cutting it
+    leaves one lobe on one side (2,200-2,600 px of nucleus on BCCD) where two cells leave
+    a whole nucleus on each side (the smallest single-cell nucleus of the 278 BCCD slides
+    holds about 4,500 px). So both parts must hold ``split_part_area`` of nucleus (and at
+    least ``split_min_area``). All zeros when the blob is one cell.
     """
     zero = np.zeros(comp.shape, np.int32)
     ys, xs = np.nonzero(comp)
@@ -457,7 +459,7 @@ def _split_elongated(comp: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: i
         return zero
     cut = lo + a + int(np.argmin(width[a : b + 1]))
     owner = (t > cut).astype(np.int32)
-    min_px = cfg.split_min_area / (ds * ds)
+    min_px = max(cfg.split_min_area, cfg.split_part_area) / (ds * ds)
     if (nuc & (owner == 0)).sum() < min_px or (nuc & (owner == 1)).sum() < min_px:
         return zero
     return owner

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from cellmodel import storage
+from cellmodel.config import validate_settings
 from cellmodel.infer.finder import (
     PIXEL_SETTINGS,
     FinderConfig,
@@ -185,16 +186,23 @@ def _f1(s: dict) -> float:
     return 2 * r * p / (r + p) if r + p else 0.0
 
 
+def finder_settings(finder: FinderConfig | dict | None) -> FinderConfig:
+    """``finder`` as validated settings (a dict is checked like the ``[finder]`` section)."""
+    if isinstance(finder, FinderConfig):
+        return finder
+    return validate_settings(FinderConfig, dict(finder or {}))
+
+
 def evaluate_finder(
     slides: str,
-    finder: dict | None = None,
+    finder: FinderConfig | dict | None = None,
     iou_threshold: float = 0.5,
     limit: int | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     min_box: float = 0.0,
 ) -> dict:
     """Finder recall/precision against the WBC boxes of every annotated slide."""
-    cfg = FinderConfig.from_dict(finder)
+    cfg = finder_settings(finder)
     data = load_slides(slides, limit, exclude, min_box)
     dets, missed, t_find = [], [], 0.0
     for s in data:
@@ -267,7 +275,7 @@ def cross_validate(
     slides: str,
     k: int = 5,
     *,
-    base: dict | None = None,
+    base: FinderConfig | dict | None = None,
     pixel_grid: dict[str, list] | None = None,
     box_grid: dict[str, list] | None = None,
     iou_threshold: float = 0.5,
@@ -306,9 +314,9 @@ def cross_validate(
     is_composed = np.asarray([s.composed for s in data])
 
     # The pixel stage once per pixel setting, for every slide.
-    base_cfg = FinderConfig.from_dict(base)
+    base_cfg = finder_settings(base)
     cache: dict[tuple, list[list[Nucleus]]] = {}
-    pixel_cfgs = [FinderConfig.from_dict(base_cfg.to_dict() | g) for g in _grid(pixel_grid)]
+    pixel_cfgs = [finder_settings(base_cfg.to_dict() | g) for g in _grid(pixel_grid)]
     t0 = time.perf_counter()
     for i, cfg in enumerate(pixel_cfgs):
         key = _pixel_key(cfg)
@@ -325,7 +333,7 @@ def cross_validate(
             tr_truth = [truths[i] for i in train]
             margins = fit_box_margins(tr_nuc, tr_truth)
             for g in _grid(box_grid):
-                c = FinderConfig.from_dict(cfg.to_dict() | margins | g)
+                c = finder_settings(cfg.to_dict() | margins | g)
                 dets = [
                     [d.as_tuple() for d in boxes_from_nuclei(n, data[i].image.size, c)]
                     for n, i in zip(tr_nuc, train, strict=True)

@@ -27,14 +27,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from cellmodel import commit, storage
+from cellmodel.config import Section, apply_overrides, read_toml, validate_settings
 from cellmodel.infer.finder import FinderConfig, find_cells
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,20 @@ class SlidesError(RuntimeError):
     """A user mistake: no slides at the input, an output written by another checkpoint..."""
 
 
-@dataclass(kw_only=True)
-class SlidesConfig:
-    """Settings of the slide job (``jobs/configs/slides.toml`` holds the defaults)."""
+class SlidesConfig(Section):
+    """Settings of the slide job (``jobs/configs/slides.toml`` holds the defaults).
 
-    batch_size: int = 32  # cells per model batch
-    concurrency: int = 2  # classifier actors
-    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
-    find_batch_size: int = 4  # slides per finder task batch
-    slides_per_part: int = 64  # slides per output Parquet part
-    low_confidence: float = 0.5  # a cell whose top probability is below this is doubtful
-    backend: str = "eager"  # Predictor backend: eager, onnx or auto (ONNX Runtime on CPU)
+    Read with :func:`load_config` (or ``cellmodel.config.load_settings``): unknown keys and
+    bad values are reported together, in one ``ConfigError``.
+    """
+
+    batch_size: int = Field(32, ge=1)  # cells per model batch
+    concurrency: int = Field(2, ge=1)  # classifier actors
+    num_gpus: float | None = Field(None, ge=0)  # per actor; None: 1 on a GPU cluster, else 0
+    find_batch_size: int = Field(4, ge=1)  # slides per finder task batch
+    slides_per_part: int = Field(64, ge=1)  # slides per output Parquet part
+    low_confidence: float = Field(0.5, ge=0, le=1)  # top probability under this: doubtful
+    backend: Literal["eager", "onnx", "auto"] = "eager"  # auto: ONNX Runtime on CPU
     tta: bool = False  # average each cell over its 8 flips and quarter turns (8x the compute)
     # Pixel scale (cellmodel.data.scale): cut each cell with a window that shows what a
     # training crop shows, i.e. crop size x slide red-cell diameter / training red-cell
@@ -74,62 +78,35 @@ class SlidesConfig:
     # checkpoint (meta["data"]["rbc_diameter_px"]), else from train_rbc_diameter_px;
     # without either, cells are cut at the crop size (no rescale).
     rescale: bool = True
-    train_rbc_diameter_px: float | None = None
+    train_rbc_diameter_px: float | None = Field(None, gt=0)
     # None: measured on each slide (falls back to no rescale on a slide with too few red
     # cells); a number: used for every slide.
-    slide_rbc_diameter_px: float | None = None
+    slide_rbc_diameter_px: float | None = Field(None, gt=0)
     overlays: bool = False  # write overlays/<slide>.png (boxes, class, confidence, flags)
     # On a slide with several white cells, paint the other cells (an ellipse in each box,
     # outside this cell's box) in the slide's background colour before cutting a cell:
     # at the training scale the window is wide enough to show a neighbour, and training
     # crops show one white cell.
     mask_neighbours: bool = True
-    finder: FinderConfig = field(default_factory=FinderConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> SlidesConfig:
-        d = dict(d or {})
-        finder = FinderConfig.from_dict(d.pop("finder", None))
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown slide-job settings {sorted(unknown)}; "
-                f"known settings: {sorted(cls.__dataclass_fields__)}"
-            )
-        cfg = cls(finder=finder, **d)
-        for k in ("batch_size", "concurrency", "find_batch_size", "slides_per_part"):
-            if int(getattr(cfg, k)) < 1:
-                raise ValueError(f"{k} must be at least 1, got {getattr(cfg, k)}")
-        for k in ("train_rbc_diameter_px", "slide_rbc_diameter_px"):
-            v = getattr(cfg, k)
-            if v is not None and not float(v) > 0:
-                raise ValueError(f"{k} must be a positive number of pixels, got {v!r}")
-        if cfg.backend not in ("eager", "onnx", "auto"):
-            raise ValueError(f"backend must be eager, onnx or auto, got {cfg.backend!r}")
-        return cfg
+    finder: FinderConfig = Field(default_factory=FinderConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
 
-def load_config(path, overrides: dict | None = None) -> SlidesConfig:
-    """A ``SlidesConfig`` from a TOML file (``path``) plus overrides (None values ignored)."""
-    from pathlib import Path
-
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-
-    p = Path(path)
-    try:
-        d = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ValueError(f"config file {p} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config file {p} is not valid TOML: {e}") from e
-    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return SlidesConfig.from_dict(d)
+def load_config(
+    path: str | os.PathLike | None,
+    flags: dict | None = None,
+    overrides: list[str] | None = None,
+) -> SlidesConfig:
+    """The slide job's settings: a TOML file (None: the defaults), then ``key=value``
+    overrides (``finder.min_area=1500``), then command-line ``flags`` (None values are
+    not given), validated together (``cellmodel.config``: one ``ConfigError`` lists every
+    problem)."""
+    d = read_toml(path) if path is not None else {}
+    apply_overrides(d, list(overrides or []))
+    d.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return validate_settings(SlidesConfig, d)
 
 
 # ---------------------------------------------------------------- listing and state
@@ -255,7 +232,7 @@ def find_batch(
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
-    fcfg = FinderConfig.from_dict(finder)
+    fcfg = validate_settings(FinderConfig, finder or {})
     w, h = crop_size
     rows, crops = [], []
     for slide_id, uri in zip(batch["slide_id"], batch["uri"], strict=True):
