@@ -234,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     header = f"# Comparison under `{args.config}`" + (
         f" {' '.join(args.overrides)}" if args.overrides else ""
     )
+    # Seed-major: every variant's first seed runs before any second seed, so a run cut short
+    # still compares every variant.
     jobs = [
-        (args.config, args.overrides, v, todo[v], seed, args) for v in names for seed in args.seeds
+        (args.config, args.overrides, v, todo[v], seed, args) for seed in args.seeds for v in names
     ]
     runs: list[dict] = []
     failed: list[dict] = []

@@ -219,3 +219,20 @@ def test_real_sample_crops_against_a_partial_slide_set(slides):
     assert found >= 0.9 * len(SAMPLE_CROP_SLIDES)
     rep = res.report()
     assert sum(c["unassigned"] for c in rep["classes"].values()) == len(files) - found
+
+
+def test_ingest_at_a_smaller_scale_still_finds_the_slides(tmp_path):
+    """``--scale`` shrinks the stored crops; matching to slides works at the source's scale."""
+    import pyarrow.parquet as pq
+
+    from cellmodel.data.ingest import ingest
+
+    m = ingest(str(CROPS), str(tmp_path / "ds"), slides=str(SLIDES), group="slides", scale=0.6,
+               min_sources_per_class=1, angles=(0, 90), progress=False)  # fmt: skip
+    assert m["geometry"]["crop_size"] == [192, 144]
+    found = {}
+    for f in (tmp_path / "ds").rglob("part-*.parquet"):
+        t = pq.read_table(f, columns=["id", "source_id"]).to_pylist()
+        found.update({r["id"].split("#")[0]: r["source_id"].split("+") for r in t})
+    hits = [k for k, sid in SAMPLE_CROP_SLIDES.items() if sid in found.get(k, ())]
+    assert len(hits) >= 0.9 * len(SAMPLE_CROP_SLIDES), (len(hits), len(SAMPLE_CROP_SLIDES))

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -411,7 +412,11 @@ def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> 
     labels = [it.label_name for it in items]
 
     def images(i: int):  # decoded on demand: the grouping keeps only a small copy of each
-        return decode_image(items[i].image)
+        img = decode_image(items[i].image)
+        # Matching compares crops with slide windows at the source's own scale: undo --scale.
+        if st.scale != 1 and img.size != tuple(st.crop_size):
+            img = img.resize(tuple(st.crop_size), Image.BILINEAR)
+        return img
 
     if method == "slides":
         result = g.match_to_slides(images, labels, st.slides)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accuracy protocol on one GPU, from random weights, in one short run:
 #   (a) the recipe ablation at CPU proxy scale (jobs/configs/cpu_proxy.toml, 96x72): the full
-#       recipe, each piece left out, a higher resolution, and the paper's protocol, 3 seeds each;
+#       recipe, each piece left out (colour jitter, off in the recipe, added), a constant rate
+#       instead of warm-up and cosine, a higher resolution, and the paper's protocol, 3 seeds each;
 #   (b) the GPU config (jobs/configs/gpu_scratch.toml, 192x144), 3 seeds;
 # all trained in-process (jobs.compare --local), several runs at once on the one GPU, scored
 # on the dataset's leak-free validation split per image and per source cell, with and
@@ -17,7 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 RUNS=${RUNS:-/tmp/cellmodel-runs}
 # shellcheck disable=SC2206
-common=("data.uri=$DATA" "run.storage=$RUNS" ${EXTRA:-})
+common=("data.uri=$DATA" "run.storage=$RUNS" "scaling.use_gpu=true" ${EXTRA:-})
+with_colour="augment.brightness=0.2 augment.contrast=0.2 augment.saturation=0.2 augment.stain=0.1"
 off_colour="augment.brightness=0 augment.contrast=0 augment.saturation=0 augment.stain=0"
 off_geom="augment.flips=false augment.scale=[1,1] augment.translate=0"
 paper="phase1.epochs=15 phase1.freeze_cnn=true phase1.feature_cache=true phase1.optimizer=rmsprop"
@@ -25,10 +27,11 @@ paper+=" phase1.lr=1e-3 phase1.weight_decay=0 phase1.schedule=constant phase1.wa
 paper+=" phase2.epochs=5 phase2.optimizer=adam phase2.lr=1e-3 phase2.weight_decay=0"
 paper+=" phase2.ema_decay=0 $off_colour $off_geom"
 timeout "$BUDGET" python3 -m jobs.compare --config jobs/configs/cpu_proxy.toml --local \
-  --parallel 8 --seeds 0 1 2 --tta --out "$RUNS/ablation" \
+  --parallel ${PARALLEL:-11} --seeds 0 1 2 --tta --out "$RUNS/ablation" \
   --variant recipe= \
   --variant "no_ema=phase2.ema_decay=0" \
-  --variant "no_colour=$off_colour" \
+  --variant "with_colour=$with_colour" \
+  --variant "constant_lr=phase1.schedule=constant phase1.warmup_epochs=0" \
   --variant "no_geometry=$off_geom" \
   --variant "res128x96=model.overrides.input_size=[3,96,128]" \
   --variant "paper_protocol=$paper" \
