@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="runs at once (with --local)")
     p.add_argument("--tta", action="store_true", help="score with test-time augmentation too")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also score each variant's seeds as one ensemble (mean of their probabilities)",
+    )
     p.add_argument("--eval-data", default=None, help="data to score on (default: the val split)")
     p.add_argument("--split", default=None, help="split of a shard dataset to score on")
     p.add_argument("--out", default="runs/compare", help="folder for comparison.md/.json")
@@ -121,6 +126,8 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         "seed": seed,
         "run": name,
         "checkpoint": model_uri,
+        "eval_data": data,
+        "eval_split": split,
         "best_epoch": best.get("epoch"),
         "best_phase": best.get("phase"),
         "val_loss": best.get("val_loss"),
@@ -179,6 +186,56 @@ def summarize(runs: list[dict], models: list[str]) -> list[dict]:
             }
         )
     return rows
+
+
+def score_ensembles(runs: list[dict], models: list[str], tta: bool) -> list[dict]:
+    """Each variant with two or more finished seeds, scored as one ensemble of them."""
+    from cellmodel.evaluate import evaluate_checkpoint
+
+    out = []
+    for model in models:
+        mine = sorted((r for r in runs if r["model"] == model), key=lambda r: r["seed"])
+        if len(mine) < 2:
+            continue
+        ckpts = [r["checkpoint"] for r in mine]
+        data, split = mine[0]["eval_data"], mine[0]["eval_split"]
+        m = evaluate_checkpoint(ckpts, data, split=split)
+        row = {
+            "model": model,
+            "seeds": [r["seed"] for r in mine],
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "source_accuracy": (m.get("per_source") or {}).get("vote_accuracy"),
+        }
+        if tta:
+            t = evaluate_checkpoint(ckpts, data, split=split, tta=True)
+            row["tta_accuracy"] = t["accuracy"]
+            row["tta_source_accuracy"] = (t.get("per_source") or {}).get("vote_accuracy")
+        out.append(row)
+    return out
+
+
+def ensembles_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+
+    def pct(v) -> str:
+        return f"{v * 100:.2f}" if v is not None else "-"
+
+    lines = [
+        "",
+        "## Seed ensembles (mean of the seeds' probabilities)",
+        "",
+        "| variant | seeds | accuracy % | per source cell % | with TTA % | macro F1 % |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {' '.join(map(str, r['seeds']))} | {pct(r['accuracy'])} "
+            f"| {pct(r['source_accuracy'])} | {pct(r.get('tta_accuracy'))} "
+            f"| {pct(r['macro_f1'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
@@ -277,7 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetNotFoundError, EvalDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.ensemble:
+        ens = score_ensembles(runs, names, args.tta)
+        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
+        text = to_markdown(rows, header) + ensembles_markdown(ens)
+        storage.write_bytes(storage.join(args.out, "comparison.md"), text.encode())
+        storage.write_bytes(
+            storage.join(args.out, "comparison.json"),
+            json.dumps(
+                {"summary": rows, "runs": runs, "failed": failed, "ensembles": ens}, indent=2
+            ).encode(),
+        )
     print(to_markdown(summarize(runs, names), header))
+    if args.ensemble:
+        print(ensembles_markdown(ens))
     if failed:
         print(f"{len(failed)} run(s) failed: {failed}", file=sys.stderr)
     print(f"written to {storage.join(args.out, 'comparison.md')}")

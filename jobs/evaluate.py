@@ -16,7 +16,13 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or URI)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="checkpoint folder (local or URI); repeat it to score an ensemble (the mean of "
+        "the checkpoints' probabilities, e.g. the seeds of one recipe)",
+    )
     p.add_argument("--data", required=True, help="class-folder tree or shard dataset")
     p.add_argument("--out", help="output folder for the report (omit to print metrics only)")
     p.add_argument("--split", default="val", help="split of a shard dataset (default: val)")
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         m = evaluate_checkpoint(
-            args.checkpoint,
+            args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
             args.data,
             args.out,
             batch_size=args.batch_size,

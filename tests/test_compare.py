@@ -64,7 +64,7 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
         "--config", str(ROOT / "jobs/configs/quickstart.toml"),
         "--variant", "base=",
         "--variant", 'ema="phase2.ema_decay=0.9 augment.flips=true"',
-        "--seeds", "0", "1", "--local", "--parallel", "2", "--tta",
+        "--seeds", "0", "1", "--local", "--parallel", "2", "--tta", "--ensemble",
         "--out", str(out),
         f"run.storage={tmp_path / 'runs'}", f"data.uri={shards}",
         "phase1.epochs=1", "phase2.epochs=1",
@@ -79,3 +79,7 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
     assert runs[("ema", 0)]["checkpoint"] != runs[("base", 0)]["checkpoint"]
     _, meta = load_checkpoint(runs[("ema", 1)]["checkpoint"])
     assert meta["metrics"]["ema"] is True
+    ens = {r["model"]: r for r in result["ensembles"]}  # each variant's two seeds as one model
+    assert set(ens) == {"base", "ema"} and all(r["seeds"] == [0, 1] for r in ens.values())
+    assert all(0 <= r["accuracy"] <= 1 and r["tta_accuracy"] is not None for r in ens.values())
+    assert "## Seed ensembles" in (out / "comparison.md").read_text()

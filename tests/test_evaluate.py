@@ -312,3 +312,39 @@ def test_class_folders_and_report_on_s3(checkpoint, s3_bucket):
     assert json.loads(storage.read_bytes(f"{s3_bucket}/report/metrics.json"))["n"] == 4
     for name in FILES.values():
         assert storage.exists(f"{s3_bucket}/report/{name}"), name
+
+
+def test_an_ensemble_scores_the_mean_of_its_members(checkpoint, tmp_path, capsys):
+    """Two checkpoints answer with the mean of their probabilities, in the library and the
+    CLI; members that disagree on classes or input are refused with the difference named."""
+    from cellmodel.infer.ensemble import Ensemble, EnsembleError
+    from jobs.evaluate import main
+
+    torch.manual_seed(1)
+    other = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "other"))
+    files = sample_files(2)
+    x = np.stack([bytes_to_array(f.read_bytes(), build_model("tiny_bilstm").cfg) for f in files])
+    a, b = Predictor(checkpoint).predict_arrays(x), Predictor(other).predict_arrays(x)
+    assert not np.allclose(a, b)  # two different models, or the test shows nothing
+    ens = Ensemble([checkpoint, other])
+    np.testing.assert_allclose(ens.predict_arrays(x), (a + b) / 2, rtol=1e-5, atol=1e-6)
+    assert ens.weights_sha256 == Ensemble([other, checkpoint]).weights_sha256
+
+    m = evaluate_checkpoint([checkpoint, other], str(CROPS), str(tmp_path / "out"))
+    assert m["checkpoint"] == [checkpoint, other] and m["n"] == len(sample_files())
+    assert main(["--checkpoint", checkpoint, "--checkpoint", other, "--data", str(CROPS),
+                 "--quiet"]) == 0  # fmt: skip
+    assert f"accuracy {m['accuracy']:.4f}" in capsys.readouterr().out
+
+    two = save_checkpoint(
+        build_model("tiny_bilstm", classes=("EOSINOPHIL", "LYMPHOCYTE")), str(tmp_path / "two")
+    )
+    with pytest.raises(EnsembleError, match=r"two cannot join .*classes \['EOSINOPHIL'"):
+        Ensemble([checkpoint, two])
+    small = save_checkpoint(
+        build_model("tiny_bilstm", input_size=(3, 60, 80)), str(tmp_path / "small")
+    )
+    with pytest.raises(EnsembleError, match=r"input size \(3, 60, 80\)"):
+        Ensemble([checkpoint, small])
+    with pytest.raises(EnsembleError, match="two or more"):
+        Ensemble([checkpoint])

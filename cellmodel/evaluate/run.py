@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -102,7 +103,7 @@ def predict_data(
 
 
 def evaluate_checkpoint(
-    checkpoint_uri: str,
+    checkpoint_uri: str | Sequence[str],
     data_uri: str,
     out_dir: str | None = None,
     batch_size: int = 64,
@@ -121,11 +122,12 @@ def evaluate_checkpoint(
     folder or URI) also writes ``report.md``, ``metrics.json``, ``predictions.csv`` and the
     PNGs there. ``featuremap_image`` is an image path/URI for the feature-map picture
     (default: the first image of the data). ``tta`` averages each image's softmax over its 8
-    flips and quarter turns (test-time augmentation; 8x the compute). Raises ``CheckpointError``, ``EvalDataError``
+    flips and quarter turns (test-time augmentation; 8x the compute). Several checkpoints
+    (a list) are scored as one ensemble: the mean of their probabilities. Raises ``CheckpointError``, ``EvalDataError``
     or ``EvalOutputError`` with a message that names the bad input.
     """
     from cellmodel.evaluate.data import EvalDataError
-    from cellmodel.infer.predictor import Predictor
+    from cellmodel.infer.ensemble import load_predictor
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -140,7 +142,7 @@ def evaluate_checkpoint(
         except ImageDecodeError as e:
             raise EvalDataError(f"feature-map image {featuremap_image}: {e}") from e
     started = time.time()
-    predictor = Predictor(checkpoint_uri, device=device, tta=tta)
+    predictor = load_predictor(checkpoint_uri, device=device, tta=tta)
     data = open_data(data_uri, predictor.classes, split)
     preds = predict_data(predictor, data, batch_size, progress)
     if not len(preds.labels):
@@ -160,7 +162,9 @@ def evaluate_checkpoint(
     reasons = Counter(s["reason"].split(":", 1)[0] for s in preds.skipped)
     metrics.update(
         {
-            "checkpoint": checkpoint_uri,
+            "checkpoint": checkpoint_uri
+            if isinstance(checkpoint_uri, str)
+            else list(checkpoint_uri),
             "model_name": predictor.cfg.name,
             "tta": bool(tta),
             "checkpoint_metrics": predictor.meta.get("metrics", {}),
