@@ -351,6 +351,29 @@ def test_cut_cell_keeps_the_cell_centred():
     assert edge.shape == (240, 320, 3)
 
 
+def test_cut_cell_inside_keeps_the_window_on_the_slide():
+    """framing="inside": near a border the window moves onto the slide (real pixels, the
+    cell off centre); a window larger than the slide shows all of it."""
+    from cellmodel.infer.slides import cut_cell
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    corner = cut_cell(img, (10, 10), (320, 240), (320, 240), framing="inside")
+    np.testing.assert_array_equal(corner, a[:240, :320])  # the slide's own corner, no padding
+    far = cut_cell(img, (635, 470), (320, 240), (320, 240), framing="inside")
+    np.testing.assert_array_equal(far, a[240:, 320:])
+    centred = cut_cell(img, (10, 10), (320, 240), (320, 240), framing="centre")
+    assert (centred[:100, :100] == centred[0, 0]).all()  # repeated edge pixel, not the slide
+    inner = cut_cell(img, (320, 240), (320, 240), (320, 240), framing="inside")
+    np.testing.assert_array_equal(inner, a[120:360, 160:480])  # away from borders: as centred
+    # A window wider than the slide: the whole slide, plus a margin of repeated edges.
+    whole = cut_cell(img, (600, 50), (660, 480), (660, 480), framing="inside")
+    np.testing.assert_array_equal(whole[:, :640], a)  # moved as near the cell as it can
+    with pytest.raises(ValueError, match="framing must be one of"):
+        cut_cell(img, (10, 10), (320, 240), (320, 240), framing="middle")
+
+
 @pytest.fixture(scope="module")
 def multi_cell_input(tmp_path_factory, sample_dir):
     """Three sample slides and two composed ones with two white cells each (real cells:
@@ -393,10 +416,22 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
         assert by.loc[sid].n_cells == 2, sid
         mine = cells[cells.slide_id == sid].sort_values("det_score", ascending=False)
         assert match(mine[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist(), truth) == 2
-    # Cells were cut at the training scale: the window is the crop times slide/training RBC.
+    # Cells were cut at the training scale: the window is the crop times slide/training RBC,
+    # with one slide scale for the whole input (slide_scale "archive": the median of the
+    # per-slide estimates).
+    from cellmodel.data.scale import estimate_rbc_diameter
+    from cellmodel.infer.slides import archive_rbc_diameter, list_slides
+
+    archive, n = archive_rbc_diameter(list_slides(str(root)), 64)
+    each = [estimate_rbc_diameter(Image.open(u).convert("RGB")) for _, u in list_slides(str(root))]
+    assert n == 5 and archive == pytest.approx(float(np.median(each)), abs=0.01)
+    assert len(set(np.round(each, 1))) > 1  # the slides differ; the job still uses one scale
     for row in slides.itertuples():
+        assert row.rbc_diameter_px == pytest.approx(archive)
         assert 60 < row.rbc_diameter_px < 100
         assert row.crop_scale == pytest.approx(row.rbc_diameter_px / 38.0, rel=0.02)
+    job = json.loads((Path(out) / "_job.json").read_text())
+    assert job["scale"]["slide_from"] == "median of 5 slides of the input"
     # One overlay per slide: the slide under a header line.
     for sid in by.index:
         png = Image.open(Path(out) / "overlays" / f"{sid}.png")

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 from cellmodel.data.transforms import IMAGE_EXTS as IMAGE_EXTENSIONS  # noqa: E402
 
 COMMITTED = "_committed"
+FRAMINGS = ("inside", "centre")
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "summary.json"
 # The output in the commit protocol: per part, two data files committed by one marker.
@@ -79,15 +80,25 @@ class SlidesConfig(Section):
     # without either, cells are cut at the crop size (no rescale).
     rescale: bool = True
     train_rbc_diameter_px: float | None = Field(None, gt=0)
-    # None: measured on each slide (falls back to no rescale on a slide with too few red
-    # cells); a number: used for every slide.
+    # A number: used for every slide. None: measured from the slides themselves, as the
+    # median over up to `scale_sample` slides of the input spread evenly over it ("archive":
+    # one microscope, one scale; the per-slide estimate is noisy) or on each slide alone
+    # ("slide": for inputs that mix microscopes; a slide with too few red cells is not
+    # rescaled).
     slide_rbc_diameter_px: float | None = Field(None, gt=0)
+    slide_scale: Literal["archive", "slide"] = "archive"
+    scale_sample: int = Field(64, ge=1)
     overlays: bool = False  # write overlays/<slide>.png (boxes, class, confidence, flags)
     # On a slide with several white cells, paint the other cells (an ellipse in each box,
     # outside this cell's box) in the slide's background colour before cutting a cell:
     # at the training scale the window is wide enough to show a neighbour, and training
     # crops show one white cell.
     mask_neighbours: bool = True
+    # How a cell's window meets the slide's border: "inside" moves the window to stay on the
+    # slide (the cell off centre, as in crops of whole fields such as blood-cells TRAIN);
+    # "centre" keeps the cell centred and repeats the edge pixels beyond the border.
+    # Chosen on training slides (BENCHMARKS.md, "Framing").
+    framing: Literal["inside", "centre"] = "inside"
     finder: FinderConfig = Field(default_factory=FinderConfig)
 
     def to_dict(self) -> dict:
@@ -169,19 +180,30 @@ def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -
 
 
 def cut_cell(
-    img, center: tuple[float, float], window: tuple[int, int], size: tuple[int, int]
+    img,
+    center: tuple[float, float],
+    window: tuple[int, int],
+    size: tuple[int, int],
+    framing: str = "centre",
 ) -> np.ndarray:
-    """A ``window`` (width, height) centred on ``center``, resized to ``size``; uint8 HxWx3.
+    """A ``window`` (width, height) around ``center``, resized to ``size``; uint8 HxWx3.
 
-    The window stays centred on the cell (training crops are centred on their cell); where
-    it leaves the slide, the slide's edge pixels are repeated.
+    ``framing="centre"``: the window is centred on the cell; where it leaves the slide, the
+    slide's edge pixels are repeated. ``"inside"``: the window is moved (the cell off its
+    centre) to stay on the slide as far as it fits, so only a window larger than the slide
+    shows repeated edges; this is how a dataset of whole-field crops frames its cells.
     """
     from PIL import Image
 
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     ww, wh = window
     iw, ih = img.size
     left = int(round(center[0] - ww / 2))
     top = int(round(center[1] - wh / 2))
+    if framing == "inside":
+        left = min(max(left, min(0, iw - ww)), max(0, iw - ww))
+        top = min(max(top, min(0, ih - wh)), max(0, ih - wh))
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + ww, iw), min(top + wh, ih)
     if x1 <= x0 or y1 <= y0:  # centre outside the slide: should not happen
@@ -222,6 +244,7 @@ def find_batch(
     train_rbc_px: float | None = None,
     slide_rbc_px: float | None = None,
     mask_neighbours: bool = False,
+    framing: str = "centre",
 ) -> dict:
     """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
 
@@ -262,7 +285,7 @@ def find_batch(
             src = img
             if d is not None and mask_neighbours and len(dets) > 1:
                 src = hide_others(img, d, [o for o in dets if o is not d])
-            crops.append(cut_cell(src, d.center, window, (w, h)) if d else None)
+            crops.append(cut_cell(src, d.center, window, (w, h), framing) if d else None)
     if not rows:
         return {}
     out = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
@@ -498,6 +521,13 @@ def run_slides(
     log.info("pixel scale: training red-cell diameter %s px (%s)", train_rbc, scale_from)
     job = dict(checkpoint=ckpt_id, classes=classes, input=input_uri, config=cfg.to_dict())
     job["scale"] = {"train_rbc_diameter_px": train_rbc, "from": scale_from}
+    slide_rbc = cfg.slide_rbc_diameter_px
+    if train_rbc and slide_rbc is None and cfg.slide_scale == "archive":
+        slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample)
+        job["scale"]["slide_rbc_diameter_px"] = slide_rbc
+        job["scale"]["slide_from"] = f"median of {n_measured} slides of the input"
+        log.info("pixel scale: slide red-cell diameter %s px (%s)", slide_rbc,
+                 job["scale"]["slide_from"])  # fmt: skip
     check_job(output, job | {"model": meta.get("model_name")})
     parts = committed_parts(output)
     for p in commit.remove_uncommitted(output, PARTS, parts):
@@ -524,8 +554,9 @@ def run_slides(
                 "finder": cfg.finder.to_dict(),
                 "crop_size": CROP_SIZE,
                 "train_rbc_px": train_rbc,
-                "slide_rbc_px": cfg.slide_rbc_diameter_px,
+                "slide_rbc_px": slide_rbc,
                 "mask_neighbours": cfg.mask_neighbours,
+                "framing": cfg.framing,
             },
         )
         ds = ds.map_batches(
@@ -557,6 +588,27 @@ def run_slides(
 
     write_report(output, summary, low_confidence=cfg.low_confidence)
     return summary
+
+
+def archive_rbc_diameter(slides: list[tuple[str, str]], sample: int) -> tuple[float | None, int]:
+    """``(median red-cell diameter, slides measured)`` over up to ``sample`` of ``slides``
+    spread evenly over the sorted list (the same slides on a rerun); None when no slide
+    has enough red cells (each slide is then measured on its own)."""
+    from cellmodel.data.scale import estimate_rbc_diameter
+    from cellmodel.data.transforms import ImageDecodeError, decode_image
+
+    if not slides:
+        return None, 0
+    idx = np.unique(np.linspace(0, len(slides) - 1, min(sample, len(slides))).round().astype(int))
+    found = []
+    for i in idx:
+        try:
+            d = estimate_rbc_diameter(decode_image(storage.read_bytes(slides[i][1])))
+        except (ImageDecodeError, OSError):
+            continue  # the job reports the slide itself
+        if d:
+            found.append(d)
+    return (round(float(np.median(found)), 2) if found else None), len(found)
 
 
 def training_scale(meta: dict, cfg: SlidesConfig) -> tuple[float | None, str]:

@@ -100,7 +100,7 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
             if dets:
                 window = crop_window(CROP_SIZE, estimate_rbc_diameter(img), args.train_rbc_px)
                 for d in dets:
-                    cut_cell(img, d.center, window, CROP_SIZE)
+                    cut_cell(img, d.center, window, CROP_SIZE, "inside")
 
     imgs = [decode_image(Path(uri).read_bytes()) for _, uri in slides]
     n = len(slides)
