@@ -299,16 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     failed: list[dict] = []
 
+    def write(ensembles: list[dict] | None = None) -> None:
+        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
+        text = to_markdown(rows, header) + ensembles_markdown(ensembles or [])
+        storage.write_bytes(storage.join(args.out, "comparison.md"), text.encode())
+        body = {"summary": rows, "runs": runs, "failed": failed}
+        if ensembles is not None:
+            body["ensembles"] = ensembles
+        storage.write_bytes(
+            storage.join(args.out, "comparison.json"), json.dumps(body, indent=2).encode()
+        )
+
     def record(run: dict) -> None:
         runs.append(run)
-        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
-        storage.write_bytes(
-            storage.join(args.out, "comparison.md"), to_markdown(rows, header).encode()
-        )
-        storage.write_bytes(
-            storage.join(args.out, "comparison.json"),
-            json.dumps({"summary": rows, "runs": runs, "failed": failed}, indent=2).encode(),
-        )
+        write()
 
     try:
         if args.parallel > 1:
@@ -336,15 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.ensemble:
         ens = score_ensembles(runs, names, args.tta)
-        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
-        text = to_markdown(rows, header) + ensembles_markdown(ens)
-        storage.write_bytes(storage.join(args.out, "comparison.md"), text.encode())
-        storage.write_bytes(
-            storage.join(args.out, "comparison.json"),
-            json.dumps(
-                {"summary": rows, "runs": runs, "failed": failed, "ensembles": ens}, indent=2
-            ).encode(),
-        )
+        write(ens)
     print(to_markdown(summarize(runs, names), header))
     if args.ensemble:
         print(ensembles_markdown(ens))

@@ -81,7 +81,7 @@ class SlidesConfig(Section):
     rescale: bool = True
     train_rbc_diameter_px: float | None = Field(None, gt=0)
     # A number: used for every slide. None: measured from the slides themselves, as the
-    # median over up to `scale_sample` slides of the input spread evenly over it ("archive":
+    # median over up to `scale_sample` slides of the input drawn by a fixed seed ("archive":
     # one microscope, one scale; the per-slide estimate is noisy) or on each slide alone
     # ("slide": for inputs that mix microscopes; a slide with too few red cells is not
     # rescaled).
@@ -592,23 +592,21 @@ def run_slides(
 
 def archive_rbc_diameter(slides: list[tuple[str, str]], sample: int) -> tuple[float | None, int]:
     """``(median red-cell diameter, slides measured)`` over up to ``sample`` of ``slides``
-    spread evenly over the sorted list (the same slides on a rerun); None when no slide
-    has enough red cells (each slide is then measured on its own)."""
-    from cellmodel.data.scale import estimate_rbc_diameter
+    (``cellmodel.data.scale.estimate_dataset_scale``: a seeded sample, so the same slides on
+    a rerun); None when no slide has enough red cells (each slide is then measured alone)."""
+    from PIL import Image
+
+    from cellmodel.data.scale import estimate_dataset_scale
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
-    if not slides:
-        return None, 0
-    idx = np.unique(np.linspace(0, len(slides) - 1, min(sample, len(slides))).round().astype(int))
-    found = []
-    for i in idx:
+    def load(uri: str):
         try:
-            d = estimate_rbc_diameter(decode_image(storage.read_bytes(slides[i][1])))
-        except (ImageDecodeError, OSError):
-            continue  # the job reports the slide itself
-        if d:
-            found.append(d)
-    return (round(float(np.median(found)), 2) if found else None), len(found)
+            return decode_image(storage.read_bytes(uri))
+        except (ImageDecodeError, OSError):  # the job reports the slide itself
+            return Image.new("RGB", (8, 8))  # no red cells: not measured
+
+    est = estimate_dataset_scale([u for _, u in slides], n=sample, load=load)
+    return est.get("rbc_diameter_px"), est["measured"]
 
 
 def training_scale(meta: dict, cfg: SlidesConfig) -> tuple[float | None, str]:
