@@ -181,10 +181,13 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 
 @serve.deployment(
     name="Ingress",
-    # Above max_inflight_images (48 by default), so that a modest overload reaches the
-    # ingress and gets its JSON 503; a flood past these is refused by the proxy itself
-    # (serve/config.yaml adds Retry-After to those with backpressure_config).
-    max_ongoing_requests=64,
+    # Far above max_inflight_images (48 by default), so that overload is refused by the
+    # ingress's own admission (a JSON 503 before the body is read), not by the proxy's
+    # router: when the router finds every ingress replica at max_ongoing_requests it holds
+    # requests and retries with back-off, which stalled whole seconds under a flood
+    # (BENCHMARKS.md, Serving). The proxy's queue and backpressure_config (serve/config.yaml)
+    # are the last resort past this.
+    max_ongoing_requests=320,
     max_queued_requests=32,
     ray_actor_options={"num_cpus": 0.5},
 )

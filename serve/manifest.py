@@ -58,7 +58,15 @@ def _container(
         "image": image,
         # Where build_app finds the checkpoint when config.yaml leaves args.checkpoint null;
         # S3 credentials come from the pod's service account (IRSA) or a Secret you add.
-        "env": [{"name": "CELLMODEL_CHECKPOINT", "value": "s3://cellmodel/runs/paper/model"}],
+        # The proxy on every node refuses a flood itself (serve/proxy.py, docs/serving.md).
+        "env": [
+            {"name": "CELLMODEL_CHECKPOINT", "value": "s3://cellmodel/runs/paper/model"},
+            {
+                "name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+                "value": "serve.proxy:middlewares",
+            },
+            {"name": "CELLMODEL_PROXY_MAX_INFLIGHT", "value": "40"},
+        ],
         "ports": ports,
         "resources": {
             "requests": {"cpu": cpu, "memory": memory},

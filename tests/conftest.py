@@ -73,6 +73,9 @@ def ray_session(s3_server):
     """
     import ray
 
+    # Every Serve test runs behind the proxy's admission middleware, as deployments should
+    # (serve/proxy.py); the proxy reads this when it starts, from the cluster's environment.
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.proxy:middlewares")
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,

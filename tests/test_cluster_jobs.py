@@ -150,6 +150,12 @@ def start_head(num_cpus: int = 4) -> Head:
     # The head's `python` (which runs job entry points) is the project's environment.
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(auth, RAY_USAGE_STATS_ENABLED="0")
+    # The proxy's admission middleware as a deployment turns it on (docs/serving.md), with a
+    # limit of 1 so that the test sees it refuse.
+    env.update(
+        RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="serve.proxy:middlewares",
+        CELLMODEL_PROXY_MAX_INFLIGHT="1",
+    )
     port, dash, client, node, objects, agent, agent_grpc, runtime_env, metrics = free_ports(9)
     log = temp_dir / "ray-start.log"
     cmd = [
@@ -356,7 +362,32 @@ def test_jobs_and_serve_deploy_on_a_head_node(head, tmp_path):
     clock.lap("serve deploy + first answer")
     assert result["class"] in CLASSES
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-3
+    # The head's proxy loaded the admission middleware from its environment: past its limit
+    # of 1, concurrent requests are refused by the proxy (JSON 503, Retry-After), never lost.
+    codes, refusals = _concurrent_posts(f"http://127.0.0.1:{port}", crop.read_bytes())
+    assert set(codes) <= {200, 503} and 200 in codes, codes
+    assert refusals and all("through this proxy" in r["message"] for r in refusals), codes
     print("cluster path timings:", clock)
+
+
+def _concurrent_posts(url: str, image: bytes, n: int = 8, rounds: int = 5):
+    """Status codes of ``n`` simultaneous posts, repeated until the proxy refused one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(_):
+        return requests.post(
+            f"{url}/v1/classify", data=image, headers={"content-type": "image/jpeg"}, timeout=60
+        )
+
+    codes, refusals = [], []
+    with ThreadPoolExecutor(n) as pool:
+        for _ in range(rounds):
+            got = list(pool.map(post, range(n)))
+            codes += [r.status_code for r in got]
+            refusals += [r.json()["error"] for r in got if r.status_code == 503]
+            if refusals:
+                break
+    return codes, refusals
 
 
 class _Clock:

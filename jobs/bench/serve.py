@@ -123,20 +123,22 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
 async def _load(
     url: str, images: list[bytes], concurrency: int, n: int
 ) -> tuple[float, np.ndarray]:
-    import httpx
+    """Wall time and per-request latencies (ms) of ``n`` posts at ``concurrency`` (aiohttp:
+    the cheapest client at hand, see ``_timed_load``); any status but 200 raises."""
+    import aiohttp
 
     lat: list[float] = []
     todo = iter(range(n))
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"content-type": "image/jpeg"}
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as c:
 
         async def worker() -> None:
             for i in todo:
                 t = time.perf_counter()
-                r = await c.post(
-                    url, content=images[i % len(images)], headers={"content-type": "image/jpeg"}
-                )
-                r.raise_for_status()
+                async with c.post(url, data=images[i % len(images)], headers=headers) as r:
+                    await r.read()
+                    r.raise_for_status()
                 lat.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -336,31 +338,32 @@ async def _timed_load(
     seconds: float | None = None,
     t0: float | None = None,
     honour_retry_after: bool = True,
+    client: str = "aiohttp",
 ) -> list[tuple[float, float, str]]:
     """(start time since ``t0``, latency s, status) per request; a client that gets a 503
-    waits its Retry-After (times 1 to 2, jitter) before its next request."""
-    import httpx
+    waits its Retry-After (times 1 to 2, jitter) before its next request, unless
+    ``honour_retry_after`` is off (then it sends its next request at once).
 
+    ``client``: "aiohttp" (default) or "httpx". The generator shares the CPU with the server
+    on one machine, and every millisecond it spends per request is taken from the server and
+    added to the latencies it measures; aiohttp's client costs several times less CPU per
+    request than httpx's, so it distorts less (`_LOAD_CPU` records the share it used)."""
     t0 = time.monotonic() if t0 is None else t0
     out: list[tuple[float, float, str]] = []
     count = iter(range(n if n is not None else 10**9))
     end = None if seconds is None else time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+    headers = {"content-type": "image/jpeg"}
+    target = f"{url}/v1/classify"
 
+    async def run(post) -> None:
         async def worker() -> None:
             for i in count:
                 if end is not None and time.monotonic() > end:
                     return
                 t = time.monotonic()
                 try:
-                    r = await c.post(
-                        f"{url}/v1/classify",
-                        content=images[i % len(images)],
-                        headers={"content-type": "image/jpeg"},
-                    )
-                    status, wait = str(r.status_code), r.headers.get("retry-after")
-                except httpx.HTTPError as e:
+                    status, wait = await post(images[i % len(images)])
+                except Exception as e:  # noqa: BLE001 - every client error is a result here
                     status, wait = f"error:{type(e).__name__}", None
                 out.append((t - t0, time.monotonic() - t, status))
                 if status == "503" and wait and honour_retry_after:
@@ -368,7 +371,38 @@ async def _timed_load(
                     await asyncio.sleep(float(wait) * (1 + random.random()))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    if client == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+
+            async def post(body: bytes):
+                r = await c.post(target, content=body, headers=headers)
+                return str(r.status_code), r.headers.get("retry-after")
+
+            await run(post)
+    else:
+        import aiohttp
+
+        conn = aiohttp.TCPConnector(limit=concurrency)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as c:
+
+            async def post(body: bytes):
+                async with c.post(target, data=body, headers=headers) as r:
+                    await r.read()
+                    return str(r.status), r.headers.get("retry-after")
+
+            await run(post)
+    _LOAD_CPU.append((time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9))
     return out
+
+
+# CPU seconds the load generator used per wall second, one entry per _timed_load call.
+_LOAD_CPU: list[float] = []
 
 
 def _summary(rows: list[tuple[float, float, str]], wall: float) -> str:
@@ -455,26 +489,50 @@ def _plot(rows, samples, out: Path, title: str, marks: dict[str, float] | None =
 
 
 def bench_load(
-    url: str, ckpt: str, levels: list[int], requests: dict[int, int], plot: Path
+    url: str,
+    ckpt: str,
+    levels: list[int],
+    requests: dict[int, int],
+    plot: Path,
+    *,
+    client: str = "aiohttp",
+    honour_retry_after: bool = True,
 ) -> None:
     _deploy_configured(ckpt)
     images = _images(32)
-    asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
-    print("\n## load  (serve/config.yaml deployment options; clients wait Retry-After after a 503)")
-    print(
-        "| concurrency | requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) | p50 ms (503) | p99 ms (503) |"
+    asyncio.run(_timed_load(url, images, 4, n=32, client=client))  # warm-up
+    clients = (
+        "clients wait Retry-After after a 503"
+        if honour_retry_after
+        else "clients ignore Retry-After and send again at once"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n## load  (serve/config.yaml deployment options; {client} client; {clients})")
+    print(
+        "| concurrency | requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) "
+        "| p50 ms (503) | p99 ms (503) | load generator CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     last = None
     for c in levels:
         t0 = time.monotonic()
         with _ReplicaSampler(t0) as sampler:
-            rows = asyncio.run(_timed_load(url, images, c, n=requests.get(c, 2000), t0=t0))
-        print(f"| {c} | {_summary(rows, time.monotonic() - t0)} |", flush=True)
+            rows = asyncio.run(
+                _timed_load(
+                    url,
+                    images,
+                    c,
+                    n=requests.get(c, 2000),
+                    t0=t0,
+                    client=client,
+                    honour_retry_after=honour_retry_after,
+                )
+            )
+        summary = _summary(rows, time.monotonic() - t0)
+        print(f"| {c} | {summary} | {_LOAD_CPU[-1]:.2f} cores |", flush=True)
         last = (c, rows, sampler.samples)
     if last:
         c, rows, samples = last
-        _plot(rows, samples, plot, f"load: {len(rows)} requests at concurrency {c}")
+        _plot(rows, samples, plot, f"load: {len(rows)} requests at concurrency {c} ({client})")
 
 
 def bench_chaos(
@@ -589,6 +647,20 @@ def main(argv: list[str]) -> int:
         help="requests per load level, in the order of --load-levels",
     )
     ap.add_argument("--load-plot", type=Path, default=Path("docs/serving-load.png"))
+    ap.add_argument(
+        "--load-client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator"
+    )
+    ap.add_argument(
+        "--proxy-max-inflight",
+        type=int,
+        default=40,
+        help="admission in the Serve proxy (serve/proxy.py), requests in flight; 0: off",
+    )
+    ap.add_argument(
+        "--ignore-retry-after",
+        action="store_true",
+        help="load: clients send their next request at once after a 503",
+    )
     ap.add_argument("--chaos-s", type=float, default=60.0)
     ap.add_argument("--chaos-kill-at", type=float, default=15.0)
     ap.add_argument("--chaos-concurrency", type=int, default=32)
@@ -613,6 +685,14 @@ def main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
+    if a.proxy_max_inflight > 0:
+        # Read by the proxy when it starts: set before this process starts Ray.
+        os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serve.proxy:middlewares"
+        os.environ["CELLMODEL_PROXY_MAX_INFLIGHT"] = str(a.proxy_max_inflight)
+        print(f"proxy admission on: {a.proxy_max_inflight} requests in flight per proxy")
+    else:
+        os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
+        print("proxy admission off")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -640,7 +720,13 @@ def main(argv: list[str]) -> int:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
             if "load" in a.parts:
                 bench_load(
-                    url, ckpt, a.load_levels, dict(zip(a.load_levels, a.load_requests)), a.load_plot
+                    url,
+                    ckpt,
+                    a.load_levels,
+                    dict(zip(a.load_levels, a.load_requests)),
+                    a.load_plot,
+                    client=a.load_client,
+                    honour_retry_after=not a.ignore_retry_after,
                 )
             if "chaos" in a.parts:
                 bench_chaos(

@@ -1,0 +1,120 @@
+"""Admission in the Serve proxy: a flood is refused where HTTP is parsed, before any routing.
+
+Every request that reaches the ingress costs a hop from the proxy to a replica and back, even
+when the ingress only refuses it: on a small machine under a flood, those refusals took
+about 0.4 of the CPU a classified image does, so the accepted requests slowed with them
+(BENCHMARKS.md, Serving). This middleware runs inside each Serve proxy. It counts the
+classification requests the proxy has forwarded and not yet answered, and past
+``max_inflight`` answers at once with the application's own 503 body and ``Retry-After``,
+without routing the request anywhere. Health, readiness, model and schema routes are never
+limited.
+
+Ray loads proxy middlewares from an import path in the environment of the Ray cluster
+(``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, read when the proxy starts), so the limit is
+switched on where Ray starts, not in serve/config.yaml::
+
+    export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy:middlewares
+    export CELLMODEL_PROXY_MAX_INFLIGHT=40   # optional; the default is 40
+    serve run serve/config.yaml              # or: ray start --head, then serve deploy
+
+The limit is per proxy (one per node on a cluster), so it is set from what one node's ingress
+replicas admit (``max_inflight_images``, 48 each): a little below it, so that a flood of
+single images is refused here, cheaply, while batch requests are still counted per image by
+the ingress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+MAX_INFLIGHT_ENV = "CELLMODEL_PROXY_MAX_INFLIGHT"
+RETRY_AFTER_ENV = "CELLMODEL_PROXY_RETRY_AFTER_S"
+DEFAULT_MAX_INFLIGHT = 40
+LIMITED_PREFIX = "/v1/classify"
+
+
+class ProxyAdmission:
+    """Pure ASGI middleware: at most ``max_inflight`` classification requests in flight
+    through this proxy; the next ones get a JSON 503 with ``Retry-After`` at once."""
+
+    def __init__(self, app, max_inflight: int = DEFAULT_MAX_INFLIGHT, retry_after_s: int = 1):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        self.app = app
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.refused = 0
+        body = {
+            "error": {
+                "reason": "overloaded",
+                "message": f"the service is at its limit of {max_inflight} requests in flight "
+                f"through this proxy; retry after {retry_after_s} s",
+                "retry_after_s": retry_after_s,
+            }
+        }
+        self._body = json.dumps(body).encode()
+        self._headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self._body)).encode()),
+            (b"retry-after", str(retry_after_s).encode()),
+        ]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(LIMITED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            self.refused += 1
+            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
+            await send({"type": "http.response.body", "body": self._body})
+            return
+        # A request leaves the count when its last byte is sent, not when the proxy's handler
+        # returns: the proxy does bookkeeping after the answer, and by then the client may
+        # have sent its next request, which must not find its own previous one still counted.
+        self.inflight += 1
+        done = False
+
+        async def send_counted(message) -> None:
+            nonlocal done
+            await send(message)
+            if (
+                not done
+                and message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+            ):
+                done = True
+                self.inflight -= 1
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            if not done:
+                done = True
+                self.inflight -= 1
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={raw!r}: expected a whole number >= {minimum}")
+    return value
+
+
+def middlewares() -> list:
+    """What ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy:middlewares`` loads."""
+    from starlette.middleware import Middleware
+
+    return [
+        Middleware(
+            ProxyAdmission,
+            max_inflight=_env_int(MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT, 1),
+            retry_after_s=_env_int(RETRY_AFTER_ENV, 1, 0),
+        )
+    ]
