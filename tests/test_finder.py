@@ -12,6 +12,7 @@ from cellmodel.config import ConfigError, validate_settings
 from cellmodel.data.voc import parse_voc
 from cellmodel.infer.finder import (
     FinderConfig,
+    _join_without_neck,
     distance_transform,
     fill_holes,
     find_cells,
@@ -182,6 +183,12 @@ def test_elongated_neutrophil_stays_one_cell(sample_dir, stem):
     # Without the whole-nucleus rule the same settings cut it in two.
     cut = find_cells(s.image, FinderConfig(split_part_area=0.0))
     assert len(cut) == 2 and min(d.nucleus_area for d in cut) < FinderConfig().split_part_area
+    # The optional neck rule alone keeps it whole too (the cut runs through the middle of
+    # the cell body); restricted to the slide border, only where the cell lies there (210).
+    neck = FinderConfig(split_part_area=0.0, split_neck=0.1)
+    assert len(find_cells(s.image, neck)) == 1
+    border = neck.model_copy(update={"split_neck_where": "border"})
+    assert (len(find_cells(s.image, border)) == 1) == (stem == "BloodImage_00210")
 
 
 def washed_out(img: Image.Image, keep: float) -> Image.Image:
@@ -287,3 +294,49 @@ def test_cross_validation_command_on_the_sample(sample_dir, tmp_path, capsys):
         assert r["real"]["wbc_boxes"] >= r["real_slides"] - 2
         assert r["all"]["recall"] >= 0.85
     assert res["summary"]["all"]["recall"]["worst"] <= res["summary"]["all"]["recall"]["mean"]
+
+
+# ---------------------------------------------------------------- lobes vs cells (split_neck)
+
+
+def _two_part_blob(gap: int):
+    """Two discs side by side (radius 12, centres 2 x 12 - gap apart): parts 0 and 1."""
+    yy, xx = np.mgrid[:40, :70]
+    a = (yy - 20) ** 2 + (xx - 20) ** 2 <= 144
+    b = (yy - 20) ** 2 + (xx - (44 - gap)) ** 2 <= 144
+    comp = a | b
+    owner = (xx >= (32 - gap // 2)).astype(np.int32)
+    return comp, owner, yy, xx
+
+
+def test_parts_without_a_neck_are_joined_only_when_one_is_a_lobe():
+    comp, owner, yy, xx = _two_part_blob(4)
+    nuc = comp.copy()
+    one_body = distance_transform((yy - 20) ** 2 + (xx - 30) ** 2 <= 26**2)  # one round cell
+    two_bodies = distance_transform(comp)  # two cells, narrow where they meet
+    small = nuc.sum() / 2 + 1  # each part's nucleus is under a whole cell's
+    # One round body around both parts: the cut runs through its middle, the parts are lobes.
+    assert _join_without_neck(owner, comp, nuc, one_body, 0.1, small).max() == 0
+    # Two bodies meeting at a waist: two cells, even with small nuclei.
+    assert _join_without_neck(owner, comp, nuc, two_bodies, 0.1, small).max() == 1
+    # Two whole nuclei are two cells whatever the body's shape.
+    assert _join_without_neck(owner, comp, nuc, one_body, 0.1, small / 4).max() == 1
+
+
+@pytest.mark.parametrize(("base", "seed"), [("BloodImage_00127", 1), ("BloodImage_00161", 2)])
+def test_lobe_of_a_pasted_neutrophil_is_not_a_cell(sample_dir, base, seed):
+    """The elongated neutrophil of slide 210 pasted beside a sample cell: the elongation
+    rule cuts off one big lobe (4,000-4,300 px of nucleus, over split_part_area), through
+    the middle of its cell body; the optional neck rule joins it back. Found by looking
+    at the composed pair 00015+00210, one of the CV's false splits (BENCHMARKS)."""
+    slides = {s.name: s for s in load_slides(str(sample_dir / "slides"))}
+    p = compose_pair(
+        slides[base], extra_slides(sample_dir)["BloodImage_00210"], np.random.default_rng(seed)
+    )
+    cut = find_cells(p.image)  # the shipped setting: the neck rule is off
+    assert len(cut) == 3 and match([d.as_tuple() for d in cut], p.truths) == 2
+    dets = find_cells(p.image, FinderConfig(split_neck=0.1))
+    assert len(dets) == 2 and match([d.as_tuple() for d in dets], p.truths) == 2
+    # Restricted to the slide border it does not look at this pair, which lies inside.
+    border = FinderConfig(split_neck=0.1, split_neck_where="border")
+    assert len(find_cells(p.image, border)) == 3
