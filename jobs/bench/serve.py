@@ -57,6 +57,40 @@ def _per_image_ms(fn, x: np.ndarray, seconds: float) -> float:
     return measure(lambda: fn(x), repeats=5, seconds=seconds).median / len(x) * 1e3
 
 
+def _raw_worker(ckpt: str, backend: str, threads: int, batch: int, seconds: float, start, out):
+    """One process of ``_parallel_raw_rate``: images classified in ``seconds`` after ``start``."""
+    pred = Predictor(ckpt, "cpu", backend=backend, num_threads=threads)
+    x = np.zeros((batch, *pred.cfg.input_size[1:], 3), np.uint8)
+    pred.predict_uint8(x)  # warm-up
+    start.wait()
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pred.predict_uint8(x)
+        n += batch
+    out.put(n / seconds)
+
+
+def _parallel_raw_rate(ckpt: str, backend: str, procs: int, threads: int, batch: int = 8,
+                       seconds: float = 6.0) -> float:  # fmt: skip
+    """Images/s of ``procs`` processes running the raw model side by side, ``threads`` each:
+    what the cores give when no process waits on another's threads."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(procs + 1), ctx.Queue()
+    ps = [
+        ctx.Process(target=_raw_worker, args=(ckpt, backend, threads, batch, seconds, start, out))
+        for _ in range(procs)
+    ]
+    for p in ps:
+        p.start()
+    start.wait()
+    rates = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    return float(sum(rates))
+
+
 def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     """Measured fp32 matmul rate of this machine with torch's current threads (median call)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -146,21 +180,34 @@ async def _load(
         return time.perf_counter() - t0, np.array(lat) * 1e3
 
 
+# Serve's logging for the deployments the bench makes (``--access-log off``: no line per
+# request in the replicas and the proxy, as a production config may choose).
+_LOGGING: dict | None = None
+
+
 def _deploy(
-    ckpt: str, *, user_config: dict, autoscaling: dict | None = None, threads: int = 1
+    ckpt: str,
+    *,
+    user_config: dict,
+    autoscaling: dict | None = None,
+    threads: int = 1,
+    replicas: int = 1,
 ) -> None:
     from ray import serve
 
     from serve.app import Classifier, Ingress
     from serve.settings import AppArgs
 
-    opts = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1}
+    opts = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     classifier = Classifier.options(
         user_config=user_config, ray_actor_options={"num_cpus": threads}, **opts
     ).bind(ckpt, "auto", threads)
     args = AppArgs(checkpoint=ckpt).model_dump()
     serve.run(
-        Ingress.options(num_replicas=1).bind(classifier, args), name="cellmodel", route_prefix="/"
+        Ingress.options(num_replicas=1).bind(classifier, args),
+        name="cellmodel",
+        route_prefix="/",
+        logging_config=_LOGGING,
     )
 
 
@@ -171,18 +218,28 @@ def bench_http(
     requests: int,
     threads: int = 1,
     batch_sizes: tuple[int, ...] = (16, 1),
+    replicas: int = 1,
+    batch_wait_s: float = 0.005,
 ) -> None:
-    """The endpoint against the raw model on the same threads: one classifier replica with
-    ``threads`` CPUs and intra-op threads, backend auto, as the replica runs it."""
+    """The endpoint against the raw model on the same cores: ``replicas`` classifier
+    replicas with ``threads`` CPUs and intra-op threads each, backend auto, against the raw
+    model on ``threads * replicas`` threads in this process (the best rate the cores give)."""
     images = _images(32)
-    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=threads)
+    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=threads * replicas)
     x1 = stack_bytes(images[:1], raw.cfg)
     x8 = stack_bytes(images[:8], raw.cfg)
     t_raw = _per_image_ms(raw.predict_arrays, x1, 3.0)
     t_raw8 = _per_image_ms(raw.predict_arrays, x8, 2.0)
     best_rate = 1e3 / min(t_raw, t_raw8)
+    if replicas > 1:
+        # The same cores as separate single processes, as the replicas use them.
+        par = _parallel_raw_rate(ckpt, raw.backend, replicas, threads)
+        print(f"raw model in {replicas} processes x {threads} thread(s), batch 8: {par:.1f} img/s")
+        best_rate = max(best_rate, par)
     print(
-        f"\n## http  ({raw.cfg.name}; raw forward, backend {raw.backend}, {threads} thread(s), "
+        f"\n## http  ({raw.cfg.name}; {replicas} classifier replica(s) x {threads} thread(s), "
+        f"batch wait {batch_wait_s * 1e3:g} ms; raw forward, backend {raw.backend}, "
+        f"{threads * replicas} thread(s), "
         f"median call: batch 1 {t_raw:.2f} ms/img, batch 8 {t_raw8:.2f} ms/img; best rate "
         f"{best_rate:.1f} img/s)"
     )
@@ -194,8 +251,9 @@ def bench_http(
     for mbs in batch_sizes:
         _deploy(
             ckpt,
-            user_config={"max_batch_size": mbs, "batch_wait_timeout_s": 0.005},
+            user_config={"max_batch_size": mbs, "batch_wait_timeout_s": batch_wait_s},
             threads=threads,
+            replicas=replicas,
         )
         asyncio.run(_load(f"{url}/v1/classify", images, 4, 16))  # warm-up
         for c in levels:
@@ -635,6 +693,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--http-model", default="tiny_bilstm", help="http part: model (random weights)")
     ap.add_argument("--http-threads", type=int, default=1, help="http part: classifier CPUs")
     ap.add_argument("--http-batch-sizes", nargs="*", type=int, default=[16, 1])
+    ap.add_argument(
+        "--access-log", choices=["on", "off"], default="on", help="Serve's per-request log lines"
+    )
+    ap.add_argument("--http-replicas", type=int, default=1, help="http part: classifier replicas")
+    ap.add_argument(
+        "--http-batch-wait-ms", type=float, default=5.0, help="http part: batch_wait_timeout_s"
+    )
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--idle-s", type=float, default=25.0)
     ap.add_argument("--plot", type=Path, default=Path("docs/serving-autoscaling.png"))
@@ -697,7 +762,10 @@ def main(argv: list[str]) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    global _LOGGING
+    if a.access_log == "off":
+        _LOGGING = {"enable_access_log": False}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=_LOGGING)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
@@ -715,6 +783,8 @@ def main(argv: list[str]) -> int:
                     a.requests,
                     a.http_threads,
                     tuple(a.http_batch_sizes),
+                    replicas=a.http_replicas,
+                    batch_wait_s=a.http_batch_wait_ms / 1e3,
                 )
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
