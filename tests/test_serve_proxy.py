@@ -122,3 +122,22 @@ def test_the_limit_and_retry_after_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(MAX_INFLIGHT_ENV, "many")
     with pytest.raises(ValueError, match=f"{MAX_INFLIGHT_ENV}='many'"):
         middlewares()
+
+
+def test_a_large_upload_refused_at_the_limit_gets_its_503_not_a_reset(server):
+    """The middleware answers without reading the body; the server reads and drops the rest,
+    so a client still sending a large batch gets the 503, not a connection reset."""
+    url, app, admission = server
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(_post, url) for _ in range(2)]
+        _wait_for(lambda: admission.inflight == 2, "two requests held")
+        for _ in range(3):
+            r = requests.post(
+                f"{url}/v1/classify/batch",
+                data=b"\xff" * (8 << 20),
+                headers={"content-type": "application/octet-stream"},
+                timeout=60,
+            )
+            assert r.status_code == 503 and r.json()["error"]["reason"] == "overloaded"
+        app.gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
