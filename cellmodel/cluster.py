@@ -21,6 +21,24 @@ ENV_FOR_WORKERS = (
 )
 
 
+# Ray Train's placement-group cleaner asks the State API every second whether the training
+# controller is alive; a local Ray started without the dashboard has no State API, so each
+# ask logged a warning: one line a second in every local training log. Local workers drop
+# that one logger's warnings (errors still show); a cluster has its dashboard and never warns.
+_NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+SETUP_HOOK = "cellmodel.cluster.quiet_worker_logs"
+
+
+def quiet_worker_logs() -> None:
+    """Worker process setup hook of the local Ray (``runtime_env.worker_process_setup_hook``)."""
+    import logging
+
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def worker_env() -> dict[str, str]:
     """The S3 settings of this process, for a Ray ``runtime_env``."""
     return {k: os.environ[k] for k in ENV_FOR_WORKERS if k in os.environ}
@@ -43,7 +61,10 @@ def ensure_ray(num_cpus_needed: float = 0, *, num_cpus: int | None = None, quiet
         num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2)
     ray.init(
         num_cpus=num_cpus,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={
+            "env_vars": worker_env(),
+            "worker_process_setup_hook": SETUP_HOOK,
+        },
         include_dashboard=False,
         log_to_driver=not quiet,
     )
