@@ -31,7 +31,8 @@ import os
 MAX_INFLIGHT_ENV = "CELLMODEL_PROXY_MAX_INFLIGHT"
 RETRY_AFTER_ENV = "CELLMODEL_PROXY_RETRY_AFTER_S"
 DEFAULT_MAX_INFLIGHT = 40
-LIMITED_PREFIX = "/v1/classify"
+# The classification routes, under whatever route prefix the application is deployed at.
+LIMITED_SUFFIXES = ("/v1/classify", "/v1/classify/batch")
 
 
 class ProxyAdmission:
@@ -61,7 +62,8 @@ class ProxyAdmission:
         ]
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith(LIMITED_PREFIX):
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] != "http" or not path.endswith(LIMITED_SUFFIXES):
             await self.app(scope, receive, send)
             return
         if self.inflight >= self.max_inflight:

@@ -34,7 +34,7 @@ class _GatedApp:
 
     async def __call__(self, scope, receive, send) -> None:
         body = b"{}"
-        if scope["path"].startswith("/v1/classify"):
+        if "/v1/classify" in scope["path"]:
             self.entered += 1
             while not self.gate.is_set():
                 await asyncio.sleep(0.01)
@@ -101,13 +101,16 @@ def test_requests_past_the_limit_get_a_json_503_with_retry_after_at_once(server)
 
         # Health and other routes are never limited.
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+        # An application deployed under a route prefix is limited all the same.
+        prefixed = requests.post(f"{url}/cells/v1/classify/batch", data=b"x", timeout=30)
+        assert prefixed.status_code == 503 and admission.refused == 2
 
         app.gate.set()
         assert [f.result().status_code for f in held] == [200, 200]
     # Both left the count when their answers went out: the next request is admitted.
     _wait_for(lambda: admission.inflight == 0, "the count to fall back to 0")
     assert _post(url).status_code == 200
-    assert admission.inflight == 0 and admission.refused == 1
+    assert admission.inflight == 0 and admission.refused == 2
 
 
 def test_the_limit_and_retry_after_come_from_the_environment(monkeypatch):
