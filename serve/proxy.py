@@ -25,8 +25,9 @@ the ingress.
 
 from __future__ import annotations
 
-import json
 import os
+
+from serve.requests import unavailable
 
 MAX_INFLIGHT_ENV = "CELLMODEL_PROXY_MAX_INFLIGHT"
 RETRY_AFTER_ENV = "CELLMODEL_PROXY_RETRY_AFTER_S"
@@ -46,20 +47,13 @@ class ProxyAdmission:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.refused = 0
-        body = {
-            "error": {
-                "reason": "overloaded",
-                "message": f"the service is at its limit of {max_inflight} requests in flight "
-                f"through this proxy; retry after {retry_after_s} s",
-                "retry_after_s": retry_after_s,
-            }
-        }
-        self._body = json.dumps(body).encode()
-        self._headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(self._body)).encode()),
-            (b"retry-after", str(retry_after_s).encode()),
-        ]
+        # The application's own error (serve.requests): the same JSON body and Retry-After as
+        # the ingress's refusals. A Starlette response is an ASGI app and can be sent again.
+        self._refusal = unavailable(
+            "overloaded",
+            f"the service is at its limit of {max_inflight} requests in flight through this proxy",
+            retry_after_s,
+        ).response()
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "").rstrip("/")
@@ -68,8 +62,7 @@ class ProxyAdmission:
             return
         if self.inflight >= self.max_inflight:
             self.refused += 1
-            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
-            await send({"type": "http.response.body", "body": self._body})
+            await self._refusal(scope, receive, send)
             return
         # A request leaves the count when its last byte is sent, not when the proxy's handler
         # returns: the proxy does bookkeeping after the answer, and by then the client may

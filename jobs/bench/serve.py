@@ -154,18 +154,27 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
 # -- HTTP ---------------------------------------------------------------------------------------
 
 
+def _client(concurrency: int):
+    """The load generator's HTTP client: aiohttp, whose client costs several times less CPU
+    per request than httpx's; the generator shares the cores with the server, and every
+    millisecond it spends is taken from the server and added to the latencies it measures."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=aiohttp.ClientTimeout(total=120),
+    )
+
+
 async def _load(
     url: str, images: list[bytes], concurrency: int, n: int
 ) -> tuple[float, np.ndarray]:
-    """Wall time and per-request latencies (ms) of ``n`` posts at ``concurrency`` (aiohttp:
-    the cheapest client at hand, see ``_timed_load``); any status but 200 raises."""
-    import aiohttp
-
+    """Wall time and per-request latencies (ms) of ``n`` posts at ``concurrency``; any
+    status but 200 raises."""
     lat: list[float] = []
     todo = iter(range(n))
-    conn = aiohttp.TCPConnector(limit=concurrency)
     headers = {"content-type": "image/jpeg"}
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as c:
+    async with _client(concurrency) as c:
 
         async def worker() -> None:
             for i in todo:
@@ -180,11 +189,6 @@ async def _load(
         return time.perf_counter() - t0, np.array(lat) * 1e3
 
 
-# Serve's logging for the deployments the bench makes (``--access-log off``: no line per
-# request in the replicas and the proxy, as a production config may choose).
-_LOGGING: dict | None = None
-
-
 def _deploy(
     ckpt: str,
     *,
@@ -192,6 +196,7 @@ def _deploy(
     autoscaling: dict | None = None,
     threads: int = 1,
     replicas: int = 1,
+    logging_config: dict | None = None,
 ) -> None:
     from ray import serve
 
@@ -207,7 +212,7 @@ def _deploy(
         Ingress.options(num_replicas=1).bind(classifier, args),
         name="cellmodel",
         route_prefix="/",
-        logging_config=_LOGGING,
+        logging_config=logging_config,
     )
 
 
@@ -220,6 +225,7 @@ def bench_http(
     batch_sizes: tuple[int, ...] = (16, 1),
     replicas: int = 1,
     batch_wait_s: float = 0.005,
+    logging_config: dict | None = None,
 ) -> None:
     """The endpoint against the raw model on the same cores: ``replicas`` classifier
     replicas with ``threads`` CPUs and intra-op threads each, backend auto, against the raw
@@ -254,6 +260,7 @@ def bench_http(
             user_config={"max_batch_size": mbs, "batch_wait_timeout_s": batch_wait_s},
             threads=threads,
             replicas=replicas,
+            logging_config=logging_config,
         )
         asyncio.run(_load(f"{url}/v1/classify", images, 4, 16))  # warm-up
         for c in levels:
@@ -396,31 +403,28 @@ async def _timed_load(
     seconds: float | None = None,
     t0: float | None = None,
     honour_retry_after: bool = True,
-    client: str = "aiohttp",
 ) -> list[tuple[float, float, str]]:
     """(start time since ``t0``, latency s, status) per request; a client that gets a 503
     waits its Retry-After (times 1 to 2, jitter) before its next request, unless
-    ``honour_retry_after`` is off (then it sends its next request at once).
-
-    ``client``: "aiohttp" (default) or "httpx". The generator shares the CPU with the server
-    on one machine, and every millisecond it spends per request is taken from the server and
-    added to the latencies it measures; aiohttp's client costs several times less CPU per
-    request than httpx's, so it distorts less (`_LOAD_CPU` records the share it used)."""
+    ``honour_retry_after`` is off (then it sends its next request at once)."""
     t0 = time.monotonic() if t0 is None else t0
     out: list[tuple[float, float, str]] = []
     count = iter(range(n if n is not None else 10**9))
     end = None if seconds is None else time.monotonic() + seconds
     headers = {"content-type": "image/jpeg"}
-    target = f"{url}/v1/classify"
+    async with _client(concurrency) as c:
 
-    async def run(post) -> None:
         async def worker() -> None:
             for i in count:
                 if end is not None and time.monotonic() > end:
                     return
                 t = time.monotonic()
                 try:
-                    status, wait = await post(images[i % len(images)])
+                    async with c.post(
+                        f"{url}/v1/classify", data=images[i % len(images)], headers=headers
+                    ) as r:
+                        await r.read()
+                        status, wait = str(r.status), r.headers.get("retry-after")
                 except Exception as e:  # noqa: BLE001 - every client error is a result here
                     status, wait = f"error:{type(e).__name__}", None
                 out.append((t - t0, time.monotonic() - t, status))
@@ -429,38 +433,7 @@ async def _timed_load(
                     await asyncio.sleep(float(wait) * (1 + random.random()))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    if client == "httpx":
-        import httpx
-
-        limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-
-            async def post(body: bytes):
-                r = await c.post(target, content=body, headers=headers)
-                return str(r.status_code), r.headers.get("retry-after")
-
-            await run(post)
-    else:
-        import aiohttp
-
-        conn = aiohttp.TCPConnector(limit=concurrency)
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as c:
-
-            async def post(body: bytes):
-                async with c.post(target, data=body, headers=headers) as r:
-                    await r.read()
-                    return str(r.status), r.headers.get("retry-after")
-
-            await run(post)
-    _LOAD_CPU.append((time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9))
     return out
-
-
-# CPU seconds the load generator used per wall second, one entry per _timed_load call.
-_LOAD_CPU: list[float] = []
 
 
 def _summary(rows: list[tuple[float, float, str]], wall: float) -> str:
@@ -553,18 +526,17 @@ def bench_load(
     requests: dict[int, int],
     plot: Path,
     *,
-    client: str = "aiohttp",
     honour_retry_after: bool = True,
 ) -> None:
     _deploy_configured(ckpt)
     images = _images(32)
-    asyncio.run(_timed_load(url, images, 4, n=32, client=client))  # warm-up
+    asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
     clients = (
         "clients wait Retry-After after a 503"
         if honour_retry_after
         else "clients ignore Retry-After and send again at once"
     )
-    print(f"\n## load  (serve/config.yaml deployment options; {client} client; {clients})")
+    print(f"\n## load  (serve/config.yaml deployment options; aiohttp client; {clients})")
     print(
         "| concurrency | requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) "
         "| p50 ms (503) | p99 ms (503) | load generator CPU |"
@@ -572,25 +544,22 @@ def bench_load(
     print("|---|---|---|---|---|---|---|---|---|")
     last = None
     for c in levels:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         with _ReplicaSampler(t0) as sampler:
             rows = asyncio.run(
                 _timed_load(
-                    url,
-                    images,
-                    c,
-                    n=requests.get(c, 2000),
-                    t0=t0,
-                    client=client,
+                    url, images, c, n=requests.get(c, 2000), t0=t0,
                     honour_retry_after=honour_retry_after,
                 )
-            )
-        summary = _summary(rows, time.monotonic() - t0)
-        print(f"| {c} | {summary} | {_LOAD_CPU[-1]:.2f} cores |", flush=True)
+            )  # fmt: skip
+        wall = time.monotonic() - t0
+        # This process's CPU per wall second: the load generator (and the replica sampler).
+        cpu = (time.process_time() - cpu0) / wall
+        print(f"| {c} | {_summary(rows, wall)} | {cpu:.2f} cores |", flush=True)
         last = (c, rows, sampler.samples)
     if last:
         c, rows, samples = last
-        _plot(rows, samples, plot, f"load: {len(rows)} requests at concurrency {c} ({client})")
+        _plot(rows, samples, plot, f"load: {len(rows)} requests at concurrency {c} (aiohttp)")
 
 
 def bench_chaos(
@@ -713,9 +682,6 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--load-plot", type=Path, default=Path("docs/serving-load.png"))
     ap.add_argument(
-        "--load-client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator"
-    )
-    ap.add_argument(
         "--proxy-max-inflight",
         type=int,
         default=40,
@@ -762,10 +728,9 @@ def main(argv: list[str]) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    global _LOGGING
-    if a.access_log == "off":
-        _LOGGING = {"enable_access_log": False}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=_LOGGING)
+    # --access-log off: no line per request in the proxy and the replicas.
+    logging_config = {"enable_access_log": False} if a.access_log == "off" else None
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
@@ -785,6 +750,7 @@ def main(argv: list[str]) -> int:
                     tuple(a.http_batch_sizes),
                     replicas=a.http_replicas,
                     batch_wait_s=a.http_batch_wait_ms / 1e3,
+                    logging_config=logging_config,
                 )
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
@@ -795,7 +761,6 @@ def main(argv: list[str]) -> int:
                     a.load_levels,
                     dict(zip(a.load_levels, a.load_requests)),
                     a.load_plot,
-                    client=a.load_client,
                     honour_retry_after=not a.ignore_retry_after,
                 )
             if "chaos" in a.parts:
