@@ -1,5 +1,10 @@
 """The Serve application: a FastAPI ingress in front of a batching classifier deployment.
 
+Two layouts (``AppArgs.layout``): ``split`` (an ingress deployment calls a classifier
+deployment, each scaled on its own; what a GPU cluster wants) and ``fused`` (every ingress
+replica holds the model itself and batches its own requests: one Ray hop and one process
+fewer per request, which a CPU-only service wants; serve/config-cpu.yaml).
+
 Ingress: admits a request only while it has room (else 503 with Retry-After at once), reads
 and decodes the upload under the format allow-list and pixel limits (refusing bad input with
 a 4xx before it reaches a model), resizes each image to the model's input and sends it to
@@ -46,6 +51,9 @@ from serve.requests import ApiError, Image, decode_error, read_images, unavailab
 from serve.settings import AppArgs, BatchConfig
 
 log = logging.getLogger("ray.serve")
+
+# Batches one replica may run at once (BatchConfig.concurrent_batches; Predictor lanes).
+MAX_CONCURRENT_BATCHES = 2
 
 # A call that failed because its replica died or went away: worth one more try elsewhere.
 RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, WorkerCrashedError)
@@ -120,25 +128,42 @@ class Classifier:
             tta=tta,
             expected_sha256=weights_sha256,
             calibration=int8_calibration,
+            concurrent_batches=MAX_CONCURRENT_BATCHES,
         )
         self.classes = self.predictor.classes
         self._predictions = metrics.predictions_counter()
         self._batch_sizes = metrics.batch_size_histogram()
-        self.batch_config = BatchConfig()
+        self._running = 0  # batches in the model now
+        self.reconfigure({})
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new ``user_config`` (batch size, wait timeout) without reloading the model."""
         cfg = BatchConfig.model_validate(user_config or {})
         self.classify.set_max_batch_size(cfg.max_batch_size)
         self.classify.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # Serve forms batches whether or not one is running; these slots decide how many run.
+        self._slots = asyncio.Semaphore(min(cfg.concurrent_batches, self.predictor.lanes))
         self.batch_config = cfg
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=16,
+        batch_wait_timeout_s=0.005,
+        max_concurrent_batches=MAX_CONCURRENT_BATCHES,
+    )
     async def classify(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         """Probabilities for each resized RGB uint8 image (H, W, 3); Serve gathers concurrent
         calls into ``xs``."""
-        # The forward runs off the event loop so new requests keep queueing for the next batch.
-        probs = await asyncio.to_thread(self.predictor.predict_uint8, np.stack(xs))
+        async with self._slots:
+            # Alone: every thread; beside a running batch: the predictor's second lane.
+            concurrent = self._running > 0
+            self._running += 1
+            try:
+                # Off the event loop, so new requests keep queueing for the next batch.
+                probs = await asyncio.to_thread(
+                    self.predictor.predict_uint8, np.stack(xs), concurrent=concurrent
+                )
+            finally:
+                self._running -= 1
         self._batch_sizes.observe(len(xs))
         for k, n in zip(*np.unique(probs.argmax(axis=1), return_counts=True)):
             self._predictions.inc(int(n), {"class_name": self.classes[k]})
@@ -150,6 +175,7 @@ class Classifier:
             "backend_timings_ms": self.predictor.backend_timings,
             "device": str(self.predictor.device),
             "tta": self.predictor.tta,
+            "lanes": self.predictor.lanes,
             "pid": os.getpid(),
             "weights_sha256": self.predictor.weights_sha256,
             "batching": self.batch_config.model_dump(),
@@ -196,12 +222,25 @@ class Ingress:
     """HTTP routes; admission, decoding and validation happen here, inference in the
     classifier."""
 
-    def __init__(self, classifier: DeploymentHandle, args: dict, meta: dict | None = None):
+    def __init__(self, classifier: DeploymentHandle | None, args: dict, meta: dict | None = None):
         self.classifier = classifier
         self.args = AppArgs.model_validate(args)
         self.checkpoint = self.args.resolved_checkpoint()
         # The metadata build_app read and pinned (else read and pinned now).
         self.meta = meta or pinned_meta(self.checkpoint)
+        # Fused layout (no classifier deployment): the model lives in this replica, with the
+        # classifier's own batching, metrics and weight check.
+        self.local: Classifier | None = None
+        if classifier is None:
+            a = self.args
+            self.local = Classifier.func_or_class(
+                self.checkpoint,
+                a.backend,
+                a.torch_threads,
+                weights_sha256=self.meta["weights_sha256"],
+                tta=a.tta,
+                int8_calibration=a.int8_calibration,
+            )
         self.pre = self.meta["preprocessing"]
         _, h, w = self.pre["input_size"]
         self.size = (int(w), int(h))
@@ -209,6 +248,16 @@ class Ingress:
         self.model = {"name": self.meta["model_name"], "version": model_version(self.meta)}
         self._inflight = 0  # images admitted and not yet answered, on this replica
         self._openapi: dict | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The fused layout's batching (``BatchConfig``); in the split layout batching is the
+        classifier deployment's user_config, and one given here is refused."""
+        if self.local is None:
+            raise ValueError(
+                "the Ingress deployment takes a user_config only in the fused layout "
+                "(args.layout: fused); set batching on the Classifier deployment instead"
+            )
+        self.local.reconfigure(user_config)
 
     # -- admission ----------------------------------------------------------------------------
     def _overloaded(self) -> ApiError:
@@ -275,6 +324,15 @@ class Ingress:
         """One image through the classifier: retried once if its replica dies, bounded by the
         request's deadline; every failure the client cannot fix becomes a 503."""
         loop, retry_after = asyncio.get_running_loop(), self.args.retry_after_s
+        if self.local is not None:  # fused: this process's own batch queue, nothing to retry
+            try:
+                return await asyncio.wait_for(self.local.classify(x), deadline - loop.time())
+            except TimeoutError:
+                raise unavailable(
+                    "model_timeout",
+                    f"no answer from the model within {self.args.model_timeout_s:g} s",
+                    retry_after,
+                ) from None
         last: Exception | None = None
         for _ in range(2):
             remaining = deadline - loop.time()
@@ -331,6 +389,8 @@ class Ingress:
         }
 
     async def _info(self, timeout: float = 2.0) -> dict:
+        if self.local is not None:
+            return self.local.info()
         return await asyncio.wait_for(_result_of(self.classifier.info.remote()), timeout)
 
     # -- routes -------------------------------------------------------------------------------
@@ -500,6 +560,12 @@ def build_app(args: AppArgs) -> serve.Application:
     ckpt = args.resolved_checkpoint()
     meta = pinned_meta(ckpt)
     resolved = args.model_copy(update={"checkpoint": ckpt})
+    if args.layout == "fused":
+        # The replica's CPUs are its model's threads (config files may say otherwise).
+        cpus = args.torch_threads or 1
+        return Ingress.options(ray_actor_options={"num_cpus": cpus}).bind(
+            None, resolved.model_dump(), meta
+        )
     classifier = Classifier.bind(
         ckpt,
         args.backend,

@@ -34,6 +34,13 @@ class AppArgs(BaseModel):
         "within 1e-4 at load), or onnx-int8 (int8 ONNX Runtime, needs int8_calibration; not "
         "bit-equal: see BENCHMARKS.md for its accuracy)",
     )
+    layout: Literal["split", "fused"] = Field(
+        "split",
+        description="split: an Ingress deployment calls a Classifier deployment (scaled apart; "
+        "GPU classifiers behind CPU ingresses); fused: each Ingress replica holds the model and "
+        "batches its own requests (one Ray hop fewer per request; for CPU-only serving, "
+        "serve/config-cpu.yaml). In the fused layout the Ingress takes the batching user_config",
+    )
     int8_calibration: str | None = Field(
         None, description="folder of images to calibrate backend onnx-int8 on (local path)"
     )
@@ -99,3 +106,11 @@ class BatchConfig(BaseModel):
 
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    concurrent_batches: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="batches a replica runs at once: 2 (exported CPU backends on 2+ threads): a "
+        "batch alone gets every thread, two batches run side by side on half the threads each; "
+        "1: one batch at a time on every thread. Eager PyTorch always runs one at a time",
+    )

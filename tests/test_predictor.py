@@ -52,6 +52,32 @@ def test_onnx_backend_matches_eager(ckpt, images):
         np.testing.assert_allclose(onnx.logits_arrays(batch), eager.logits_arrays(batch), atol=ATOL)
 
 
+def test_second_lane_gives_the_same_answers_on_half_the_threads(ckpt, images):
+    import threading
+
+    two = Predictor(ckpt, device="cpu", backend="onnx", num_threads=2, concurrent_batches=2)
+    assert two.lanes == 2 and two._lane_forward.num_threads == 1
+    assert two._forward.num_threads == 2
+    x = stack_bytes(images, two.cfg)
+    alone = two.predict_arrays(x)
+    np.testing.assert_allclose(two.predict_arrays(x, concurrent=True), alone, atol=ATOL)
+    # Two batches at once, one on each lane, as a serving replica runs them.
+    out: dict[bool, np.ndarray] = {}
+    ts = [
+        threading.Thread(target=lambda c=c: out.__setitem__(c, two.predict_arrays(x, concurrent=c)))
+        for c in (False, True)
+    ]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    np.testing.assert_allclose(out[True], out[False], atol=ATOL)
+    # No second lane where it cannot help: eager PyTorch, one thread, or not asked for.
+    assert Predictor(ckpt, device="cpu", num_threads=2, concurrent_batches=2).lanes == 1
+    assert Predictor(ckpt, "cpu", backend="onnx", num_threads=1, concurrent_batches=2).lanes == 1
+    assert Predictor(ckpt, "cpu", backend="onnx", num_threads=2).lanes == 1
+
+
 def test_auto_backend_picks_onnx_on_cpu(ckpt):
     assert Predictor(ckpt, device="cpu", backend="auto").backend == "onnx"
 

@@ -137,7 +137,10 @@ def test_model_route_reports_checkpoint(client, checkpoint):
     assert m["input_size"] == [3, 120, 160]
     assert m["metrics"] == {"val_loss": 1.23, "val_acc": 0.5}
     assert m["checkpoint"] == checkpoint and len(m["version"]) == 12
-    assert m["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+    batching = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005, "concurrent_batches": 2}
+    assert m["batching"] == batching
+    # One CPU, so one thread: no second lane (the fused test below has two).
+    assert m["lanes"] == 1
     # backend auto: the fastest exact backend timed at start; answers match eager (tests below)
     timings = m["backend_timings_ms"]
     assert "eager" in timings and m["backend"] == min(timings, key=timings.get)
@@ -352,7 +355,7 @@ def test_user_config_changes_batching_in_place(client, checkpoint, direct):
     from ray import serve
 
     from serve.app import Classifier, Ingress
-    from serve.settings import AppArgs
+    from serve.settings import AppArgs, BatchConfig
 
     args = AppArgs(
         checkpoint=checkpoint, max_body_bytes=BODY_LIMIT, max_images_per_request=MAX_IMAGES
@@ -360,8 +363,45 @@ def test_user_config_changes_batching_in_place(client, checkpoint, direct):
     batching = {"max_batch_size": 4, "batch_wait_timeout_s": 0.001}
     classifier = Classifier.options(user_config=batching).bind(checkpoint, args.backend, None)
     serve.run(Ingress.bind(classifier, args.model_dump()), name="cellmodel", route_prefix="/")
-    assert client.get("/v1/model").json()["batching"] == batching
+    expected = {**BatchConfig().model_dump(), **batching}
+    assert client.get("/v1/model").json()["batching"] == expected
     _assert_still_serving(client, direct[0][0])
+
+
+def test_fused_layout_serves_the_same_answers(client, checkpoint, direct):
+    """The model inside the ingress (serve/config-cpu.yaml): the same answers, concurrent
+    requests batched on two lanes, batching set by the Ingress's own user_config."""
+    from ray import serve
+
+    from serve.app import Ingress, build_app
+    from serve.settings import AppArgs, BatchConfig
+
+    args = AppArgs(checkpoint=checkpoint, layout="fused", backend="onnx", torch_threads=2)
+    items, probs = direct
+
+    async def post_all():
+        async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as c:
+            return await asyncio.gather(
+                *(c.post("/fused/v1/classify", **_jpeg(it)) for it in items)
+            )
+
+    serve.run(build_app(args), name="fused", route_prefix="/fused")
+    assert "Classifier" not in serve.status().applications["fused"].deployments
+    info = client.get("/fused/v1/model").json()
+    assert info["lanes"] == 2 and info["backend"] == "onnx"
+    assert info["batching"] == BatchConfig().model_dump()
+    assert client.get("/fused/readyz").json()["status"] == "ready"
+    # All at once (under the proxy's limit of 40 in flight): batches on both lanes.
+    for it, r in zip(items, asyncio.run(post_all())):
+        assert r.status_code == 200, r.text
+        _check(r.json(), probs[it[0]])
+
+    batching = {"max_batch_size": 2, "batch_wait_timeout_s": 0.0, "concurrent_batches": 1}
+    fused = Ingress.options(user_config=batching).bind(None, args.model_dump())
+    serve.run(fused, name="fused", route_prefix="/fused")
+    assert client.get("/fused/v1/model").json()["batching"] == batching
+    assert all(r.status_code == 200 for r in asyncio.run(post_all()))
+    serve.delete("fused")
 
 
 # -- builder, config, manifest (no HTTP) ---------------------------------------------------------
@@ -394,6 +434,21 @@ def test_config_yaml_is_a_valid_serve_config():
     assert set(deps) == {Classifier.name, Ingress.name}
     BatchConfig.model_validate(deps["Classifier"]["user_config"])
     assert deps["Classifier"]["autoscaling_config"]["max_replicas"] > 1
+
+
+def test_cpu_config_yaml_is_a_valid_fused_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import Ingress
+    from serve.settings import AppArgs, BatchConfig
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config-cpu.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(cfg).applications
+    assert AppArgs.model_validate(app.args).layout == "fused"
+    (dep,) = cfg["applications"][0]["deployments"]  # the Ingress alone holds the model
+    assert dep["name"] == Ingress.name
+    assert BatchConfig.model_validate(dep["user_config"]).concurrent_batches == 2
+    assert dep["ray_actor_options"]["num_cpus"] == app.args["torch_threads"]
 
 
 def test_rayservice_manifest_is_generated_from_config():

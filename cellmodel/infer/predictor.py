@@ -103,6 +103,13 @@ class Predictor:
     share so replicas do not oversubscribe). ``tta=True`` averages the softmax over the 8
     dihedral transforms of each image (``DIHEDRAL``, ``dihedral``). ``expected_sha256``
     refuses weights other than the named ones (``CheckpointError``).
+
+    ``concurrent_batches=2`` prepares a second forward of an exported backend on half the
+    threads, for a caller that runs two batches at once: a batch alone takes every thread
+    (the lowest latency), a batch that starts while another runs takes the second forward
+    (``concurrent=True``), so that under load two batches run side by side instead of
+    sharing threads that wait on each other at every operator. ``lanes`` says whether it is
+    there (2) or not (1: eager PyTorch, one thread, or not asked for).
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Predictor:
         tta: bool = False,
         expected_sha256: str | None = None,
         calibration=None,
+        concurrent_batches: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -123,6 +131,7 @@ class Predictor:
             raise ValueError(f"backend {backend!r} runs on CPU only; use backend 'eager' on a GPU")
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.num_threads = num_threads or torch.get_num_threads()
         self.tta = bool(tta)
         self.model, self.meta = load_checkpoint(
             checkpoint, map_location=self.device, expected_sha256=expected_sha256
@@ -143,6 +152,15 @@ class Predictor:
         elif backend != "eager":
             self._forward = self._build(backend, num_threads, calibration)
             self.backend = backend
+        # The second lane: exported backends only (torch's threads are one per process).
+        self._lane_forward: Callable[[np.ndarray], np.ndarray] | None = None
+        if (
+            concurrent_batches > 1
+            and self.num_threads > 1
+            and hasattr(self._forward, "with_threads")
+        ):
+            self._lane_forward = self._forward.with_threads(max(1, self.num_threads // 2))
+        self.lanes = 2 if self._lane_forward is not None else 1
 
     # -- backends ---------------------------------------------------------------------------
     def _build(self, backend: str, num_threads: int | None, calibration=None):
@@ -185,20 +203,23 @@ class Predictor:
         return self.model(t).float().cpu().numpy()
 
     # -- inference --------------------------------------------------------------------------
-    def logits_arrays(self, x: np.ndarray) -> np.ndarray:
-        """Logits (N, num_classes) for a preprocessed float32 batch (N, 3, H, W); no TTA."""
+    def logits_arrays(self, x: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
+        """Logits (N, num_classes) for a preprocessed float32 batch (N, 3, H, W); no TTA.
+        ``concurrent``: another batch is running beside this one (the second lane, if any)."""
+        if concurrent and self._lane_forward is not None:
+            return self._lane_forward(x)
         return self._forward(x)
 
-    def predict_arrays(self, x: np.ndarray) -> np.ndarray:
+    def predict_arrays(self, x: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
         """Probabilities (N, num_classes) for a preprocessed float32 batch (N, 3, H, W).
 
         With ``tta``, the mean of the softmax over the 8 dihedral transforms of each image.
         """
         if not self.tta:
-            return softmax(self.logits_arrays(x))
+            return softmax(self.logits_arrays(x, concurrent=concurrent))
         n = len(x)
         views = np.concatenate([dihedral(x, k, f) for k, f in DIHEDRAL])
-        probs = softmax(self.logits_arrays(views))
+        probs = softmax(self.logits_arrays(views, concurrent=concurrent))
         return probs.reshape(len(DIHEDRAL), n, -1).mean(axis=0)
 
     def normalize_uint8(self, x: np.ndarray) -> np.ndarray:
@@ -208,10 +229,10 @@ class Predictor:
         a = (a - self._mean) / self._std
         return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
 
-    def predict_uint8(self, x: np.ndarray) -> np.ndarray:
+    def predict_uint8(self, x: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
         """Probabilities for resized RGB uint8 images (N, H, W, 3) (what the serving ingress
         sends: a quarter of the float32 bytes)."""
-        return self.predict_arrays(self.normalize_uint8(x))
+        return self.predict_arrays(self.normalize_uint8(x), concurrent=concurrent)
 
     def predict_bytes(self, images: Sequence[bytes]) -> np.ndarray:
         """Probabilities for encoded images; raises ``ImageDecodeError`` on a bad one."""

@@ -14,8 +14,10 @@ Parts (``--parts``; the default runs the first three):
    plot of latency and replicas over time;
 6. chaos: SIGKILL a classifier replica under load: status codes (only 200 and 503 allowed),
    latency and replicas over time, plotted;
-7. int8: accuracy of ONNX Runtime int8 against fp32 on held-out images (``--int8-data``, a
-   class-folder tree; ``--checkpoint``), calibrated on ``--int8-calibration``.
+7. int8: accuracy of ONNX Runtime int8 against fp32 on held-out images (``--int8-data``: a
+   shard dataset, whose val split is scored and train split calibrates, or a class-folder
+   tree calibrated on ``--int8-calibration``; ``--checkpoint``), with a 95 % interval of the
+   difference over source cells.
 """
 
 from __future__ import annotations
@@ -63,15 +65,18 @@ def _raw_worker(ckpt: str, backend: str, threads: int, batch: int, seconds: floa
     x = np.zeros((batch, *pred.cfg.input_size[1:], 3), np.uint8)
     pred.predict_uint8(x)  # warm-up
     start.wait()
-    n, end = 0, time.perf_counter() + seconds
+    n, t0 = 0, time.perf_counter()
+    end = t0 + seconds
     while time.perf_counter() < end:
         pred.predict_uint8(x)
         n += batch
-    out.put(n / seconds)
+    # Over the time the counted batches took (the last one ends past ``end``): counting them
+    # against ``seconds`` alone rounded the rate to whole batches (8 / 6 s steps).
+    out.put(n / (time.perf_counter() - t0))
 
 
 def _parallel_raw_rate(ckpt: str, backend: str, procs: int, threads: int, batch: int = 8,
-                       seconds: float = 6.0) -> float:  # fmt: skip
+                       seconds: float = 10.0) -> float:  # fmt: skip
     """Images/s of ``procs`` processes running the raw model side by side, ``threads`` each:
     what the cores give when no process waits on another's threads."""
     import multiprocessing as mp
@@ -197,6 +202,7 @@ def _deploy(
     threads: int = 1,
     replicas: int = 1,
     logging_config: dict | None = None,
+    layout: str = "split",
 ) -> None:
     from ray import serve
 
@@ -204,6 +210,13 @@ def _deploy(
     from serve.settings import AppArgs
 
     opts = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    if layout == "fused":  # each ingress replica runs the model: ``threads`` CPUs each
+        args = AppArgs(checkpoint=ckpt, layout="fused", torch_threads=threads).model_dump()
+        fused = Ingress.options(
+            user_config=user_config, ray_actor_options={"num_cpus": threads}, **opts
+        ).bind(None, args)
+        serve.run(fused, name="cellmodel", route_prefix="/", logging_config=logging_config)
+        return
     classifier = Classifier.options(
         user_config=user_config, ray_actor_options={"num_cpus": threads}, **opts
     ).bind(ckpt, "auto", threads)
@@ -226,26 +239,31 @@ def bench_http(
     replicas: int = 1,
     batch_wait_s: float = 0.005,
     logging_config: dict | None = None,
+    layout: str = "split",
 ) -> None:
     """The endpoint against the raw model on the same cores: ``replicas`` classifier
-    replicas with ``threads`` CPUs and intra-op threads each, backend auto, against the raw
-    model on ``threads * replicas`` threads in this process (the best rate the cores give)."""
+    replicas (in the fused layout, ingress replicas holding the model) with ``threads`` CPUs
+    and intra-op threads each, backend auto. The reference is the best the cores give the raw
+    model, whatever the endpoint's layout: one process on every core, one single-threaded
+    process per core, and the endpoint's own processes x threads; the latency reference is
+    batch 1 on every core in one process."""
     images = _images(32)
-    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=threads * replicas)
+    cores = os.cpu_count() or 1
+    raw = Predictor(ckpt, "cpu", backend="auto", num_threads=cores)
     x1 = stack_bytes(images[:1], raw.cfg)
     x8 = stack_bytes(images[:8], raw.cfg)
     t_raw = _per_image_ms(raw.predict_arrays, x1, 3.0)
     t_raw8 = _per_image_ms(raw.predict_arrays, x8, 2.0)
     best_rate = 1e3 / min(t_raw, t_raw8)
-    if replicas > 1:
-        # The same cores as separate single processes, as the replicas use them.
-        par = _parallel_raw_rate(ckpt, raw.backend, replicas, threads)
-        print(f"raw model in {replicas} processes x {threads} thread(s), batch 8: {par:.1f} img/s")
+    for procs, th in sorted({(cores, 1), (replicas, threads)} - {(1, cores)}):
+        par = _parallel_raw_rate(ckpt, raw.backend, procs, th)
+        print(f"raw model in {procs} process(es) x {th} thread(s), batch 8: {par:.1f} img/s")
         best_rate = max(best_rate, par)
     print(
-        f"\n## http  ({raw.cfg.name}; {replicas} classifier replica(s) x {threads} thread(s), "
+        f"\n## http  ({raw.cfg.name}; {layout} layout, {replicas} model replica(s) x "
+        f"{threads} thread(s), "
         f"batch wait {batch_wait_s * 1e3:g} ms; raw forward, backend {raw.backend}, "
-        f"{threads * replicas} thread(s), "
+        f"{cores} thread(s), "
         f"median call: batch 1 {t_raw:.2f} ms/img, batch 8 {t_raw8:.2f} ms/img; best rate "
         f"{best_rate:.1f} img/s)"
     )
@@ -261,6 +279,7 @@ def bench_http(
             threads=threads,
             replicas=replicas,
             logging_config=logging_config,
+            layout=layout,
         )
         asyncio.run(_load(f"{url}/v1/classify", images, 4, 16))  # warm-up
         for c in levels:
@@ -614,36 +633,85 @@ def bench_chaos(
     )
 
 
-def bench_int8(ckpt: str, data: Path, calibration: Path, threads: int) -> None:
-    """Accuracy and agreement of int8 against fp32 ONNX Runtime on the images in ``data``
-    (class folders), calibrated on ``calibration`` (images that are not in ``data``)."""
+def _int8_images(data: Path, calibration: Path | None, classes: list[str]):
+    """(encoded images, labels, source cells, calibration) for the int8 part: a shard
+    dataset's ``val`` split (calibrated on 64 images spread over its ``train`` split, other
+    cells by construction) or a class-folder tree (calibrated on ``calibration``)."""
+    if (data / "manifest.json").exists():
+        from cellmodel.data.dataset import iter_rows
+
+        rows = list(iter_rows(str(data), "val", ["image", "label", "source_id"]))
+        if calibration is None:
+            train = [r["image"] for r in iter_rows(str(data), "train", ["image"])]
+            calib = train[:: max(1, len(train) // 64)][:64]
+        else:
+            calib = calibration
+        return (
+            [r["image"] for r in rows],
+            np.array([r["label"] for r in rows]),
+            np.array([r["source_id"] for r in rows]),
+            calib,
+        )
+    if calibration is None:
+        raise SystemExit("int8: --int8-calibration is needed with a class-folder --int8-data")
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((data / c).glob("*.*"))]
+    images = [p.read_bytes() for p, _ in files]
+    return (
+        images,
+        np.array([k for _, k in files]),
+        np.array([p.stem for p, _ in files]),
+        calibration,
+    )
+
+
+def _paired_interval(
+    hit_a, hit_b, groups, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of mean(hit_b) - mean(hit_a) in points, resampling whole ``groups``
+    (source cells): images of one cell are not independent."""
+    rng = np.random.default_rng(seed)
+    names, idx = np.unique(groups, return_inverse=True)
+    diff = np.bincount(idx, hit_b.astype(float) - hit_a.astype(float), len(names))
+    size = np.bincount(idx, minlength=len(names)).astype(float)
+    pick = rng.integers(0, len(names), (n_boot, len(names)))
+    boot = diff[pick].sum(1) / size[pick].sum(1) * 100
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bench_int8(ckpt: str, data: Path, calibration: Path | None, threads: int) -> None:
+    """Accuracy and agreement of int8 against fp32 ONNX Runtime on held-out images: a shard
+    dataset's ``val`` split (split by source cell or slide at ingest) or a class-folder tree."""
     fp32 = Predictor(ckpt, "cpu", backend="onnx", num_threads=threads)
-    int8 = Predictor(ckpt, "cpu", backend="onnx-int8", num_threads=threads, calibration=calibration)
-    files = [(p, k) for k, c in enumerate(fp32.classes) for p in sorted((data / c).glob("*.*"))]
-    y = np.array([k for _, k in files])
+    images, y, groups, calib = _int8_images(data, calibration, fp32.classes)
+    int8 = Predictor(ckpt, "cpu", backend="onnx-int8", num_threads=threads, calibration=calib)
     p32, p8 = [], []
-    for i in range(0, len(files), 32):
-        x = stack_bytes([p.read_bytes() for p, _ in files[i : i + 32]], fp32.cfg)
+    for i in range(0, len(images), 32):
+        x = stack_bytes(images[i : i + 32], fp32.cfg)
         p32.append(fp32.predict_arrays(x))
         p8.append(int8.predict_arrays(x))
     p32, p8 = np.concatenate(p32), np.concatenate(p8)
-    a32, a8 = (p32.argmax(1) == y).mean(), (p8.argmax(1) == y).mean()
-    x1 = stack_bytes([files[0][0].read_bytes()], fp32.cfg)
-    x8 = stack_bytes([p.read_bytes() for p, _ in files[:8]], fp32.cfg)
+    h32, h8 = p32.argmax(1) == y, p8.argmax(1) == y
+    x1 = stack_bytes(images[:1], fp32.cfg)
+    x8 = stack_bytes(images[:8], fp32.cfg)
     t = {
         n: (_per_image_ms(m.logits_arrays, x1, 2.0), _per_image_ms(m.logits_arrays, x8, 2.0))
         for n, m in (("fp32", fp32), ("int8", int8))
     }
     print(
-        f"\n## int8  ({ckpt}; {len(files)} held-out images from {data}; calibration {calibration}; {threads} thread(s))"
+        f"\n## int8  ({ckpt}; {len(images)} held-out images of {len(set(groups))} source "
+        f"cells from {data}; calibration: {len(calib) if isinstance(calib, list) else calib}; "
+        f"{threads} thread(s))"
     )
     print("| | accuracy | ms/img batch 1 | ms/img batch 8 |")
     print("|---|---|---|---|")
-    for n, a in (("fp32 ONNX Runtime", a32), ("int8 ONNX Runtime", a8)):
+    for n, h in (("fp32 ONNX Runtime", h32), ("int8 ONNX Runtime", h8)):
         k = n.split()[0]
-        print(f"| {n} | {a:.4f} | {t[k][0]:.1f} | {t[k][1]:.1f} |")
+        print(f"| {n} | {h.mean():.4f} | {t[k][0]:.1f} | {t[k][1]:.1f} |")
+    lo, hi = _paired_interval(h32, h8, groups)
     print(
-        f"int8 - fp32: {100 * (a8 - a32):+.2f} points; top-1 agreement {(p32.argmax(1) == p8.argmax(1)).mean():.4f}; "
+        f"int8 - fp32: {100 * (h8.mean() - h32.mean()):+.2f} points (95 % interval over source "
+        f"cells {lo:+.2f} to {hi:+.2f}); top-1 agreement {(p32.argmax(1) == p8.argmax(1)).mean():.4f}; "
         f"max probability difference {np.abs(p32 - p8).max():.3f}"
     )
 
@@ -665,7 +733,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--access-log", choices=["on", "off"], default="on", help="Serve's per-request log lines"
     )
-    ap.add_argument("--http-replicas", type=int, default=1, help="http part: classifier replicas")
+    ap.add_argument("--http-replicas", type=int, default=1, help="http part: model replicas")
+    ap.add_argument(
+        "--http-layout",
+        choices=["split", "fused"],
+        default="split",
+        help="http part: ingress + classifier deployments, or the model in the ingress",
+    )
     ap.add_argument(
         "--http-batch-wait-ms", type=float, default=5.0, help="http part: batch_wait_timeout_s"
     )
@@ -698,7 +772,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--chaos-replicas", type=int, default=1, help="classifier replicas")
     ap.add_argument("--chaos-plot", type=Path, default=Path("docs/serving-chaos.png"))
     ap.add_argument("--checkpoint", help="int8 part: the checkpoint to quantise")
-    ap.add_argument("--int8-data", type=Path, help="int8 part: held-out class-folder tree")
+    ap.add_argument(
+        "--int8-data",
+        type=Path,
+        help="int8 part: a shard dataset (its val split) or a held-out class-folder tree",
+    )
     ap.add_argument("--int8-calibration", type=Path, help="int8 part: calibration images")
     a = ap.parse_args(argv)
     print(
@@ -751,6 +829,7 @@ def main(argv: list[str]) -> int:
                     replicas=a.http_replicas,
                     batch_wait_s=a.http_batch_wait_ms / 1e3,
                     logging_config=logging_config,
+                    layout=a.http_layout,
                 )
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
