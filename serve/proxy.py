@@ -7,7 +7,10 @@ about 0.4 of the CPU a classified image does, so the accepted requests slowed wi
 classification requests the proxy has forwarded and not yet answered, and past
 ``max_inflight`` answers at once with the application's own 503 body and ``Retry-After``,
 without routing the request anywhere. Health, readiness, model and schema routes are never
-limited.
+limited. A classification request whose replica dies before answering (the proxy's handler
+then ends without a response, and the HTTP server would send a bare 500) is answered with a
+JSON 503 ``replica_lost`` and ``Retry-After``: the client cannot tell a crash from a bug
+otherwise, and sending the request again is safe (classification has no side effects).
 
 Ray loads proxy middlewares from an import path in the environment of the Ray cluster
 (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, read when the proxy starts), so the limit is
@@ -54,6 +57,14 @@ class ProxyAdmission:
             f"the service is at its limit of {max_inflight} requests in flight through this proxy",
             retry_after_s,
         ).response()
+        # A request whose replica died under it: the proxy's handler ends without an answer
+        # (the HTTP server would then send a bare 500); the client gets a 503 it can retry.
+        self._lost = unavailable(
+            "replica_lost",
+            "the replica handling this request stopped before answering; send it again",
+            retry_after_s,
+        ).response()
+        self.lost = 0
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "").rstrip("/")
@@ -68,10 +79,11 @@ class ProxyAdmission:
         # returns: the proxy does bookkeeping after the answer, and by then the client may
         # have sent its next request, which must not find its own previous one still counted.
         self.inflight += 1
-        done = False
+        done = started = False
 
         async def send_counted(message) -> None:
-            nonlocal done
+            nonlocal done, started
+            started = started or message["type"] == "http.response.start"
             await send(message)
             if (
                 not done
@@ -83,6 +95,9 @@ class ProxyAdmission:
 
         try:
             await self.app(scope, receive, send_counted)
+            if not started:
+                self.lost += 1
+                await self._lost(scope, receive, send)
         finally:
             if not done:
                 done = True

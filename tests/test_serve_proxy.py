@@ -144,3 +144,39 @@ def test_a_large_upload_refused_at_the_limit_gets_its_503_not_a_reset(server):
             assert r.status_code == 503 and r.json()["error"]["reason"] == "overloaded"
         app.gate.set()
         assert [f.result().status_code for f in held] == [200, 200]
+
+
+class _LosingApp:
+    """Stands for the proxy when a replica dies under a request: the handler returns without
+    an answer on /v1/classify; /v1/classify/batch answers a real 500 (an application error)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["path"].endswith("/batch"):
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b"boom"})
+
+
+def test_a_request_whose_replica_died_gets_a_503_not_a_500():
+    import uvicorn
+
+    admission = ProxyAdmission(_LosingApp(), max_inflight=4, retry_after_s=2)
+    port = _free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(admission, host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    )
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=b"x", timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+        assert r.json()["error"]["reason"] == "replica_lost"
+        assert admission.lost == 1 and admission.inflight == 0
+        # An answer the application did send, even a 500, passes unchanged: bugs stay visible.
+        r = requests.post(f"http://127.0.0.1:{port}/v1/classify/batch", data=b"x", timeout=10)
+        assert r.status_code == 500 and r.text == "boom"
+        assert admission.lost == 1
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)

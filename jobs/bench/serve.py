@@ -470,10 +470,14 @@ def _summary(rows: list[tuple[float, float, str]], wall: float) -> str:
 
 
 class _ReplicaSampler:
-    """Classifier replicas (running, starting) sampled every ``every`` seconds in a thread."""
+    """Model replicas (running, starting) of ``deployment`` sampled every ``every`` seconds in
+    a thread."""
 
-    def __init__(self, t0: float, app: str = "cellmodel", every: float = 0.5) -> None:
+    def __init__(
+        self, t0: float, app: str = "cellmodel", every: float = 0.5, deployment: str = "Classifier"
+    ) -> None:
         self.t0, self.app, self.every, self.samples = t0, app, every, []
+        self.deployment = deployment
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -483,7 +487,10 @@ class _ReplicaSampler:
         while not self._stop.is_set():
             try:
                 states = (
-                    serve.status().applications[self.app].deployments["Classifier"].replica_states
+                    serve.status()
+                    .applications[self.app]
+                    .deployments[self.deployment]
+                    .replica_states
                 )
                 running = int(states.get("RUNNING", 0))
                 self.samples.append(
@@ -582,31 +589,51 @@ def bench_load(
 
 
 def bench_chaos(
-    url: str, ckpt: str, concurrency: int, seconds: float, kill_at: float, plot: Path, replicas: int
+    url: str,
+    ckpt: str,
+    concurrency: int,
+    seconds: float,
+    kill_at: float,
+    plot: Path,
+    replicas: int,
+    layout: str = "split",
 ) -> None:
-    """SIGKILL one classifier replica ``kill_at`` seconds into ``seconds`` of load."""
-    from ray import serve
+    """SIGKILL one model replica ``kill_at`` seconds into ``seconds`` of load: a classifier
+    replica (split layout, serve/config.yaml's options) or, ``layout="fused"``, an ingress
+    replica holding the model (the requests in flight there die with it)."""
+    import httpx
 
-    _deploy_configured(ckpt, classifier={"num_replicas": replicas})
+    if layout == "fused":
+        _deploy(
+            ckpt,
+            user_config={"max_batch_size": 2, "batch_wait_timeout_s": 0.0},
+            threads=2,
+            replicas=replicas,
+            layout="fused",
+        )
+    else:
+        _deploy_configured(ckpt, classifier={"num_replicas": replicas})
     images = _images(32)
     asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
-    handle = serve.get_deployment_handle("Classifier", app_name="cellmodel")
     t0 = time.monotonic()
     killed: dict[str, float] = {}
 
     def killer() -> None:
         time.sleep(kill_at)
-        pid = handle.info.remote().result(timeout_s=30)["pid"]
+        pid = httpx.get(f"{url}/readyz", timeout=30).json()["pid"]
         os.kill(pid, signal.SIGKILL)
         killed[f"SIGKILL replica (pid {pid})"] = time.monotonic() - t0
 
     k = threading.Thread(target=killer)
-    with _ReplicaSampler(t0) as sampler:
+    with _ReplicaSampler(
+        t0, deployment="Ingress" if layout == "fused" else "Classifier"
+    ) as sampler:
         k.start()
         rows = asyncio.run(_timed_load(url, images, concurrency, seconds=seconds, t0=t0))
         k.join()
     print(
-        f"\n## chaos  ({replicas} classifier replica(s), concurrency {concurrency} for {seconds:.0f} s, "
+        f"\n## chaos  ({layout} layout, {replicas} model replica(s), concurrency {concurrency} "
+        f"for {seconds:.0f} s, "
         f"one replica SIGKILLed at {kill_at:.0f} s)"
     )
     print(
@@ -738,7 +765,7 @@ def main(argv: list[str]) -> int:
         "--http-layout",
         choices=["split", "fused"],
         default="split",
-        help="http part: ingress + classifier deployments, or the model in the ingress",
+        help="http and chaos parts: ingress + classifier deployments, or the model in the ingress",
     )
     ap.add_argument(
         "--http-batch-wait-ms", type=float, default=5.0, help="http part: batch_wait_timeout_s"
@@ -851,6 +878,7 @@ def main(argv: list[str]) -> int:
                     a.chaos_kill_at,
                     a.chaos_plot,
                     a.chaos_replicas,
+                    a.http_layout,
                 )
         finally:
             serve.shutdown()
