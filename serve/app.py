@@ -137,7 +137,8 @@ class Classifier:
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict) -> None:
-        """Apply a new ``user_config`` (batch size, wait timeout) without reloading the model."""
+        """Apply a new ``user_config`` (batch size, wait timeout, concurrent batches) without
+        reloading the model."""
         cfg = BatchConfig.model_validate(user_config or {})
         self.classify.set_max_batch_size(cfg.max_batch_size)
         self.classify.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -220,7 +221,8 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 @serve.ingress(api)
 class Ingress:
     """HTTP routes; admission, decoding and validation happen here, inference in the
-    classifier."""
+    classifier deployment (``classifier``) or, in the fused layout (``classifier=None``), in a
+    ``Classifier`` held by this replica."""
 
     def __init__(self, classifier: DeploymentHandle | None, args: dict, meta: dict | None = None):
         self.classifier = classifier
