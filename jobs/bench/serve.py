@@ -386,29 +386,35 @@ def bench_ort(models: list[str], threads_list: list[int], seconds: float) -> Non
 # -- the application as configured, under load and faults -------------------------------------------
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+CPU_CONFIG = CONFIG.with_name("config-cpu.yaml")
 
 
 def _deploy_configured(
-    ckpt: str, *, name: str = "cellmodel", classifier: dict | None = None
+    ckpt: str, *, name: str = "cellmodel", replicas: int | None = None, config: Path = CONFIG
 ) -> None:
-    """The application with the deployment options of serve/config.yaml (``classifier``
-    overrides some of the classifier's)."""
+    """The application with the arguments and deployment options of ``config``
+    (serve/config.yaml, or serve/config-cpu.yaml for the fused layout); ``replicas`` fixes
+    the model's replicas (the classifier's, or in the fused layout the ingress's)."""
     import yaml
     from ray import serve
 
     from serve.app import Classifier, Ingress, pinned_meta
     from serve.settings import AppArgs
 
-    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    (app,) = yaml.safe_load(config.read_text())["applications"]
     opts = {d.pop("name"): d for d in app["deployments"]}
     args = AppArgs.model_validate({**app["args"], "checkpoint": ckpt})
     meta = pinned_meta(ckpt)
-    c_opts = {**opts["Classifier"], **(classifier or {})}
-    if "num_replicas" in c_opts:
-        c_opts.pop("autoscaling_config", None)
-    cls = Classifier.options(**c_opts).bind(
-        ckpt, args.backend, args.torch_threads, weights_sha256=meta["weights_sha256"], tta=args.tta
-    )
+    model = "Ingress" if args.layout == "fused" else "Classifier"
+    if replicas is not None:
+        opts[model].pop("autoscaling_config", None)
+        opts[model]["num_replicas"] = replicas
+    cls = None
+    if args.layout != "fused":
+        cls = Classifier.options(**opts["Classifier"]).bind(
+            ckpt, args.backend, args.torch_threads, weights_sha256=meta["weights_sha256"],
+            tta=args.tta,
+        )  # fmt: skip
     ingress = Ingress.options(**opts["Ingress"]).bind(cls, args.model_dump(), meta)
     serve.run(ingress, name=name, route_prefix="/")
 
@@ -600,19 +606,11 @@ def bench_chaos(
 ) -> None:
     """SIGKILL one model replica ``kill_at`` seconds into ``seconds`` of load: a classifier
     replica (split layout, serve/config.yaml's options) or, ``layout="fused"``, an ingress
-    replica holding the model (the requests in flight there die with it)."""
+    replica holding the model (serve/config-cpu.yaml's options; the requests in flight there
+    die with it)."""
     import httpx
 
-    if layout == "fused":
-        _deploy(
-            ckpt,
-            user_config={"max_batch_size": 2, "batch_wait_timeout_s": 0.0},
-            threads=2,
-            replicas=replicas,
-            layout="fused",
-        )
-    else:
-        _deploy_configured(ckpt, classifier={"num_replicas": replicas})
+    _deploy_configured(ckpt, replicas=replicas, config=CPU_CONFIG if layout == "fused" else CONFIG)
     images = _images(32)
     asyncio.run(_timed_load(url, images, 4, n=32))  # warm-up
     t0 = time.monotonic()
