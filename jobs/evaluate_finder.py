@@ -1,6 +1,6 @@
 """Evaluate the slide job on annotated slides (BCCD / Pascal VOC layout), in one command.
 
-    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K]
+    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K | --pairs SEEDS]
         [--checkpoint URI --output URI] [--config FILE] [key=value ...]
 
 1. The white-cell finder against the VOC ``WBC`` boxes: recall and precision at
@@ -10,7 +10,10 @@
    k-1 folds (grid search, box margins by least squares) and scored on the held fold,
    with touching pairs composed from real cells inside each fold; prints the per-fold
    table with the mean and the worst fold, and the setting chosen on all slides.
-3. With ``--checkpoint``: the slide job itself runs over ``JPEGImages`` (resumable into
+3. ``--pairs 10,11,12,13``: the finder with the settings of ``--config`` on touching pairs
+   composed from every single-cell slide (one per slide and seed, as in ``--cv``, but
+   fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
+4. With ``--checkpoint``: the slide job itself runs over ``JPEGImages`` (resumable into
    ``--output``), and each slide's ``top_class`` is compared with ``labels.csv`` on the
    slides with exactly one label among the model's classes.
 
@@ -33,6 +36,14 @@ from cellmodel import storage
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        msg = f"--pairs takes comma-separated integer seeds, e.g. 10,11; got {text!r}"
+        raise ValueError(msg) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m jobs.evaluate_finder",
@@ -43,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cv", type=int, metavar="K", help="k-fold cross-validation of the finder")
     ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (--cv)")
     ap.add_argument("--no-compose", action="store_true", help="--cv without composed pairs")
+    ap.add_argument(
+        "--pairs",
+        metavar="SEEDS",
+        help="score touching pairs composed from every single-cell slide, one per slide and "
+        "seed (comma-separated seeds, e.g. 10,11,12,13)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
     ap.add_argument(
@@ -78,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress=True,
             )
             result = {"cross_validation": res}
+        elif args.pairs:
+            result = {"pairs": finder_eval.evaluate_pairs(
+                args.slides,
+                cfg.finder,
+                _seeds(args.pairs),
+                args.iou,
+                args.limit,
+                exclude=[x for x in args.exclude.split(",") if x],
+                min_box=args.min_box,
+            )}  # fmt: skip
         else:
             f = finder_eval.evaluate_finder(
                 args.slides,
@@ -102,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             f"finder on {f['slides']} slides: recall {f['recall']:.3f}, precision "
             f"{f['precision']:.3f} at IoU >= {args.iou} ({f['true_positives']} of "
             f"{f['wbc_boxes']} WBC boxes, {f['detections']} detections)"
+        )
+    elif "pairs" in result:
+        f = result["pairs"]
+        print(
+            f"finder on {f['pairs']} composed pairs (seeds {' '.join(map(str, f['seeds']))}): "
+            f"recall {f['recall']:.4f}, precision {f['precision']:.4f} at IoU >= {args.iou}; "
+            f"counted as two cells: {f['counted_two']}, both found: {f['both_found']}, "
+            f"both lost: {f['both_lost']}"
         )
     else:
         res = result["cross_validation"]

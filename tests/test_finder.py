@@ -246,6 +246,22 @@ def test_touching_cells_are_split(sample_dir):
     assert split >= 7, f"{split} of 8 touching pairs found as two cells"
 
 
+@pytest.mark.parametrize(
+    ("base", "pasted"),
+    [("BloodImage_00032", "BloodImage_00225"), ("BloodImage_00117", "BloodImage_00344"),
+     ("BloodImage_00312", "BloodImage_00233")],
+)  # fmt: skip
+def test_side_by_side_cells_too_big_for_one_are_cut_not_dropped(sample_dir, base, pasted):
+    """Two real cells pasted side by side whose nuclei touch: one nucleus blob wider than
+    ``max_cell_size``. Without the oversize cut the size filter drops it and both cells
+    are lost; with it (shipped) each cell is found with its own box."""
+    slides = {s.name: s for s in load_slides(str(sample_dir / "slides"))}
+    p = compose_pair(slides[base], slides[pasted], np.random.default_rng(0))
+    assert find_cells(p.image, FinderConfig(split_oversize=0)) == []
+    dets = find_cells(p.image)
+    assert len(dets) == 2 and match([d.as_tuple() for d in dets], p.truths) == 2
+
+
 def test_composed_pair_is_a_real_cell_beside_another(sample_dir):
     p = pairs(sample_dir, 1)[0]
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = p.truths
@@ -294,6 +310,24 @@ def test_cross_validation_command_on_the_sample(sample_dir, tmp_path, capsys):
         assert r["real"]["wbc_boxes"] >= r["real_slides"] - 2
         assert r["all"]["recall"] >= 0.85
     assert res["summary"]["all"]["recall"]["worst"] <= res["summary"]["all"]["recall"]["mean"]
+
+
+def test_pairs_command_counts_composed_pairs_on_the_sample(sample_dir, tmp_path, capsys):
+    from jobs.evaluate_finder import main
+
+    out = tmp_path / "pairs.json"
+    args = ["--slides", str(sample_dir / "slides"), "--pairs", "0,1", "--json", str(out)]
+    assert main(args) == 0
+    f = json.loads(out.read_text())["pairs"]
+    singles = [s for s in load_slides(str(sample_dir / "slides")) if len(s.truths) == 1]
+    assert f["seeds"] == [0, 1] and 30 < f["pairs"] <= 2 * len(singles)  # one per slide, seed
+    assert f["wbc_boxes"] == 2 * f["pairs"]
+    assert f["counted_two"] <= f["both_found"] <= f["pairs"]
+    assert len(f["miscounted"]) == f["pairs"] - f["counted_two"]
+    assert f["recall"] >= 0.95 and f["precision"] >= 0.95
+    assert f"counted as two cells: {f['counted_two']}" in capsys.readouterr().out
+    assert main(["--slides", str(sample_dir / "slides"), "--pairs", "0,x"]) == 2
+    assert "comma-separated integer seeds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- lobes vs cells (split_neck)

@@ -60,6 +60,7 @@ PIXEL_SETTINGS = (
     "split_elongation",
     "split_length",
     "split_part_area",
+    "split_oversize",
     "split_neck",
     "split_neck_where",
     "split_neck_area",
@@ -104,6 +105,10 @@ class FinderConfig(Section):
     split_neck_where: Literal["border", "everywhere"] = "everywhere"
     split_neck_area: float = Field(4500.0, ge=0)
     cyto_level: float = Field(0.25, gt=0)
+    # A nucleus wider or higher than this is two cells side by side, cut in two where the
+    # blob is narrowest (each part a whole cell's nucleus) instead of dropped whole by
+    # max_cell_size (see _split_oversize); 0 = off.
+    split_oversize: float = Field(260.0, ge=0)
     min_area: float = Field(2000.0, ge=0)  # nucleus area (px); platelets are smaller
     max_cell_size: float = Field(260.0, gt=0)  # a nucleus wider or higher is not one cell
     # Box side, per axis: cell_grow x whole-cell side + grow x nucleus side + margin
@@ -402,6 +407,8 @@ def find_nuclei(img: Image.Image, cfg: FinderConfig | None = None) -> list[Nucle
                 if body is None:
                     body = cell_body(s, thr, cell, cfg)
                 owner = _join_without_neck(owner, comp, nuc, body[sl], cfg.split_neck, small)
+        if cfg.split_oversize > 0:
+            owner = _split_oversize(owner, comp, nuc, cfg, ds)
         sv = s[sl]
         oy, ox = sl[0].start, sl[1].start
         for j in range(int(owner.max()) + 1):
@@ -479,20 +486,64 @@ def _split_elongated(comp: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: i
     minor, major = max(evals[0], 1e-6), evals[1]
     if np.sqrt(major / minor) < cfg.split_elongation or 4 * np.sqrt(major) * ds < cfg.split_length:
         return zero
-    axis = evecs[:, 1]
-    yy, xx = np.mgrid[: comp.shape[0], : comp.shape[1]]
+    owner = _narrowest_cut(comp, evecs[:, 1], cy, cx)
+    if owner is None or not _whole_parts(owner, nuc, cfg, ds):
+        return zero
+    return owner
+
+
+def _narrowest_cut(mask: np.ndarray, axis: np.ndarray, cy: float, cx: float) -> np.ndarray | None:
+    """0/1 per pixel: ``mask`` cut perpendicular to ``axis`` (through ``cy, cx``) where it is
+    narrowest within the middle 60 % of its length; None when it is too short to cut."""
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
     t = (yy - cy) * axis[0] + (xx - cx) * axis[1]
-    tb = np.round(t[comp]).astype(np.int64)
+    tb = np.round(t[mask]).astype(np.int64)
     lo, hi = tb.min(), tb.max()
     width = np.bincount(tb - lo, minlength=hi - lo + 1)
     a, b = int(0.2 * (hi - lo)), int(0.8 * (hi - lo))
     if b <= a:
-        return zero
+        return None
     cut = lo + a + int(np.argmin(width[a : b + 1]))
-    owner = (t > cut).astype(np.int32)
+    return (t > cut).astype(np.int32)
+
+
+def _whole_parts(owner: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: int) -> bool:
+    """Whether both sides of a 0/1 cut hold a whole cell's nucleus (``split_part_area``)."""
     min_px = max(cfg.split_min_area, cfg.split_part_area) / (ds * ds)
-    if (nuc & (owner == 0)).sum() < min_px or (nuc & (owner == 1)).sum() < min_px:
-        return zero
+    return (nuc & (owner == 0)).sum() >= min_px and (nuc & (owner == 1)).sum() >= min_px
+
+
+def _split_oversize(
+    owner: np.ndarray, comp: np.ndarray, nuc: np.ndarray, cfg: FinderConfig, ds: int
+) -> np.ndarray:
+    """``owner`` with every part whose nucleus is wider or higher than ``split_oversize``
+    cut in two across its nucleus' major axis, where the nucleus is narrowest.
+
+    Two cells side by side whose nuclei touch make one part too big for one cell, which the
+    size filter (``max_cell_size``) would drop whole, losing both cells. A side with less
+    than a cell's nucleus (a pale cell's faint nucleus) is then dropped by ``min_area`` and
+    the other side kept; a part is cut at most twice.
+    """
+    limit = cfg.split_oversize / ds
+    owner = owner.copy()
+    todo = list(range(int(owner.max()) + 1))
+    cuts, most = 0, 2 * len(todo)
+    while todo and cuts < most:
+        j = todo.pop()
+        m = nuc & comp & (owner == j)
+        ys, xs = np.nonzero(m)
+        if len(ys) < 20 or max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) <= limit:
+            continue
+        cy, cx = ys.mean(), xs.mean()
+        _, evecs = np.linalg.eigh(np.cov(np.stack([ys - cy, xs - cx])))
+        part = comp & (owner == j)
+        half = _narrowest_cut(m, evecs[:, 1], cy, cx)
+        if half is None:
+            continue
+        new = int(owner.max()) + 1
+        owner[part & (half == 1)] = new
+        cuts += 1
+        todo += [j, new]
     return owner
 
 

@@ -222,6 +222,44 @@ def evaluate_finder(
     return out
 
 
+def evaluate_pairs(
+    slides: str,
+    finder: FinderConfig | dict | None = None,
+    seeds: tuple[int, ...] | list[int] = (0,),
+    iou_threshold: float = 0.5,
+    limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
+) -> dict:
+    """The finder on touching pairs composed from every single-cell slide, one per slide
+    and seed (:func:`composed_pairs`): recall and precision, and per pair whether both
+    cells were found as exactly two detections (the count a differential needs)."""
+    cfg = finder_settings(finder)
+    data = load_slides(slides, limit, exclude, min_box)
+    made, dets, seed_of = [], [], []
+    for seed in seeds:
+        for p in composed_pairs(data, seed):
+            made.append(p)
+            seed_of.append(seed)
+            dets.append([d.as_tuple() for d in find_cells(p.image, cfg)])
+    if not made:
+        raise ValueError(f"no touching pair could be composed from {slides}")
+    hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
+    out = {"pairs": len(made), "seeds": list(seeds), "iou_threshold": iou_threshold}
+    out |= score(dets, [p.truths for p in made], iou_threshold)
+    out |= {
+        "counted_two": sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True)),
+        "both_found": sum(h == 2 for h in hits),
+        "both_lost": sum(h == 0 for h in hits),
+        "miscounted": [
+            {"pair": p.name, "seed": sd, "detections": len(d), "found": h}
+            for p, sd, d, h in zip(made, seed_of, dets, hits, strict=True)
+            if len(d) != 2 or h != 2
+        ],
+    }
+    return out
+
+
 # ---------------------------------------------------------------- cross-validation
 
 
