@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "per_source" in m:
         ps = m["per_source"]
-        print(f"per source cell ({ps['n_sources']}): vote accuracy {ps['vote_accuracy']:.4f}")
+        k = ps["images_per_source"]
+        print(
+            f"per source cell ({ps['n_sources']}): vote accuracy {ps['vote_accuracy']:.4f}, "
+            f"cell-balanced image accuracy {ps['cell_balanced_accuracy']:.4f} (images per "
+            f"cell {k['min']}-{k['max']}, median {k['median']:g})"
+        )
     if args.out:
         print(f"report: {args.out.rstrip('/')}/report.md")
     return 0

@@ -120,7 +120,19 @@ def test_source_scores_vote_and_mean_probability_differ_by_hand():
     rows = {r["source_id"]: r for r in s["sources"]}
     assert rows["s1"]["image_accuracy"] == pytest.approx(2 / 3)
     assert rows["s2"]["image_accuracy"] == pytest.approx(1 / 3)
+    assert s["cell_balanced_accuracy"] == pytest.approx(0.5)  # (2/3 + 1/3) / 2
+    assert s["images_per_source"] == {"min": 3, "median": 3.0, "max": 3}
     assert (rows["s2"]["vote"], rows["s2"]["mean_prob"]) == ("A", "B")
+
+
+def test_cell_balanced_accuracy_weighs_every_source_the_same():
+    # s1: 8 images, all right; s2: 2 images, both wrong. Per image 0.8, per source 0.5.
+    probs = np.array([[0.9, 0.1]] * 8 + [[0.8, 0.2]] * 2)
+    y = np.array([0] * 8 + [1] * 2)
+    s = source_scores(probs, y, ["s1"] * 8 + ["s2"] * 2, ["A", "B"])
+    assert float(np.mean(probs.argmax(1) == y)) == pytest.approx(0.8)
+    assert s["cell_balanced_accuracy"] == pytest.approx(0.5)
+    assert s["images_per_source"] == {"min": 2, "median": 5.0, "max": 8}
 
 
 def test_source_vote_tie_goes_to_higher_mean_probability():

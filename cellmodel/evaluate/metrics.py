@@ -117,6 +117,12 @@ def log_loss(probs: np.ndarray, y_true: np.ndarray, eps: float = 1e-12) -> float
     return float(-np.mean(np.log(np.clip(p, eps, 1.0))))
 
 
+def _spread(counts: list[int]) -> dict:
+    if not counts:
+        return {"min": 0, "median": 0.0, "max": 0}
+    return {"min": int(min(counts)), "median": float(np.median(counts)), "max": int(max(counts))}
+
+
 def source_scores(
     probs: np.ndarray, y_true: np.ndarray, sources: Sequence[str], classes: Sequence[str]
 ) -> dict:
@@ -125,6 +131,10 @@ def source_scores(
     Two poolings: the majority vote of the per-image predictions (ties go to the class with
     the higher mean probability) and the argmax of the mean probability. A source whose
     images carry different labels is counted under its most common label.
+    ``cell_balanced_accuracy`` is the per-image accuracy with every source weighing the
+    same: the mean over sources of each one's image accuracy. Where sources hold very
+    different numbers of images (augmented copies, repeated shots of one cell), plain
+    per-image accuracy is mostly a verdict on the few sources with the most images.
     """
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -158,6 +168,10 @@ def source_scores(
         "n_sources": int(len(uniq)),
         "vote_accuracy": vote_ok / n,
         "mean_prob_accuracy": mean_ok / n,
+        "cell_balanced_accuracy": float(np.mean([r["image_accuracy"] for r in rows]))
+        if rows
+        else 0.0,
+        "images_per_source": _spread([r["n"] for r in rows]),
         "sources": rows,
     }
 

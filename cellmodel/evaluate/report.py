@@ -171,7 +171,10 @@ def render_markdown(m: dict) -> str:
             "",
             f"{ps['n_sources']} source cells. Accuracy per source: "
             f"{_pct(ps['vote_accuracy'])} by majority vote of its images, "
-            f"{_pct(ps['mean_prob_accuracy'])} by mean probability.",
+            f"{_pct(ps['mean_prob_accuracy'])} by mean probability. Per image with every "
+            f"source weighing the same: {_pct(ps['cell_balanced_accuracy'])} (images per "
+            f"source {ps['images_per_source']['min']}-{ps['images_per_source']['max']}, "
+            f"median {ps['images_per_source']['median']:g}).",
             "",
             "Lowest per-image accuracy first (at most 20 rows):",
             "",
