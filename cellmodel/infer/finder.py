@@ -105,8 +105,8 @@ class FinderConfig(Section):
     split_neck_where: Literal["border", "everywhere"] = "everywhere"
     split_neck_area: float = Field(4500.0, ge=0)
     cyto_level: float = Field(0.25, gt=0)
-    # A nucleus wider or higher than this is two cells side by side, cut in two where the
-    # blob is narrowest (each part a whole cell's nucleus) instead of dropped whole by
+    # A nucleus part wider or higher than this is two cells side by side: it is cut across
+    # its major axis where the nucleus is narrowest instead of being dropped whole by
     # max_cell_size (see _split_oversize); 0 = off.
     split_oversize: float = Field(260.0, ge=0)
     min_area: float = Field(2000.0, ge=0)  # nucleus area (px); platelets are smaller
@@ -522,7 +522,7 @@ def _split_oversize(
     Two cells side by side whose nuclei touch make one part too big for one cell, which the
     size filter (``max_cell_size``) would drop whole, losing both cells. A side with less
     than a cell's nucleus (a pale cell's faint nucleus) is then dropped by ``min_area`` and
-    the other side kept; a part is cut at most twice.
+    the other side kept. At most two cuts per part the blob came in with.
     """
     limit = cfg.split_oversize / ds
     owner = owner.copy()
