@@ -244,6 +244,14 @@ def test_bad_slide_files_skipped(sample_dir, tmp_path):
     assert m["source"]["cells"] == 21 - len(expected)
 
 
+def test_crops_grouped_without_slides_say_how_to_split_by_slide(sample_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"pass --slides DIR"):
+        m = ingest(str(sample_dir / "crops"), str(tmp_path / "ds"), target_per_class=8,
+                   progress=False, workers=1)  # fmt: skip
+    assert any("near-duplicate" in w for w in m["warnings"])
+    assert m["source"]["source_known"] is True  # grouped, with the caveat above
+
+
 def test_killed_mid_write_leaves_no_dataset(sample_dir, s3_bucket):
     out = s3_bucket + "/ds"
     args = ["--source", str(sample_dir / "crops"), "--out", out, "--target-per-class", "40"]

@@ -407,6 +407,13 @@ def _group(items: list, st: IngestSettings, warn: list[str], lost: set[str]) -> 
     method = st.group
     if method == "auto":
         method = "slides" if st.slides else "near_duplicate"
+        if method == "near_duplicate":
+            warn.append(
+                "crops grouped into source cells by near-duplicate images: the copies of one "
+                "cell that look too different (rotations, other shots) can land in separate "
+                "sources, and so on both sides of the split. If you have the slides the crops "
+                "were cut from, pass --slides DIR (VOC layout) for a split by slide."
+            )
     if method == "slides" and not st.slides:
         raise IngestError("group=slides needs the slide folder: pass --slides DIR (VOC layout)")
     labels = [it.label_name for it in items]
