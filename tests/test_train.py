@@ -190,6 +190,35 @@ def test_batch_augment_keeps_shape_and_changes_pixels():
     assert off(x) is x
 
 
+def test_memory_batches_decode_the_split_before_the_first_step_and_reshuffle_it():
+    from cellmodel.train import MemoryBatches
+
+    served = []
+
+    def source(seed):  # 10 rows in batches of 4, as a shard reader yields them
+        for i in range(0, 10, 4):
+            served.append(i)
+            y = torch.arange(i, min(i + 4, 10))
+            yield y.view(-1, 1).to(torch.uint8), y
+
+    mem = MemoryBatches(source, lambda: iter(()), batch_size=4)
+    epoch0 = mem.train(seed=1)
+    first = next(epoch0)
+    assert served == [0, 4, 8]  # the whole split was read before the first batch came out
+    order0 = torch.cat([first[1]] + [y for _, y in epoch0]).tolist()
+    order1 = [v for _, y in mem.train(seed=2) for v in y.tolist()]
+    assert served == [0, 4, 8]  # never read again
+    assert sorted(order0) == sorted(order1) == list(range(10))
+    assert order0 != list(range(10)) and order0 != order1  # each epoch a seeded permutation
+    assert order0 == [v for _, y in MemoryBatches(source, lambda: iter(()), 4).train(1)
+                      for v in y.tolist()]  # fmt: skip
+    stream = MemoryBatches(source, lambda: iter(()), batch_size=4, keep=False)
+    served.clear()
+    assert [v for _, y in stream.train(seed=1) for v in y.tolist()] == list(range(10))
+    list(stream.train(seed=2))
+    assert served == [0, 4, 8, 0, 4, 8]  # keep=False streams every epoch
+
+
 def test_local_run_from_random_weights_learns_in_every_phase(local_shards, tmp_path):
     """The from-scratch recipe: the CNN trains in phase 1 too, so both phases lower the loss."""
     cfg = _cfg(local_shards, str(tmp_path), "scratch", "phase1.epochs=4", "phase2.epochs=3",

@@ -308,10 +308,14 @@ def epoch_line(m: dict) -> str:
 
 
 class MemoryBatches:
-    """Decoded uint8 images kept in memory after the first pass, reshuffled every epoch.
+    """Decoded uint8 images kept in memory, reshuffled every epoch.
 
-    The first ``train`` call streams from ``first`` (decoding as it goes) and keeps what it
-    saw; later epochs permute the kept tensors, so decoding leaves the critical path.
+    The first ``train`` call reads the whole split from its source (decoding it) before it
+    yields the first batch, and keeps it; every epoch, the first included, is a seeded
+    permutation of the kept tensors. Decoding never runs beside a training step: on a few
+    cores, decode tasks that share the CPU with the step's threads slow both.
+    ``keep=False`` streams from the source every epoch instead (for splits larger than
+    memory).
     """
 
     def __init__(
@@ -335,9 +339,9 @@ class MemoryBatches:
             for x, y in self._train_src(seed):
                 xs.append(x)
                 ys.append(y)
-                yield x, y
+            if not xs:
+                return
             self._train = (torch.cat(xs), torch.cat(ys))
-            return
         x, y = self._train
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         for i in range(0, len(y), self.batch_size):
