@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--slides", required=True, help="VOC-layout folder or URI (bccd)")
-    ap.add_argument("--cv", type=int, metavar="K", help="k-fold cross-validation of the finder")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--cv", type=int, metavar="K", help="k-fold cross-validation of the finder")
     ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (--cv)")
     ap.add_argument("--no-compose", action="store_true", help="--cv without composed pairs")
-    ap.add_argument(
+    mode.add_argument(
         "--pairs",
         metavar="SEEDS",
         help="score touching pairs composed from every single-cell slide, one per slide and "

@@ -328,6 +328,9 @@ def test_pairs_command_counts_composed_pairs_on_the_sample(sample_dir, tmp_path,
     assert f"counted as two cells: {f['counted_two']}" in capsys.readouterr().out
     assert main(["--slides", str(sample_dir / "slides"), "--pairs", "0,x"]) == 2
     assert "comma-separated integer seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one mode at a time
+        main(["--slides", str(sample_dir / "slides"), "--pairs", "0", "--cv", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- lobes vs cells (split_neck)
