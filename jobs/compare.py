@@ -136,6 +136,7 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         "ece": m.get("ece"),
         "n": m.get("n_images", m.get("n")),
         "source_accuracy": per_source.get("vote_accuracy"),
+        "cell_balanced_accuracy": per_source.get("cell_balanced_accuracy"),
         "n_sources": per_source.get("n_sources"),
         "tta_accuracy": tta["accuracy"] if tta else None,
         "tta_source_accuracy": (tta.get("per_source") or {}).get("vote_accuracy") if tta else None,
@@ -168,6 +169,7 @@ def summarize(runs: list[dict], models: list[str]) -> list[dict]:
             continue
         mine = [r for r in runs if r["model"] == model]
         src_m, src_sd = _mean_sd([r.get("source_accuracy") for r in mine])
+        bal_m, bal_sd = _mean_sd([r.get("cell_balanced_accuracy") for r in mine])
         tta_m, tta_sd = _mean_sd([r.get("tta_accuracy") for r in mine])
         rows.append(
             {
@@ -177,6 +179,8 @@ def summarize(runs: list[dict], models: list[str]) -> list[dict]:
                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "source_accuracy_mean": src_m,
                 "source_accuracy_std": src_sd,
+                "cell_balanced_accuracy_mean": bal_m,
+                "cell_balanced_accuracy_std": bal_sd,
                 "tta_accuracy_mean": tta_m,
                 "tta_accuracy_std": tta_sd,
                 "macro_f1_mean": statistics.fmean(f1s),
@@ -206,6 +210,7 @@ def score_ensembles(runs: list[dict], models: list[str], tta: bool) -> list[dict
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
             "source_accuracy": (m.get("per_source") or {}).get("vote_accuracy"),
+            "cell_balanced_accuracy": (m.get("per_source") or {}).get("cell_balanced_accuracy"),
         }
         if tta:
             t = evaluate_checkpoint(ckpts, data, split=split, tta=True)
@@ -226,13 +231,15 @@ def ensembles_markdown(rows: list[dict]) -> str:
         "",
         "## Seed ensembles (mean of the seeds' probabilities)",
         "",
-        "| variant | seeds | accuracy % | per source cell % | with TTA % | macro F1 % |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | seeds | accuracy % | per source cell % | cell-balanced % | with TTA % "
+        "| macro F1 % |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {' '.join(map(str, r['seeds']))} | {pct(r['accuracy'])} "
-            f"| {pct(r['source_accuracy'])} | {pct(r.get('tta_accuracy'))} "
+            f"| {pct(r['source_accuracy'])} | {pct(r.get('cell_balanced_accuracy'))} "
+            f"| {pct(r.get('tta_accuracy'))} "
             f"| {pct(r['macro_f1'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -242,9 +249,9 @@ def to_markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| variant | runs | accuracy % (mean ± sd) | per source cell % | with TTA % "
-        "| macro F1 % | paper accuracy % | difference |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | runs | accuracy % (mean ± sd) | per source cell % | cell-balanced % "
+        "| with TTA % | macro F1 % | paper accuracy % | difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pm(m, sd) -> str:
@@ -256,6 +263,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
         lines.append(
             f"| {r['model']} | {r['runs']} | {pm(r['accuracy_mean'], r['accuracy_std'])} "
             f"| {pm(r.get('source_accuracy_mean'), r.get('source_accuracy_std'))} "
+            f"| {pm(r.get('cell_balanced_accuracy_mean'), r.get('cell_balanced_accuracy_std'))} "
             f"| {pm(r.get('tta_accuracy_mean'), r.get('tta_accuracy_std'))} "
             f"| {r['macro_f1_mean']:.2f} | {paper if paper is not None else '-'} | {diff} |"
         )

@@ -44,6 +44,11 @@ def _seeds(text: str) -> list[int]:
         raise ValueError(msg) from None
 
 
+def _num(v: float | None, digits: int = 3) -> str:
+    """A recall or precision for print; n/a where nothing was found to divide by."""
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m jobs.evaluate_finder",
@@ -60,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SEEDS",
         help="score touching pairs composed from every single-cell slide, one per slide and "
         "seed (comma-separated seeds, e.g. 10,11,12,13)",
+    )
+    ap.add_argument(
+        "--learned",
+        action="store_true",
+        help="with --cv: cross-validate the learned centre finder (trained per fold from "
+        "random weights) beside the stain finder of --config",
+    )
+    ap.add_argument("--epochs", type=int, help="--learned: training epochs per fold")
+    ap.add_argument(
+        "--fresh-seeds",
+        default="20,21,22,23",
+        metavar="SEEDS",
+        help="--learned: seeds of the fresh touching pairs composed inside each held fold",
     )
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
@@ -82,7 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(
             args.config or DEFAULT_CONFIG, {"overlays": args.overlays or None}, args.overrides
         )
-        if args.cv:
+        if args.learned and not args.cv:
+            raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
+        if args.cv and args.learned:
+            from cellmodel.infer.learned_finder import LearnedFinderConfig
+
+            lcfg = LearnedFinderConfig()
+            if args.epochs:
+                lcfg.epochs = args.epochs
+            result = {"learned_cross_validation": finder_eval.cross_validate_learned(
+                args.slides,
+                args.cv,
+                learned=lcfg,
+                stain=cfg.finder,
+                iou_threshold=args.iou,
+                seed=args.seed,
+                pair_seeds=_seeds(args.fresh_seeds),
+                limit=args.limit,
+                exclude=[x for x in args.exclude.split(",") if x],
+                min_box=args.min_box,
+                progress=True,
+            )}  # fmt: skip
+        elif args.cv:
             res = finder_eval.cross_validate(
                 args.slides,
                 args.cv,
@@ -127,18 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     if "finder" in result:
         f = result["finder"]
         print(
-            f"finder on {f['slides']} slides: recall {f['recall']:.3f}, precision "
-            f"{f['precision']:.3f} at IoU >= {args.iou} ({f['true_positives']} of "
+            f"finder on {f['slides']} slides: recall {_num(f['recall'])}, precision "
+            f"{_num(f['precision'])} at IoU >= {args.iou} ({f['true_positives']} of "
             f"{f['wbc_boxes']} WBC boxes, {f['detections']} detections)"
         )
     elif "pairs" in result:
         f = result["pairs"]
         print(
             f"finder on {f['pairs']} composed pairs (seeds {' '.join(map(str, f['seeds']))}): "
-            f"recall {f['recall']:.4f}, precision {f['precision']:.4f} at IoU >= {args.iou}; "
+            f"recall {_num(f['recall'], 4)}, precision {_num(f['precision'], 4)} at IoU >= {args.iou}; "
             f"counted as two cells: {f['counted_two']}, both found: {f['both_found']}, "
             f"both lost: {f['both_lost']}"
         )
+    elif "learned_cross_validation" in result:
+        res = result["learned_cross_validation"]
+        print(
+            f"{res['k']}-fold cross-validation of the learned finder over {res['real_slides']} "
+            f"slides, IoU >= {args.iou} (fresh pairs: seeds "
+            f"{' '.join(map(str, res['pair_seeds']))}):"
+        )
+        print(finder_eval.format_learned_cv_table(res))
+        print(f"training: {res['train_s_per_fold']} s per fold")
     else:
         res = result["cross_validation"]
         print(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cellmodel.data.ingest import ingest
 from cellmodel.models import load_checkpoint
 from jobs import compare
@@ -76,6 +78,12 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
     assert all(r["accuracy_std"] >= 0 and r["tta_accuracy_mean"] is not None for r in rows.values())
     runs = {(r["model"], r["seed"]): r for r in result["runs"]}
     assert set(runs) == {("base", 0), ("base", 1), ("ema", 0), ("ema", 1)}
+    # every source cell weighing the same, carried per run and as mean and spread per row
+    assert all(0 <= r["cell_balanced_accuracy"] <= 1 for r in runs.values())
+    for name, row in rows.items():
+        mine = [runs[(name, s)]["cell_balanced_accuracy"] * 100 for s in (0, 1)]
+        assert row["cell_balanced_accuracy_mean"] == pytest.approx(sum(mine) / 2)
+    assert "cell-balanced %" in (out / "comparison.md").read_text()
     assert runs[("ema", 0)]["checkpoint"] != runs[("base", 0)]["checkpoint"]
     _, meta = load_checkpoint(runs[("ema", 1)]["checkpoint"])
     assert meta["metrics"]["ema"] is True

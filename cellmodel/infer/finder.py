@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFilter
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cellmodel.config import Section
 
@@ -75,6 +75,11 @@ class FinderConfig(Section):
     Lengths are in full-resolution slide pixels unless said otherwise.
     """
 
+    # "stain": the rules below (no weights needed); "learned": the centre-heat-map network of
+    # cellmodel.infer.learned_finder, whose weights file (a path or s3:// URI written by
+    # `python -m jobs.train_finder`) is `weights`; only min_score applies to it then.
+    method: Literal["stain", "learned"] = "stain"
+    weights: str | None = None
     downsample: int = Field(4, ge=1)  # work at 1/4 resolution: a nucleus stays 15-25 px across
     min_threshold: float = Field(20.0, ge=0)  # absolute blue-green floor: below it, no nucleus
     rel_floor: float = Field(0.5, ge=0, le=1)  # threshold >= this x the 99.5th stain percentile
@@ -119,6 +124,15 @@ class FinderConfig(Section):
     margin_gap: float = 9.22  # px per unit of its box the nucleus leaves empty (lobed nuclei)
     min_cell_size: float = Field(60.0, ge=0)  # the box is at least this wide/high
     min_score: float = Field(0.0, ge=0, le=1)  # boxes below this score are dropped
+
+    @model_validator(mode="after")
+    def _weights_for_learned(self) -> FinderConfig:
+        if self.method == "learned" and not self.weights:
+            raise ValueError(
+                "finder.method = 'learned' needs finder.weights: the path or s3:// URI of a "
+                "file written by `python -m jobs.train_finder` (or use method = 'stain')"
+            )
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -664,6 +678,11 @@ def boxes_from_nuclei(
 def find_cells(img: Image.Image, cfg: FinderConfig | None = None) -> list[Detection]:
     """White cells on one RGB slide image, best score first."""
     cfg = cfg or FinderConfig()
+    if cfg.method == "learned":
+        from cellmodel.infer.learned_finder import detect, load_cached
+
+        model, lcfg = load_cached(str(cfg.weights))
+        return [d for d in detect(model, [img], lcfg)[0] if d.score >= cfg.min_score]
     return boxes_from_nuclei(find_nuclei(img, cfg), img.size, cfg)
 
 

@@ -309,6 +309,17 @@ def _pixel_key(cfg: FinderConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in PIXEL_SETTINGS)
 
 
+def assign_folds(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The fold of each of ``n`` slides: a seeded permutation cut into ``k`` parts."""
+    if n < k:
+        raise ValueError(f"{n} slides cannot make {k} folds")
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = np.empty(n, np.int64)
+    for f, idx in enumerate(np.array_split(order, k)):
+        fold_of[idx] = f
+    return fold_of
+
+
 def cross_validate(
     slides: str,
     k: int = 5,
@@ -334,12 +345,7 @@ def cross_validate(
     pixel_grid = PIXEL_GRID if pixel_grid is None else pixel_grid
     box_grid = BOX_GRID if box_grid is None else box_grid
     real = load_slides(slides, limit, exclude, min_box)
-    if len(real) < k:
-        raise ValueError(f"{len(real)} slides cannot make {k} folds")
-    order = np.random.default_rng(seed).permutation(len(real))
-    fold_of = np.empty(len(real), np.int64)
-    for f, idx in enumerate(np.array_split(order, k)):
-        fold_of[idx] = f
+    fold_of = assign_folds(len(real), k, seed)
     data: list[Slide] = list(real)
     folds = list(fold_of)
     if compose:
@@ -487,6 +493,144 @@ def format_cv_table(res: dict) -> str:
             for m in ("recall", "precision")
         ]
         lines.append(f"| **{what}** | | | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- learned finder
+
+
+def _pair_counts(dets: list[list[Box]], made: list[Slide], iou_threshold: float) -> dict:
+    hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
+    out = score(dets, [p.truths for p in made], iou_threshold)
+    out["pairs"] = len(made)
+    out["counted_two"] = sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True))
+    out["both_lost"] = sum(h == 0 for h in hits)
+    return out
+
+
+def cross_validate_learned(
+    slides: str,
+    k: int = 5,
+    *,
+    learned=None,
+    stain: FinderConfig | dict | None = None,
+    iou_threshold: float = 0.5,
+    seed: int = 0,
+    pair_seeds: tuple[int, ...] | list[int] = (20, 21, 22, 23),
+    limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
+    progress: bool = False,
+) -> dict:
+    """k-fold cross-validation of the learned centre finder, beside the stain finder.
+
+    The folds are those of :func:`cross_validate` (same ``seed``). For each fold a network
+    is trained from random weights on the real slides of the other folds only (settings:
+    ``learned``, a :class:`~cellmodel.infer.learned_finder.LearnedFinderConfig`; nothing is
+    chosen on the held fold) and scored on the held fold's real slides, its composed pairs
+    (the same pairs as :func:`cross_validate`'s) and fresh pairs composed inside the held
+    fold with ``pair_seeds``. The stain finder with the settings ``stain`` is scored on the
+    same slides; those settings were chosen once on all slides (``cross_validate``'s
+    ``final``), which favours the stain finder here.
+    """
+    from cellmodel.infer import learned_finder as lf
+
+    lcfg = learned or lf.LearnedFinderConfig()
+    scfg = finder_settings(stain)
+    real = load_slides(slides, limit, exclude, min_box)
+    fold_of = assign_folds(len(real), k, seed)
+    rows = []
+    t_train = 0.0
+    for f in range(k):
+        held = [real[i] for i in np.nonzero(fold_of == f)[0]]
+        train = [real[i] for i in np.nonzero(fold_of != f)[0]]
+        sets = {
+            "real": held,
+            "composed": composed_pairs(held, seed + f),
+            "fresh": [p for sd in pair_seeds for p in composed_pairs(held, sd)],
+        }
+        t0 = time.perf_counter()
+        model = lf.train_finder([s.image for s in train], [s.truths for s in train], lcfg)
+        t_train += time.perf_counter() - t0
+        row: dict = {"fold": f, "real_slides": len(held), "train_slides": len(train)}
+        for name, ss in sets.items():
+            for method in ("learned", "stain"):
+                if method == "learned":
+                    found = lf.detect(model, [s.image for s in ss], lcfg)
+                else:
+                    found = [find_cells(s.image, scfg) for s in ss]
+                dets = [[d.as_tuple() for d in dd] for dd in found]
+                if name == "real":
+                    row[f"{method}_{name}"] = score(dets, [s.truths for s in ss], iou_threshold)
+                else:
+                    row[f"{method}_{name}"] = _pair_counts(dets, ss, iou_threshold)
+        rows.append(row)
+        if progress:
+            print(
+                f"fold {f}: " + ", ".join(
+                    f"{m} {n} {_fmt(row[f'{m}_{n}'], 'recall')}/"
+                    f"{_fmt(row[f'{m}_{n}'], 'precision')}"
+                    for n in sets for m in ("learned", "stain")
+                ),
+                flush=True,
+            )  # fmt: skip
+
+    def summary(key: str) -> dict:
+        out = {}
+        for m in ("recall", "precision"):
+            vals = [r[key][m] for r in rows if r[key][m] is not None]
+            out[m] = {"mean": float(np.mean(vals)), "worst": float(np.min(vals))} if vals else {}
+        if "pairs" in rows[0][key]:
+            out["counted_two"] = sum(r[key]["counted_two"] for r in rows)
+            out["pairs"] = sum(r[key]["pairs"] for r in rows)
+        return out
+
+    keys = [f"{m}_{n}" for n in ("real", "composed", "fresh") for m in ("learned", "stain")]
+    return {
+        "slides": slides,
+        "k": k,
+        "seed": seed,
+        "pair_seeds": list(pair_seeds),
+        "iou_threshold": iou_threshold,
+        "real_slides": len(real),
+        "learned": lcfg.to_dict(),
+        "stain": scfg.to_dict(),
+        "folds": rows,
+        "summary": {key: summary(key) for key in keys},
+        "train_s_per_fold": round(t_train / k, 1),
+    }
+
+
+def format_learned_cv_table(res: dict) -> str:
+    """Per fold, learned against stain: recall/precision on real slides and composed pairs,
+    and fresh pairs counted as exactly two cells (Markdown)."""
+    head = (
+        "| fold | finder | real recall | real precision | pairs recall | pairs precision | "
+        "fresh pairs recall | fresh pairs precision | fresh pairs counted two |"
+    )
+    lines = [head, "|" + "---|" * 9]
+
+    for r in res["folds"]:
+        for m in ("learned", "stain"):
+            vals = [
+                _fmt(r[f"{m}_{n}"], met)
+                for n in ("real", "composed", "fresh")
+                for met in ("recall", "precision")
+            ]
+            two = f"{r[f'{m}_fresh']['counted_two']} of {r[f'{m}_fresh']['pairs']}"
+            lines.append(f"| {r['fold']} | {m} | " + " | ".join(vals) + f" | {two} |")
+    s = res["summary"]
+    for what in ("mean", "worst"):
+        for m in ("learned", "stain"):
+            vals = [
+                f"{s[f'{m}_{n}'][met][what]:.3f}" if s[f"{m}_{n}"][met] else "n/a"
+                for n in ("real", "composed", "fresh")
+                for met in ("recall", "precision")
+            ]
+            two = ""
+            if what == "mean":
+                two = f"{s[f'{m}_fresh']['counted_two']} of {s[f'{m}_fresh']['pairs']}"
+            lines.append(f"| **{what}** | {m} | " + " | ".join(vals) + f" | {two} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@ Measures, in one run and on one machine:
 - finder only: decode + find + cut per slide in this process (slides/s), and the finder
   alone (find_cells on decoded slides) and the red-cell scale estimate alone (median of
   ``--repeats`` passes over the slides);
+- with ``--finder-weights URI``: the learned finder alone too (``find_cells`` with
+  ``method = "learned"``, one thread, on the same decoded slides; its ratio to the stain
+  finder measured in the same run), and the end-to-end runs use it;
 - end to end: ``run_slides`` on a local Ray instance, from slide files to committed
   Parquet parts (slides/s and cells/s), including actor start-up and checkpoint loading;
   one job run of n/4 and one of n slides (their difference is the steady state).
@@ -48,6 +51,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--train-rbc-px", type=float, default=37.0, help="training red-cell diameter (cut scale)"
     )
+    ap.add_argument(
+        "--finder-weights",
+        help="also time the learned finder with these weights (jobs.train_finder), and use "
+        "it end to end",
+    )
     args = ap.parse_args(argv)
 
     from cellmodel.infer.slides import list_slides
@@ -64,7 +72,7 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import decode_image
     from cellmodel.data.voc import CROP_SIZE
-    from cellmodel.infer.finder import find_cells
+    from cellmodel.infer.finder import FinderConfig, find_cells
     from cellmodel.infer.predictor import Predictor
     from cellmodel.infer.slides import SlidesConfig, cut_cell, run_slides
     from cellmodel.models import build_model, save_checkpoint
@@ -109,6 +117,15 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
     scale_only = per_second(
         n, measure(lambda: [estimate_rbc_diameter(i) for i in imgs], args.repeats, 0)
     )
+    learned = None
+    finder_section: dict = {}
+    if args.finder_weights:
+        finder_section = {"method": "learned", "weights": args.finder_weights}
+        lcfg = FinderConfig(**finder_section)
+        find_cells(imgs[0], lcfg)  # load the weights once, outside the timing
+        learned = per_second(
+            n, measure(lambda: [find_cells(i, lcfg) for i in imgs], args.repeats, 0)
+        )
     imgs.clear()  # free the decoded slides before the Ray runs
 
     # End to end on a local Ray instance (start-up of Ray itself is not counted).
@@ -119,6 +136,7 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
             "concurrency": args.concurrency,
             "slides_per_part": 16,
             "backend": args.backend,
+            "finder": finder_section,
         }
     )
     # Two runs, n/4 and n slides: the difference removes start-up (actors importing
@@ -150,6 +168,7 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
         "finder_only_spread": round(finder.spread, 2),
         "find_cells_slides_per_s": round(find_only.median, 2),
         "rbc_scale_slides_per_s": round(scale_only.median, 2),
+        "finder_end_to_end": "learned" if learned else "stain",
         "in_process_repeats": args.repeats,
         "end_to_end_slides_per_s": round(e2e_sps, 3),
         "end_to_end_cells_per_s": round(summary["n_cells"] / summary["seconds"], 3),
@@ -158,6 +177,14 @@ def _bench(args: argparse.Namespace, slides: list[tuple[str, str]], tmp: str) ->
         "steady_slides_per_s": steady_sps and round(steady_sps, 3),
         "steady_vs_model_only": steady_sps and round(steady_sps / model_ips, 3),
         "ray_cpus": args.num_cpus,
+        **(
+            {
+                "learned_find_cells_slides_per_s": round(learned.median, 2),
+                "learned_vs_stain_find_cells": round(learned.median / find_only.median, 3),
+            }
+            if learned
+            else {}
+        ),
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,
     }

@@ -1,0 +1,167 @@
+"""The learned centre finder: targets, decoding, training, weights files and the commands.
+
+Real slides from the committed sample; networks trained here from random weights on the
+CPU (seconds), weights files written by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cellmodel.config import ConfigError, validate_settings
+from cellmodel.infer import learned_finder as lf
+from cellmodel.infer.finder import FinderConfig, find_cells, match
+from cellmodel.infer.finder_eval import compose_pair, load_slides
+
+
+@pytest.fixture(scope="module")
+def sample_slides(sample_dir):
+    return [s for s in load_slides(str(sample_dir / "slides")) if s.truths]
+
+
+@pytest.fixture(scope="module")
+def trained(sample_slides, tmp_path_factory):
+    """A network fitted to the sample's slides (its own training data) and its file."""
+    cfg = lf.LearnedFinderConfig(epochs=80, batch_size=8, lr=5e-3, paste=0.8, seed=0, threads=2)
+    torch.manual_seed(0)
+    model = lf.train_finder(
+        [s.image for s in sample_slides], [s.truths for s in sample_slides], cfg
+    )
+    path = tmp_path_factory.mktemp("finder") / "centre.pt"
+    lf.save(model, cfg, str(path), {"trained_on": [s.name for s in sample_slides]})
+    return model, cfg, path
+
+
+def test_targets_decode_back_to_the_boxes():
+    """The training targets, turned into network outputs, decode to the boxes they encode."""
+    cfg = lf.LearnedFinderConfig(min_score=0.5)
+    boxes = [(100.0, 60.0, 220.0, 190.0), (300.5, 250.0, 420.0, 350.0), (500.0, 20.0, 590.0, 110.0)]
+    scale = 4.0  # a 640x480 slide seen at 160x120
+    heat, reg, mask = lf.targets(boxes, (120, 160), scale, cfg.stride, cfg.sigma)
+    assert mask.sum() == 3 and heat.max() == 1.0
+    logit = torch.logit(heat.clamp(1e-4, 1 - 1e-4))
+    y = torch.cat([logit, reg], 0)[None]
+    dets = lf.decode(y, [(640, 480)], 160, cfg)[0]
+    assert len(dets) == 3
+    for d in dets:
+        best = max(boxes, key=lambda b: -sum(abs(p - q) for p, q in zip(d.as_tuple(), b)))
+        assert np.allclose(d.as_tuple(), best, atol=1e-3)
+
+
+def test_training_loss_falls_and_the_cells_it_learned_are_found(sample_slides, trained):
+    model, cfg, _ = trained
+    # The loss of the fitted network is far below that of a fresh one on the same slides.
+    x = torch.stack([lf.slide_tensor(s.image, cfg.downsample) for s in sample_slides])
+    tg = [lf.targets(s.truths, (120, 160), 4.0, cfg.stride, cfg.sigma) for s in sample_slides]
+    heat = torch.stack([t[0] for t in tg])
+
+    def loss(m):
+        with torch.no_grad():
+            return float(lf.focal_loss(m.eval()(x)[:, :1], heat))
+
+    assert loss(model) < 0.5 * loss(lf.CentreNet(cfg.width, cfg.stride))
+    dets = lf.detect(model, [s.image for s in sample_slides], cfg)
+    # Slide 113's second WBC box is a platelet (31x27 px); every other cell is found.
+    found = sum(match([d.as_tuple() for d in ds], s.truths) for ds, s in zip(dets, sample_slides))
+    assert found >= sum(len(s.truths) for s in sample_slides) - 2
+
+
+def test_paste_adds_a_box_around_the_pasted_cell(sample_slides):
+    a, b = sample_slides[0], sample_slides[1]
+    xa, xb = lf.slide_tensor(a.image, 4), lf.slide_tensor(b.image, 4)
+    rng = np.random.default_rng(1)
+    x, boxes = xa, a.truths
+    for _ in range(20):  # some draws do not fit on the slide; they leave it unchanged
+        x, boxes = lf._paste(xa, a.truths, xb, b.truths[0], 4.0, rng)
+        if len(boxes) == 2:
+            break
+    assert len(boxes) == 2 and boxes[0] == a.truths[0]
+    x0, y0, x1, y1 = (int(v / 4) for v in boxes[1])
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    bx0, by0, bx1, by1 = (int(round(v / 4)) for v in b.truths[0])
+    donor_centre = xb[:, (by0 + by1) // 2, (bx0 + bx1) // 2]
+    assert torch.allclose(x[:, cy, cx], donor_centre, atol=0.05)  # the donor's cell is there
+    assert torch.equal(x[:, 0, 0], xa[:, 0, 0]) or x0 == 0  # the rest is the slide's own
+
+
+def test_weights_travel_with_their_settings_and_the_slide_finder_uses_them(trained, sample_slides):
+    model, cfg, path = trained
+    loaded, lcfg = lf.load(str(path))
+    assert lcfg.to_dict() == cfg.to_dict()
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    fcfg = FinderConfig(method="learned", weights=str(path))
+    s = sample_slides[2]
+    via_finder = [d.as_tuple() for d in find_cells(s.image, fcfg)]
+    direct = [d.as_tuple() for d in lf.detect(model, [s.image], cfg)[0]]
+    assert via_finder == direct and via_finder
+    # min_score of the [finder] section drops boxes on top of the network's own threshold
+    assert (
+        find_cells(s.image, FinderConfig(method="learned", weights=str(path), min_score=1.0)) == []
+    )
+
+
+def test_bad_weights_and_settings_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="jobs.train_finder"):
+        lf.load(str(tmp_path / "none.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="not a finder weights file"):
+        lf.load(str(junk))
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="format"):
+        lf.load(str(other))
+    with pytest.raises(ConfigError, match="finder.weights"):
+        validate_settings(FinderConfig, {"method": "learned"})
+    with pytest.raises(ValueError, match="at least one"):
+        lf.train_finder([], [])
+
+
+def test_touching_pair_seen_as_two_centres(sample_dir, trained):
+    """Two real sample cells pasted side by side (as finder_eval composes pairs): the network
+    fitted with pasted neighbours gives each its own detection."""
+    model, cfg, _ = trained
+    slides = {s.name: s for s in load_slides(str(sample_dir / "slides"))}
+    made = []
+    rng = np.random.default_rng(7)
+    names = [n for n, s in slides.items() if len(s.truths) == 1]
+    for a, b in zip(names, names[1:]):
+        p = compose_pair(slides[a], slides[b], rng)
+        if p is not None:
+            made.append(p)
+    made = made[:8]
+    dets = lf.detect(model, [p.image for p in made], cfg)
+    both = sum(match([d.as_tuple() for d in ds], p.truths) == 2 for ds, p in zip(dets, made))
+    assert both >= 6, f"{both} of {len(made)} pairs found as two cells"
+
+
+def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
+    from jobs.evaluate_finder import main as evaluate
+    from jobs.train_finder import main as train
+
+    slides = str(sample_dir / "slides")
+    out = tmp_path / "centre.pt"
+    assert train(["--slides", slides, "--out", str(out), "--epochs", "2", "--threads", "2"]) == 0
+    assert "finder.method=learned" in capsys.readouterr().out
+    assert lf.load(str(out))[1].epochs == 2
+    assert train(["--slides", slides, "--out", str(out), "--epochs", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    res = tmp_path / "eval.json"
+    args = ["--slides", slides, "--json", str(res), "finder.method=learned"]
+    assert evaluate([*args, f"finder.weights={out}"]) == 0
+    assert json.loads(res.read_text())["finder"]["slides"] == 24
+    assert evaluate(["--slides", slides, "--learned"]) == 2
+    assert "--cv" in capsys.readouterr().err
+    # Cross-validation trains one network per fold and scores both finders on held slides.
+    cv = ["--slides", slides, "--cv", "2", "--learned", "--epochs", "1", "--fresh-seeds", "5"]
+    assert evaluate([*cv, "--json", str(res)]) == 0
+    r = json.loads(res.read_text())["learned_cross_validation"]
+    assert [f["real_slides"] for f in r["folds"]] == [12, 12]
+    assert all(f["train_slides"] == 12 for f in r["folds"])
+    assert r["summary"]["stain_real"]["recall"]["mean"] > 0.9
+    assert "| **mean** | learned |" in capsys.readouterr().out
