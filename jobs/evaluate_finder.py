@@ -163,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for key in ("finder", "pairs"):
+        if (result.get(key) or {}).get("seen_in_training"):
+            print(
+                f"warning: the learned finder's weights were trained on "
+                f"{result[key]['seen_in_training']} of these slides, so the figures below are "
+                "not held-out; measure the method with --cv K --learned",
+                file=sys.stderr,
+            )
     if "finder" in result:
         f = result["finder"]
         print(

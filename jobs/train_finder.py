@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         slides = load_slides(
             args.slides, args.limit, [x for x in args.exclude.split(",") if x]
         )  # fmt: skip
-        annotated = [s for s in slides if s.truths]
-        if not annotated:
+        # A slide without a WBC box is a negative: the network learns to find nothing there
+        # (leave out slides whose white cells were not annotated, with --exclude).
+        annotated = slides
+        if not any(s.truths for s in slides):
             raise ValueError(f"no slide under {args.slides} has a WBC box to learn from")
         t0 = time.perf_counter()
         model = lf.train_finder(

@@ -142,7 +142,8 @@ def test_evaluation_command_on_the_sample(sample_dir, tmp_path, capsys):
     from jobs.evaluate_finder import main
 
     out = tmp_path / "eval.json"
-    assert main(["--slides", str(sample_dir / "slides"), "--json", str(out)]) == 0
+    stain = "finder.method=stain"  # the slide job ships the learned finder; this is the stain one
+    assert main(["--slides", str(sample_dir / "slides"), "--json", str(out), stain]) == 0
     f = json.loads(out.read_text())["finder"]
     # 24 annotated boxes (one is slide 113's platelet), 24 detections (one unannotated cell).
     assert (f["wbc_boxes"], f["detections"], f["true_positives"]) == (24, 24, 23)

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cellmodel.config import ConfigError, validate_settings
 from cellmodel.infer import learned_finder as lf
@@ -116,10 +117,18 @@ def test_bad_weights_and_settings_say_what_to_do(tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(ValueError, match="format"):
         lf.load(str(other))
+    newer = tmp_path / "newer.pt"
+    cfg = lf.LearnedFinderConfig().to_dict() | {"zzz": 1}
+    torch.save({"format": lf.FORMAT, "config": cfg, "state_dict": {}}, newer)
+    with pytest.raises(ValueError, match="zzz"):
+        lf.load(str(newer))
     with pytest.raises(ConfigError, match="finder.weights"):
         validate_settings(FinderConfig, {"method": "learned"})
     with pytest.raises(ValueError, match="at least one"):
         lf.train_finder([], [])
+    small = Image.new("RGB", (320, 240))
+    with pytest.raises(ValueError, match="one size"):
+        lf.train_finder([small, Image.new("RGB", (640, 480))], [[], []])
 
 
 def test_touching_pair_seen_as_two_centres(sample_dir, trained):
@@ -154,7 +163,10 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     res = tmp_path / "eval.json"
     args = ["--slides", slides, "--json", str(res), "finder.method=learned"]
     assert evaluate([*args, f"finder.weights={out}"]) == 0
-    assert json.loads(res.read_text())["finder"]["slides"] == 24
+    f = json.loads(res.read_text())["finder"]
+    # the weights were trained on these very slides: said, and not passed off as held-out
+    assert (f["slides"], f["seen_in_training"]) == (24, 24)
+    assert "not held-out" in capsys.readouterr().err
     assert evaluate(["--slides", slides, "--learned"]) == 2
     assert "--cv" in capsys.readouterr().err
     # Cross-validation trains one network per fold and scores both finders on held slides.

@@ -19,7 +19,7 @@ from PIL import Image
 from cellmodel import CLASSES, storage
 from cellmodel.config import ConfigError
 from cellmodel.data.voc import parse_voc
-from cellmodel.infer.finder import match
+from cellmodel.infer.finder import FinderConfig, match
 from cellmodel.infer.slides import (
     SlidesConfig,
     SlidesError,
@@ -296,7 +296,15 @@ def test_training_scale_comes_from_the_checkpoint_then_the_settings():
 def test_settings_file_overrides_and_flags():
     shipped = load_config(classify_slides.DEFAULT_CONFIG)
     # slides.toml spells out the defaults, [finder] included: the two cannot drift apart.
-    assert shipped == SlidesConfig()
+    # It ships the learned finder, whose weights lie beside it (a path relative to the file).
+    weights = (classify_slides.DEFAULT_CONFIG.parent / "finder-centre-bccd.pt").resolve()
+    assert weights.is_file()
+    assert shipped == SlidesConfig(finder=FinderConfig(method="learned", weights=str(weights)))
+    stain = load_config(classify_slides.DEFAULT_CONFIG, None, ["finder.method=stain"])
+    assert stain.finder.to_dict() | {"weights": None} == FinderConfig().to_dict()
+    # an override's relative path is the working directory's, not the file's
+    moved = load_config(classify_slides.DEFAULT_CONFIG, None, ["finder.weights=runs/f.pt"])
+    assert moved.finder.weights == "runs/f.pt"
     cfg = load_config(
         classify_slides.DEFAULT_CONFIG,
         {"tta": True, "batch_size": None},  # None: the flag was not given

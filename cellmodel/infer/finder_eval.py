@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 
+STAIN = {"method": "stain", "weights": None}  # the stain finder, whatever a config names
+
 # The grid searched on the training folds (pixel settings; every combination).
 PIXEL_GRID: dict[str, list] = {
     "cell_level": [0.4, 0.5],
@@ -193,6 +195,17 @@ def finder_settings(finder: FinderConfig | dict | None) -> FinderConfig:
     return validate_settings(FinderConfig, dict(finder or {}))
 
 
+def seen_in_training(cfg: FinderConfig, names: list[str]) -> int | None:
+    """How many of the slides ``names`` the learned finder's weights were trained on (None
+    for the stain finder). Scores on such slides are not held-out figures."""
+    if cfg.method != "learned":
+        return None
+    from cellmodel.infer.learned_finder import read_meta
+
+    seen = set(read_meta(str(cfg.weights)).get("trained_on") or [])
+    return sum(n in seen for n in names)
+
+
 def evaluate_finder(
     slides: str,
     finder: FinderConfig | dict | None = None,
@@ -214,6 +227,7 @@ def evaluate_finder(
         if match(boxes, s.truths, iou_threshold) < len(s.truths):
             missed.append(s.name)
     out = {"slides": len(data), "iou_threshold": iou_threshold}
+    out["seen_in_training"] = seen_in_training(cfg, [s.name for s in data])
     out |= score(dets, [s.truths for s in data], iou_threshold)
     out |= {
         "finder_ms_per_slide": round(1000 * t_find / len(data), 2),
@@ -246,6 +260,8 @@ def evaluate_pairs(
         raise ValueError(f"no touching pair could be composed from {slides}")
     hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
     out = {"pairs": len(made), "seeds": list(seeds), "iou_threshold": iou_threshold}
+    names = {n for p in made for n in (p.meta["base"], p.meta["pasted"])}
+    out["seen_in_training"] = seen_in_training(cfg, sorted(names))
     out |= score(dets, [p.truths for p in made], iou_threshold)
     out |= {
         "counted_two": sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True)),
@@ -357,8 +373,9 @@ def cross_validate(
     truths = [s.truths for s in data]
     is_composed = np.asarray([s.composed for s in data])
 
-    # The pixel stage once per pixel setting, for every slide.
-    base_cfg = finder_settings(base)
+    # The pixel stage once per pixel setting, for every slide. This searches the stain
+    # finder's settings, whatever method ``base`` names (see cross_validate_learned).
+    base_cfg = finder_settings(finder_settings(base).to_dict() | STAIN)
     cache: dict[tuple, list[list[Nucleus]]] = {}
     pixel_cfgs = [finder_settings(base_cfg.to_dict() | g) for g in _grid(pixel_grid)]
     t0 = time.perf_counter()
@@ -536,7 +553,7 @@ def cross_validate_learned(
     from cellmodel.infer import learned_finder as lf
 
     lcfg = learned or lf.LearnedFinderConfig()
-    scfg = finder_settings(stain)
+    scfg = finder_settings(finder_settings(stain).to_dict() | STAIN)
     real = load_slides(slides, limit, exclude, min_box)
     fold_of = assign_folds(len(real), k, seed)
     rows = []

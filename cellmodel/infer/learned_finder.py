@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,7 +56,6 @@ class LearnedFinderConfig:
     min_score: float = 0.3  # detection threshold on the heat map
     seed: int = 0
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "threads"}
@@ -256,6 +255,14 @@ def train_finder(
     cfg = cfg or LearnedFinderConfig()
     if not images:
         raise ValueError("train_finder needs at least one annotated slide")
+    if len(boxes) != len(images):
+        raise ValueError(f"{len(images)} slides but {len(boxes)} box lists; give one per slide")
+    sizes = sorted({im.size for im in images})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"train_finder needs slides of one size, got {len(sizes)} ({sizes[0]} and "
+            f"{sizes[-1]} among them): resize them to one size first"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -383,6 +390,26 @@ def load_cached(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
 
 def load(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
     """Read weights written by :func:`save`; a clear error for anything else."""
+    blob = _read(uri)
+    unknown = set(blob["config"]) - set(LearnedFinderConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"{uri} holds settings this version does not know ({', '.join(sorted(unknown))}): "
+            "it was written by another version of cellmodel; retrain it with jobs.train_finder"
+        )
+    cfg = LearnedFinderConfig(**blob["config"])
+    model = CentreNet(cfg.width, cfg.stride)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model, cfg
+
+
+def read_meta(uri: str) -> dict:
+    """What :func:`save` recorded beside the weights (``trained_on``: the slide names)."""
+    return dict(_read(uri).get("meta") or {})
+
+
+def _read(uri: str) -> dict:
     import io
 
     try:
@@ -397,8 +424,4 @@ def load(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
         raise ValueError(f"{uri} is not a finder weights file ({e.__class__.__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{uri} is not a finder weights file (format {FORMAT} expected)")
-    cfg = LearnedFinderConfig(**blob["config"])
-    model = CentreNet(cfg.width, cfg.stride)
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
-    return model, cfg
+    return blob

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -113,8 +114,12 @@ def load_config(
     """The slide job's settings: a TOML file (None: the defaults), then ``key=value``
     overrides (``finder.min_area=1500``), then command-line ``flags`` (None values are
     not given), validated together (``cellmodel.config``: one ``ConfigError`` lists every
-    problem)."""
+    problem). A relative ``finder.weights`` path in the file is relative to the file (an
+    override's is relative to the working directory)."""
     d = read_toml(path) if path is not None else {}
+    weights = (d.get("finder") or {}).get("weights")
+    if isinstance(weights, str) and not storage.is_remote(weights) and not os.path.isabs(weights):
+        d["finder"]["weights"] = str((Path(path).parent / weights).resolve())
     apply_overrides(d, list(overrides or []))
     d.update({k: v for k, v in (flags or {}).items() if v is not None})
     return validate_settings(SlidesConfig, d)
