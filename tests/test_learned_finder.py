@@ -228,3 +228,21 @@ def test_shipped_finder_splits_cells_whose_nuclei_touch(sample_dir, shipped, bas
     p = compose_pair(slides[base], slides[pasted], np.random.default_rng(0))
     dets = find_cells(p.image, shipped)
     assert len(dets) == 2 and match([d.as_tuple() for d in dets], p.truths) == 2
+
+
+def test_slide_job_names_missing_or_foreign_finder_weights(sample_dir, tmp_path, capsys):
+    """Before any slide is read: a missing or foreign weights file is one clear error."""
+    from cellmodel.models import build_model, save_checkpoint
+    from jobs import classify_slides
+
+    ckpt = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "ck"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    for weights, said in ((tmp_path / "none.pt", "no finder weights"), (junk, "not a finder")):
+        argv = ["--input", str(sample_dir / "slides" / "JPEGImages"), "--checkpoint", ckpt,
+                "--output", str(tmp_path / "out"), "--quiet", f"finder.weights={weights}"]  # fmt: skip
+        assert classify_slides.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "finder.weights" in err and said in err
+        assert not (tmp_path / "out" / "slides").exists()  # no slide was read or written
+        assert not (tmp_path / "out" / "_job.json").exists()

@@ -526,6 +526,8 @@ def run_slides(
     log.info("pixel scale: training red-cell diameter %s px (%s)", train_rbc, scale_from)
     job = dict(checkpoint=ckpt_id, classes=classes, input=input_uri, config=cfg.to_dict())
     job["scale"] = {"train_rbc_diameter_px": train_rbc, "from": scale_from}
+    if cfg.finder.method == "learned":
+        job["finder_weights_sha256"] = learned_weights_digest(str(cfg.finder.weights))
     slide_rbc = cfg.slide_rbc_diameter_px
     if train_rbc and slide_rbc is None and cfg.slide_scale == "archive":
         slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample)
@@ -593,6 +595,18 @@ def run_slides(
 
     write_report(output, summary, low_confidence=cfg.low_confidence)
     return summary
+
+
+def learned_weights_digest(uri: str) -> str:
+    """The SHA-256 of the learned finder's weights file, read and checked once here so that a
+    missing or foreign file fails before any slide is read (a ``SlidesError``)."""
+    from cellmodel.infer.learned_finder import load
+
+    try:
+        load(uri)
+        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    except (FileNotFoundError, ValueError) as e:
+        raise SlidesError(f"finder.weights: {e}") from None
 
 
 def archive_rbc_diameter(slides: list[tuple[str, str]], sample: int) -> tuple[float | None, int]:
