@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--epochs", type=int, help="--learned: training epochs per fold")
     ap.add_argument(
+        "--skip-empty",
+        action="store_true",
+        help="--learned: train without the slides that have no WBC box (still scored on them)",
+    )
+    ap.add_argument(
         "--fresh-seeds",
         default="20,21,22,23",
         metavar="SEEDS",
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 limit=args.limit,
                 exclude=[x for x in args.exclude.split(",") if x],
                 min_box=args.min_box,
+                skip_empty=args.skip_empty,
                 progress=True,
             )}  # fmt: skip
         elif args.cv:

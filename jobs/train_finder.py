@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="passes over the slides (default 60)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
+    ap.add_argument(
+        "--skip-empty",
+        action="store_true",
+        help="leave out slides without a WBC box (where that means an unannotated cell, not "
+        "an empty field)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -47,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         slides = load_slides(
             args.slides, args.limit, [x for x in args.exclude.split(",") if x]
         )  # fmt: skip
-        # A slide without a WBC box is a negative: the network learns to find nothing there
-        # (leave out slides whose white cells were not annotated, with --exclude).
-        annotated = slides
+        # A slide without a WBC box is a negative: the network learns to find nothing there,
+        # unless --skip-empty (or --exclude) leaves it out.
+        annotated = [s for s in slides if s.truths] if args.skip_empty else slides
         if not any(s.truths for s in slides):
             raise ValueError(f"no slide under {args.slides} has a WBC box to learn from")
         t0 = time.perf_counter()

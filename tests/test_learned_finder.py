@@ -246,3 +246,28 @@ def test_slide_job_names_missing_or_foreign_finder_weights(sample_dir, tmp_path,
         assert "finder.weights" in err and said in err
         assert not (tmp_path / "out" / "slides").exists()  # no slide was read or written
         assert not (tmp_path / "out" / "_job.json").exists()
+
+
+def test_slides_without_a_box_are_negatives_unless_skipped(sample_dir, tmp_path, capsys):
+    """A slide with no WBC box trains as an empty field; --skip-empty leaves it out (for
+    datasets like BCCD, where such a slide shows a cell nobody boxed)."""
+    import re
+    import shutil
+
+    from jobs.train_finder import main as train
+
+    src = sample_dir / "slides"
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for stem in ("BloodImage_00032", "BloodImage_00117"):
+        shutil.copy(src / "JPEGImages" / f"{stem}.jpg", voc / "JPEGImages")
+        xml = (src / "Annotations" / f"{stem}.xml").read_text()
+        if stem == "BloodImage_00117":  # its white cell loses its box
+            xml = re.sub(r"<object>\s*<name>WBC</name>.*?</object>", "", xml, flags=re.S)
+        (voc / "Annotations" / f"{stem}.xml").write_text(xml)
+    for flags, names in (([], 2), (["--skip-empty"], 1)):
+        out = tmp_path / f"f{len(flags)}.pt"
+        assert train(["--slides", str(voc), "--out", str(out), "--epochs", "1", *flags]) == 0
+        assert len(lf.read_meta(str(out))["trained_on"]) == names
+    capsys.readouterr()

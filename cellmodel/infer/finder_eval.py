@@ -537,6 +537,7 @@ def cross_validate_learned(
     limit: int | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     min_box: float = 0.0,
+    skip_empty: bool = False,
     progress: bool = False,
 ) -> dict:
     """k-fold cross-validation of the learned centre finder, beside the stain finder.
@@ -548,7 +549,9 @@ def cross_validate_learned(
     (the same pairs as :func:`cross_validate`'s) and fresh pairs composed inside the held
     fold with ``pair_seeds``. The stain finder with the settings ``stain`` is scored on the
     same slides; those settings were chosen once on all slides (``cross_validate``'s
-    ``final``), which favours the stain finder here.
+    ``final``), which favours the stain finder here. ``skip_empty``: the training folds'
+    slides without a ``WBC`` box are left out of training (not of scoring), for datasets
+    where such a slide means an unannotated cell, not an empty field.
     """
     from cellmodel.infer import learned_finder as lf
 
@@ -561,6 +564,8 @@ def cross_validate_learned(
     for f in range(k):
         held = [real[i] for i in np.nonzero(fold_of == f)[0]]
         train = [real[i] for i in np.nonzero(fold_of != f)[0]]
+        if skip_empty:
+            train = [s for s in train if s.truths]
         sets = {
             "real": held,
             "composed": composed_pairs(held, seed + f),
@@ -608,6 +613,7 @@ def cross_validate_learned(
         "k": k,
         "seed": seed,
         "pair_seeds": list(pair_seeds),
+        "skip_empty": skip_empty,
         "iou_threshold": iou_threshold,
         "real_slides": len(real),
         "learned": lcfg.to_dict(),
