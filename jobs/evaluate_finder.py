@@ -1,6 +1,6 @@
 """Evaluate the slide job on annotated slides (BCCD / Pascal VOC layout), in one command.
 
-    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K | --pairs SEEDS]
+    python -m jobs.evaluate_finder --slides ../shared/data/bccd [--cv K [--learned] | --pairs SEEDS]
         [--checkpoint URI --output URI] [--config FILE] [key=value ...]
 
 1. The white-cell finder against the VOC ``WBC`` boxes: recall and precision at
@@ -10,6 +10,9 @@
    k-1 folds (grid search, box margins by least squares) and scored on the held fold,
    with touching pairs composed from real cells inside each fold; prints the per-fold
    table with the mean and the worst fold, and the setting chosen on all slides.
+   With ``--learned``: the learned centre finder instead, one network trained from random
+   weights per fold on the other folds' slides, scored beside the stain finder on the held
+   fold's slides, its composed pairs and fresh pairs (``--fresh-seeds``).
 3. ``--pairs 10,11,12,13``: the finder with the settings of ``--config`` on touching pairs
    composed from every single-cell slide (one per slide and seed, as in ``--cv``, but
    fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
