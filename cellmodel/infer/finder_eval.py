@@ -183,6 +183,21 @@ def score(dets: list[list[Box]], truths: list[list[Box]], iou: float = 0.5) -> d
     }
 
 
+def pair_counts(
+    dets: list[list[Box]], made: list[Slide], iou_threshold: float = 0.5
+) -> tuple[dict, list[int]]:
+    """:func:`score` over composed pairs, with how many were counted as exactly two cells
+    (both found, no third box), had both found, and lost both; and each pair's matches."""
+    hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
+    out = {"pairs": len(made)} | score(dets, [p.truths for p in made], iou_threshold)
+    out |= {
+        "counted_two": sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True)),
+        "both_found": sum(h == 2 for h in hits),
+        "both_lost": sum(h == 0 for h in hits),
+    }
+    return out, hits
+
+
 def _f1(s: dict) -> float:
     r, p = s["recall"] or 0.0, s["precision"] or 0.0
     return 2 * r * p / (r + p) if r + p else 0.0
@@ -258,21 +273,16 @@ def evaluate_pairs(
             dets.append([d.as_tuple() for d in find_cells(p.image, cfg)])
     if not made:
         raise ValueError(f"no touching pair could be composed from {slides}")
-    hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
-    out = {"pairs": len(made), "seeds": list(seeds), "iou_threshold": iou_threshold}
+    counts, hits = pair_counts(dets, made, iou_threshold)
+    out = {"seeds": list(seeds), "iou_threshold": iou_threshold}
     names = {n for p in made for n in (p.meta["base"], p.meta["pasted"])}
     out["seen_in_training"] = seen_in_training(cfg, sorted(names))
-    out |= score(dets, [p.truths for p in made], iou_threshold)
-    out |= {
-        "counted_two": sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True)),
-        "both_found": sum(h == 2 for h in hits),
-        "both_lost": sum(h == 0 for h in hits),
-        "miscounted": [
-            {"pair": p.name, "seed": sd, "detections": len(d), "found": h}
-            for p, sd, d, h in zip(made, seed_of, dets, hits, strict=True)
-            if len(d) != 2 or h != 2
-        ],
-    }
+    out |= counts
+    out["miscounted"] = [
+        {"pair": p.name, "seed": sd, "detections": len(d), "found": h}
+        for p, sd, d, h in zip(made, seed_of, dets, hits, strict=True)
+        if len(d) != 2 or h != 2
+    ]
     return out
 
 
@@ -516,15 +526,6 @@ def format_cv_table(res: dict) -> str:
 # ---------------------------------------------------------------- learned finder
 
 
-def _pair_counts(dets: list[list[Box]], made: list[Slide], iou_threshold: float) -> dict:
-    hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
-    out = score(dets, [p.truths for p in made], iou_threshold)
-    out["pairs"] = len(made)
-    out["counted_two"] = sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True))
-    out["both_lost"] = sum(h == 0 for h in hits)
-    return out
-
-
 def cross_validate_learned(
     slides: str,
     k: int = 5,
@@ -585,7 +586,7 @@ def cross_validate_learned(
                 if name == "real":
                     row[f"{method}_{name}"] = score(dets, [s.truths for s in ss], iou_threshold)
                 else:
-                    row[f"{method}_{name}"] = _pair_counts(dets, ss, iou_threshold)
+                    row[f"{method}_{name}"] = pair_counts(dets, ss, iou_threshold)[0]
         rows.append(row)
         if progress:
             print(

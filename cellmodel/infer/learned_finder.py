@@ -13,13 +13,17 @@ centre looks like instead, so two touching cells give two peaks:
   ``min_score``; its box is the predicted size around the predicted centre.
 
 It trains on the ``WBC`` boxes of a VOC-layout folder (BCCD); red cells and platelets are
-the background it learns to ignore. Real slides only: no composed slide is trained on, so
-composed touching pairs stay a fair test. Training and detection use only torch and PIL.
+the background it learns to ignore. Since BCCD almost never shows two white cells touching,
+training pastes another slide's cell beside the slide's own in a share of the samples
+(``paste``), cut with a soft ellipse of random size and edge: the composed pairs it is
+scored on (``finder_eval.compose_pair``) are pasted too, with another mask, so their figures
+may favour it. Training and detection use only torch and PIL.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -390,7 +394,18 @@ def load_cached(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
 
 def load(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
     """Read weights written by :func:`save`; a clear error for anything else."""
-    blob = _read(uri)
+    return _build(_parse(_read_bytes(uri), uri), uri)
+
+
+def check(uri: str) -> str:
+    """Load the weights at ``uri`` once, as :func:`load` does (same errors), and return the
+    file's SHA-256, to record which weights a job used."""
+    raw = _read_bytes(uri)
+    _build(_parse(raw, uri), uri)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _build(blob: dict, uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
     unknown = set(blob["config"]) - set(LearnedFinderConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(
@@ -406,18 +421,21 @@ def load(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
 
 def read_meta(uri: str) -> dict:
     """What :func:`save` recorded beside the weights (``trained_on``: the slide names)."""
-    return dict(_read(uri).get("meta") or {})
+    return dict(_parse(_read_bytes(uri), uri).get("meta") or {})
 
 
-def _read(uri: str) -> dict:
-    import io
-
+def _read_bytes(uri: str) -> bytes:
     try:
-        raw = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no finder weights at {uri}; train them with python -m jobs.train_finder"
         ) from None
+
+
+def _parse(raw: bytes, uri: str) -> dict:
+    import io
+
     try:
         blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our file"

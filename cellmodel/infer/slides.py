@@ -600,11 +600,10 @@ def run_slides(
 def learned_weights_digest(uri: str) -> str:
     """The SHA-256 of the learned finder's weights file, read and checked once here so that a
     missing or foreign file fails before any slide is read (a ``SlidesError``)."""
-    from cellmodel.infer.learned_finder import load
+    from cellmodel.infer.learned_finder import check
 
     try:
-        load(uri)
-        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+        return check(uri)
     except (FileNotFoundError, ValueError) as e:
         raise SlidesError(f"finder.weights: {e}") from None
 
