@@ -115,7 +115,8 @@ class AugmentSection(Section):
     """Online augmentation of each training batch (on top of ingest's offline rotations).
 
     All off by default (the paper's protocol). Colour and stain jitter model slides stained
-    and imaged on other days; scale and shift jitter model other framings of the cell.
+    and imaged on other days; scale and shift jitter model other framings of the cell; mixup
+    and cutmix train on blends of two cells with blended targets (a regulariser).
     """
 
     flips: bool = False  # random horizontal and vertical flips
@@ -125,6 +126,11 @@ class AugmentSection(Section):
     contrast: float = Field(0.0, ge=0, le=1)
     saturation: float = Field(0.0, ge=0, le=1)
     stain: float = Field(0.0, ge=0, le=1)  # per-channel optical-density scale, 1 +- stain
+    # Mixing two training images (and their targets) in a batch: the mixing weight is drawn
+    # from Beta(alpha, alpha), 0 turns it off. With both on, each batch takes one at random.
+    mixup: float = Field(0.0, ge=0)  # blend whole images
+    cutmix: float = Field(0.0, ge=0)  # paste a box of the other image
+    mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches that are mixed
 
 
 class LossSection(Section):

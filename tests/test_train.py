@@ -190,6 +190,66 @@ def test_batch_augment_keeps_shape_and_changes_pixels():
     assert off(x) is x
 
 
+def test_mixup_and_cutmix_blend_images_and_targets_as_the_loss_says():
+    from cellmodel.train.batch_aug import BatchAugment
+
+    pre = build_model("tiny_bilstm").cfg.preprocessing()
+    x, y = _images(8)
+    y = torch.arange(8) % 4
+
+    def aug(*overrides):
+        cfg = load_config(CONFIGS / "quickstart.toml", list(overrides))
+        return BatchAugment(cfg.augment, pre["mean"], pre["std"])
+
+    # Off (the default) or never drawn: the batch passes untouched.
+    assert aug().mix(x, y)[1] is None and aug().mix(x, y)[0] is x
+    assert aug("augment.mixup=0.4", "augment.mix_prob=0").mix(x, y)[1] is None
+    # Mixup: every image is lam of itself plus (1 - lam) of the image whose label it is given.
+    out, y2, lam = aug("augment.mixup=0.4").mix(x, y, torch.Generator().manual_seed(0))
+    assert 0 < lam < 1 and out.shape == x.shape and y2 is not None
+    for i in range(8):
+        j = [k for k in range(8) if y[k] == y2[i] and torch.allclose(
+            out[i], lam * x[i] + (1 - lam) * x[k], atol=1e-5)]  # fmt: skip
+        assert j, i
+    # Cutmix: one box of each image comes from its partner; lam is the share left unpasted.
+    out, y2, lam = aug("augment.cutmix=1.0").mix(x, y, torch.Generator().manual_seed(3))
+    changed = (out != x).any(dim=1)  # (N, H, W): pixels taken from another image
+    h, w = x.shape[-2:]
+    for i in range(8):
+        if y2[i] == y[i] and torch.equal(out[i], x[i]):
+            continue  # paired with an identical-label image that happens to match
+        rows, cols = changed[i].any(1).nonzero(), changed[i].any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert float(box) <= (1 - lam) * h * w + 1e-6
+    assert 0 < lam < 1
+    # The trainer's loss on a mixed batch is the same blend of the two targets' losses.
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("tiny_bilstm")
+    for m in model.modules():  # no dropout, so the loss can be recomputed by hand
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    before = copy.deepcopy(model)
+    cfg = load_config(
+        CONFIGS / "quickstart.toml",
+        ["augment.mixup=0.4", "phase1.feature_cache=false", "phase1.freeze_cnn=false"],
+    )
+    trainer = PhaseTrainer(model, cfg.phase1, cfg, device=CPU, steps_per_epoch=1)
+    calls = []
+    real_mix = trainer.augment.mix
+    trainer.augment.mix = lambda xx, yy: calls.append(real_mix(xx, yy)) or calls[-1]
+    got = trainer.train_epoch([(x, y)])["loss"] / 8
+    mixed, other, lam = calls[0]
+    assert other is not None
+    with torch.no_grad():
+        logits = before.train()(mixed)
+        want = lam * make_loss(0.1)(logits, y) + (1 - lam) * make_loss(0.1)(logits, other)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ConfigError, match="augment.mixup"):
+        load_config(CONFIGS / "quickstart.toml", ["augment.mixup=-1"])
+
+
 def test_memory_batches_decode_the_split_before_the_first_step_and_reshuffle_it():
     from cellmodel.train import MemoryBatches
 

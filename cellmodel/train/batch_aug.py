@@ -3,11 +3,13 @@
 Works on normalised model input (N, 3, H, W) and returns the same shape: one affine warp
 per image for flips, zoom and shift (edges reflected, so no black borders appear), then
 colour in RGB (brightness, contrast, saturation) and stain in optical density, where each
-dye's absorbance scales with how much of it the slide took up.
+dye's absorbance scales with how much of it the slide took up. ``mix`` then blends pairs of
+images (mixup) or pastes a box of one into another (cutmix); the loss blends their targets.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +46,37 @@ class BatchAugment:
         if self.photometric:
             x = self._colour(x, generator)
         return x
+
+    @property
+    def mixing(self) -> bool:
+        return self.cfg.mixup > 0 or self.cfg.cutmix > 0
+
+    def mix(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Mixup or cutmix of each image with another of the batch: ``(x, y_other, lam)``,
+        where the loss is ``lam * loss(y) + (1 - lam) * loss(y_other)``; ``(x, None, 1.0)``
+        when this batch is not mixed. One weight per batch, drawn from Beta(alpha, alpha);
+        for cutmix it becomes the share of the image left unpasted."""
+        c, g, n = self.cfg, generator, x.shape[0]
+        if not self.mixing or n < 2 or float(torch.rand((), generator=g)) >= c.mix_prob:
+            return x, None, 1.0
+        cut = c.cutmix > 0 and (c.mixup == 0 or float(torch.rand((), generator=g)) < 0.5)
+        alpha = c.cutmix if cut else c.mixup
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+        perm = torch.randperm(n, generator=g).to(x.device)
+        if not cut:
+            return x * lam + x[perm] * (1 - lam), y[perm], lam
+        h, w = x.shape[-2:]
+        side = (1 - lam) ** 0.5
+        bh, bw = round(h * side), round(w * side)
+        cy, cx = (int(torch.randint(0, d, (1,), generator=g)) for d in (h, w))
+        y0, y1 = max(cy - bh // 2, 0), min(cy - bh // 2 + bh, h)
+        x0, x1 = max(cx - bw // 2, 0), min(cx - bw // 2 + bw, w)
+        out = x.clone()
+        out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        return out, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
     def _uniform(self, n: int, lo: float, hi: float, x: torch.Tensor, g) -> torch.Tensor:
         return torch.rand(n, generator=g).to(x.device) * (hi - lo) + lo

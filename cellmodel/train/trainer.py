@@ -173,10 +173,14 @@ class PhaseTrainer:
         n = 0
         for step, (x, y) in enumerate(batches):
             x, y = self._input(x), y.to(self.device, non_blocking=True)
+            y_other, lam = None, 1.0
             if not isinstance(x, tuple):
                 x = self.augment(x)
+                x, y_other, lam = self.augment.mix(x, y)
             logits = self._forward(self.net, x)
             loss = self.loss_fn(logits, y)
+            if y_other is not None:  # a mixed batch: targets blended as the images were
+                loss = lam * loss + (1 - lam) * self.loss_fn(logits, y_other)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
