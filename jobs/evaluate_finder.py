@@ -12,7 +12,8 @@
    table with the mean and the worst fold, and the setting chosen on all slides.
    With ``--learned``: the learned centre finder instead, one network trained from random
    weights per fold on the other folds' slides, scored beside the stain finder on the held
-   fold's slides, its composed pairs and fresh pairs (``--fresh-seeds``).
+   fold's slides, its composed pairs and fresh pairs (``--fresh-seeds``); ``--suppress``
+   candidates of the learned finder's peak suppression, each fold's chosen on the others.
 3. ``--pairs 10,11,12,13``: the finder with the settings of ``--config`` on touching pairs
    composed from every single-cell slide (one per slide and seed, as in ``--cv``, but
    fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
@@ -37,6 +38,18 @@ from pathlib import Path
 from cellmodel import storage
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
+
+
+def _values(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--suppress takes comma-separated numbers, e.g. 0,0.5,0.7; got {text!r}"
+        ) from None
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        raise ValueError(f"--suppress values must lie in [0, 1]; got {text!r}")
+    return vals
 
 
 def _seeds(text: str) -> list[int]:
@@ -87,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SEEDS",
         help="--learned: seeds of the fresh touching pairs composed inside each held fold",
     )
+    ap.add_argument(
+        "--suppress",
+        metavar="VALUES",
+        help="--learned: candidate values of the learned finder's suppress setting "
+        "(comma-separated, e.g. 0,0.5,0.7,0.9), each fold's chosen on the other folds",
+    )
+    ap.add_argument("--save-networks", metavar="DIR", help="--learned: save each fold's network")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
     ap.add_argument(
@@ -110,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
+        if (args.suppress or args.save_networks) and not args.learned:
+            raise ValueError("--suppress and --save-networks are for --cv K --learned")
         if args.cv and args.learned:
             from cellmodel.infer.learned_finder import LearnedFinderConfig
 
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 exclude=[x for x in args.exclude.split(",") if x],
                 min_box=args.min_box,
                 skip_empty=args.skip_empty,
+                suppress=_values(args.suppress) if args.suppress else None,
+                networks_out=args.save_networks,
                 progress=True,
             )}  # fmt: skip
         elif args.cv:
@@ -203,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{' '.join(map(str, res['pair_seeds']))}):"
         )
         print(finder_eval.format_learned_cv_table(res))
-        print(f"training: {res['train_s_per_fold']} s per fold")
+        if res["networks_reused"]:
+            print(f"networks: {res['networks_reused']} of {res['k']} reused from --save-networks")
+        if res["train_s_per_fold"] is not None:
+            print(f"training: {res['train_s_per_fold']} s per fold")
     else:
         res = result["cross_validation"]
         print(

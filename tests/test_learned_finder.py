@@ -53,6 +53,26 @@ def test_targets_decode_back_to_the_boxes():
         assert np.allclose(d.as_tuple(), best, atol=1e-3)
 
 
+def test_suppress_drops_a_second_peak_inside_a_big_cell_but_keeps_a_touching_neighbour():
+    from cellmodel.infer.finder import Detection
+
+    big = Detection(100, 100, 400, 380, 0.9, 0.0)  # a 300x280 cell
+    inner = Detection(230, 150, 370, 300, 0.5, 0.0)  # centre (300, 225): 50 px right of big's
+    touching = Detection(380, 120, 620, 360, 0.6, 0.0)  # centre (500, 240): beyond big's edge
+    dets = [big, touching, inner]
+    assert lf.suppress_inner(dets, 0.5) == [big, touching]
+    assert lf.suppress_inner(dets, 0.3) == dets  # 50 px > 0.3 x 150 px: kept
+    assert lf.suppress_inner(dets, 1.0) == [big, touching]
+    # decode applies it: two peaks of one encoded big box pair, with the setting off and on
+    boxes = [(100.0, 100.0, 400.0, 380.0), (240.0, 160.0, 360.0, 280.0)]
+    cfg = lf.LearnedFinderConfig(min_score=0.2)
+    heat, reg, _ = lf.targets(boxes, (120, 160), 4.0, cfg.stride, cfg.sigma)
+    y = torch.cat([torch.logit(heat.clamp(1e-4, 1 - 1e-4)), reg], 0)[None]
+    assert len(lf.decode(y, [(640, 480)], 160, cfg)[0]) == 2
+    cfg.suppress = 0.5
+    assert len(lf.decode(y, [(640, 480)], 160, cfg)[0]) == 1
+
+
 def test_training_loss_falls_and_the_cells_it_learned_are_found(sample_slides, trained):
     model, cfg, _ = trained
     # The loss of the fitted network is far below that of a fresh one on the same slides.
@@ -177,6 +197,33 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert all(f["train_slides"] == 12 for f in r["folds"])
     assert r["summary"]["stain_real"]["recall"]["mean"] > 0.9
     assert "| **mean** | learned |" in capsys.readouterr().out
+    # A grid of suppress values: each fold's value is chosen on the other fold alone, and the
+    # networks are saved with the slides they were trained on.
+    from cellmodel.infer.finder_eval import _choose_suppress
+
+    nets = tmp_path / "nets"
+    grid = ["--suppress", "0,0.5,1", "--save-networks", str(nets), "--epochs", "3"]
+    assert evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, "--json", str(res)]) == 0
+    r = json.loads(res.read_text())["learned_cross_validation"]
+    assert r["suppress_grid"] == [0.0, 0.5, 1.0] and r["suppress_final"] in r["suppress_grid"]
+    for f, other in zip(r["folds"], r["folds"][::-1], strict=True):
+        assert set(f["grid"]) == {"0", "0.5", "1"}
+        assert f["suppress"] == _choose_suppress([other], r["suppress_grid"])
+        assert f["learned_real"] == f["grid"][f"{f['suppress']:g}"]["real"]
+        meta = lf.read_meta(str(nets / f"fold-{f['fold']}.pt"))
+        assert meta["fold"] == f["fold"] and len(meta["trained_on"]) == f["train_slides"]
+    assert "chosen on the other folds" in capsys.readouterr().out
+    # The same command again reuses the saved networks: same figures, nothing trained.
+    before = r
+    assert evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, "--json", str(res)]) == 0
+    r = json.loads(res.read_text())["learned_cross_validation"]
+    assert r["networks_reused"] == 2 and r["train_s_per_fold"] is None
+    assert r["folds"] == before["folds"]
+    assert "2 of 2 reused" in capsys.readouterr().out
+    assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
+    assert "--learned" in capsys.readouterr().err
+    assert evaluate([*cv, "--suppress", "0.5,2"]) == 2
+    assert "[0, 1]" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the shipped weights

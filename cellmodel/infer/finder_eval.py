@@ -539,6 +539,8 @@ def cross_validate_learned(
     exclude: tuple[str, ...] | list[str] = (),
     min_box: float = 0.0,
     skip_empty: bool = False,
+    suppress: list[float] | tuple[float, ...] | None = None,
+    networks_out: str | None = None,
     progress: bool = False,
 ) -> dict:
     """k-fold cross-validation of the learned centre finder, beside the stain finder.
@@ -553,15 +555,27 @@ def cross_validate_learned(
     ``final``), which favours the stain finder here. ``skip_empty``: the training folds'
     slides without a ``WBC`` box are left out of training (not of scoring), for datasets
     where such a slide means an unannotated cell, not an empty field.
+
+    ``suppress``: candidate values of the learned finder's ``suppress`` setting. Each fold's
+    network is scored with every candidate; the value reported for a fold is the one that
+    scores best on the *other* folds (mean F1 over real slides, composed and fresh pairs,
+    ties to the smaller value), so the held fold plays no part in choosing it; ``final`` is
+    the value chosen on all folds, the one to train the shipped weights with.
+    ``networks_out``: a folder to save each fold's network in (``fold-N.pt``); a network
+    found there that was trained on the same slides with the same settings is reused, so the
+    same command run again (another ``suppress`` grid, say) trains nothing.
     """
+    import dataclasses
+
     from cellmodel.infer import learned_finder as lf
 
     lcfg = learned or lf.LearnedFinderConfig()
     scfg = finder_settings(finder_settings(stain).to_dict() | STAIN)
     real = load_slides(slides, limit, exclude, min_box)
     fold_of = assign_folds(len(real), k, seed)
+    grid = sorted({float(v) for v in suppress}) if suppress else None
     rows = []
-    t_train = 0.0
+    t_train, reused = 0.0, 0
     for f in range(k):
         held = [real[i] for i in np.nonzero(fold_of == f)[0]]
         train = [real[i] for i in np.nonzero(fold_of != f)[0]]
@@ -573,30 +587,57 @@ def cross_validate_learned(
             "fresh": [p for sd in pair_seeds for p in composed_pairs(held, sd)],
         }
         t0 = time.perf_counter()
-        model = lf.train_finder([s.image for s in train], [s.truths for s in train], lcfg)
-        t_train += time.perf_counter() - t0
+        saved = storage.join(networks_out, f"fold-{f}.pt") if networks_out else None
+        meta = {"trained_on": [s.name for s in train], "fold": f, "k": k, "seed": seed,
+                "settings": lcfg.to_dict() | {"suppress": 0.0}}  # fmt: skip
+        if saved and storage.exists(saved) and lf.read_meta(saved) == meta:
+            model = lf.load(saved)[0]  # this fold's network from an earlier run: reused
+            reused += 1
+        else:
+            model = lf.train_finder([s.image for s in train], [s.truths for s in train], lcfg)
+            t_train += time.perf_counter() - t0
+            if saved:
+                lf.save(model, lcfg, saved, meta)
         row: dict = {"fold": f, "real_slides": len(held), "train_slides": len(train)}
+
+        def scored(name: str, ss: list[Slide], found) -> dict:
+            dets = [[d.as_tuple() for d in dd] for dd in found]
+            if name == "real":
+                return score(dets, [s.truths for s in ss], iou_threshold)
+            return pair_counts(dets, ss, iou_threshold)[0]
+
+        if grid:
+            row["grid"] = {
+                _grid_key(v): {
+                    name: scored(name, ss, lf.detect(model, [s.image for s in ss],
+                                                     dataclasses.replace(lcfg, suppress=v)))
+                    for name, ss in sets.items()
+                }
+                for v in grid
+            }  # fmt: skip
         for name, ss in sets.items():
-            for method in ("learned", "stain"):
-                if method == "learned":
-                    found = lf.detect(model, [s.image for s in ss], lcfg)
-                else:
-                    found = [find_cells(s.image, scfg) for s in ss]
-                dets = [[d.as_tuple() for d in dd] for dd in found]
-                if name == "real":
-                    row[f"{method}_{name}"] = score(dets, [s.truths for s in ss], iou_threshold)
-                else:
-                    row[f"{method}_{name}"] = pair_counts(dets, ss, iou_threshold)[0]
+            if not grid:
+                row[f"learned_{name}"] = scored(
+                    name, ss, lf.detect(model, [s.image for s in ss], lcfg)
+                )
+            row[f"stain_{name}"] = scored(name, ss, [find_cells(s.image, scfg) for s in ss])
         rows.append(row)
         if progress:
             print(
                 f"fold {f}: " + ", ".join(
                     f"{m} {n} {_fmt(row[f'{m}_{n}'], 'recall')}/"
                     f"{_fmt(row[f'{m}_{n}'], 'precision')}"
-                    for n in sets for m in ("learned", "stain")
+                    for n in sets for m in ("learned", "stain") if f"{m}_{n}" in row
                 ),
                 flush=True,
             )  # fmt: skip
+    final = None
+    if grid:
+        for r in rows:  # each fold's value chosen on the other folds
+            r["suppress"] = _choose_suppress([o for o in rows if o is not r] or [r], grid)
+            for name in ("real", "composed", "fresh"):
+                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"])][name]
+        final = _choose_suppress(rows, grid)
 
     def summary(key: str) -> dict:
         out = {}
@@ -621,8 +662,32 @@ def cross_validate_learned(
         "stain": scfg.to_dict(),
         "folds": rows,
         "summary": {key: summary(key) for key in keys},
-        "train_s_per_fold": round(t_train / k, 1),
+        "train_s_per_fold": round(t_train / (k - reused), 1) if reused < k else None,
+        "networks_reused": reused,
+        "suppress_grid": grid,
+        "suppress_final": final,
     }
+
+
+def _grid_key(v: float) -> str:
+    return f"{v:g}"
+
+
+def _choose_suppress(rows: list[dict], grid: list[float]) -> float:
+    """The grid value with the best mean F1 over real slides, composed and fresh pairs,
+    each pooled over ``rows``; ties go to the smaller value (less suppression)."""
+    best, best_f1 = grid[0], -1.0
+    for v in grid:
+        f1s = []
+        for name in ("real", "composed", "fresh"):
+            tp = sum(r["grid"][_grid_key(v)][name]["true_positives"] for r in rows)
+            n = sum(r["grid"][_grid_key(v)][name]["detections"] + r["grid"][_grid_key(v)][name]
+                    ["wbc_boxes"] for r in rows)  # fmt: skip
+            f1s.append(2 * tp / n if n else 0.0)
+        f1 = float(np.mean(f1s))
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = v, f1
+    return best
 
 
 def format_learned_cv_table(res: dict) -> str:
@@ -655,6 +720,12 @@ def format_learned_cv_table(res: dict) -> str:
             if what == "mean":
                 two = f"{s[f'{m}_fresh']['counted_two']} of {s[f'{m}_fresh']['pairs']}"
             lines.append(f"| **{what}** | {m} | " + " | ".join(vals) + f" | {two} |")
+    if res.get("suppress_grid"):
+        chosen = ", ".join(f"fold {r['fold']} {r['suppress']:g}" for r in res["folds"])
+        lines.append(
+            f"\nlearned `suppress` among {[float(v) for v in res['suppress_grid']]}, each fold's "
+            f"chosen on the other folds: {chosen}; chosen on all folds: {res['suppress_final']:g}"
+        )
     return "\n".join(lines)
 
 

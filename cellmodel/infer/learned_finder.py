@@ -10,7 +10,11 @@ centre looks like instead, so two touching cells give two peaks:
   CenterNet, Zhou et al. 2019, on Gaussian bumps at the annotated centres), the offset of
   that centre inside the grid cell, and the box's log width and height;
 - a detection is a local maximum of the heat map (3x3) with a score of at least
-  ``min_score``; its box is the predicted size around the predicted centre.
+  ``min_score``; its box is the predicted size around the predicted centre. With
+  ``suppress`` > 0, a weaker detection is dropped when its centre lies in the central
+  ``suppress`` share of a stronger one's box or the stronger one's centre in its own: a
+  second peak inside one big cell, while a touching neighbour's centre lies near or beyond
+  the box's edge.
 
 It trains on the ``WBC`` boxes of a VOC-layout folder (BCCD); red cells and platelets are
 the background it learns to ignore. Since BCCD almost never shows two white cells touching,
@@ -58,6 +62,7 @@ class LearnedFinderConfig:
     sigma: float = 0.12  # Gaussian bump: sigma = this x the box's side, in grid cells
     paste: float = 0.5  # chance a training slide gets another slide's cell pasted beside its own
     min_score: float = 0.3  # detection threshold on the heat map
+    suppress: float = 0.0  # drop a weaker peak centred in this central share of a box (0: off)
     seed: int = 0
     threads: int | None = None
 
@@ -347,8 +352,26 @@ def decode(
             box += (min(float(W), cx + bw / 2), min(float(H), cy + bh / 2))
             dets.append(Detection(*box, float(heat[j, 0, gy, gx]), 0.0))
         dets.sort(key=lambda d: -d.score)
-        out.append(dets)
+        out.append(suppress_inner(dets, cfg.suppress) if cfg.suppress > 0 else dets)
     return out
+
+
+def suppress_inner(dets: list[Detection], share: float) -> list[Detection]:
+    """``dets`` (best score first) without each one that a stronger kept detection makes
+    one cell with: either's centre inside the central ``share`` of the other's box (width
+    and height scaled by ``share``), whichever box is the bigger."""
+
+    def inside(a: Detection, b: Detection) -> bool:  # a's centre in b's central share
+        return (
+            abs(a.center[0] - b.center[0]) <= share * (b.xmax - b.xmin) / 2
+            and abs(a.center[1] - b.center[1]) <= share * (b.ymax - b.ymin) / 2
+        )
+
+    kept: list[Detection] = []
+    for d in dets:
+        if not any(inside(d, k) or inside(k, d) for k in kept):
+            kept.append(d)
+    return kept
 
 
 @torch.no_grad()
