@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out slides without a WBC box (where that means an unannotated cell, not "
         "an empty field)",
     )
+    ap.add_argument(
+        "--suppress",
+        type=float,
+        help="central share of a box in which a weaker peak counts as the same cell "
+        "(default 0.6, chosen by jobs.evaluate_finder --cv 5 --learned --suppress ...; 0: off)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = lf.LearnedFinderConfig(seed=args.seed, threads=args.threads)
         if args.epochs:
             cfg.epochs = args.epochs
+        if args.suppress is not None:
+            if not 0 <= args.suppress <= 1:
+                raise ValueError(f"--suppress must lie in [0, 1], got {args.suppress}")
+            cfg.suppress = args.suppress
         slides = load_slides(
             args.slides, args.limit, [x for x in args.exclude.split(",") if x]
         )  # fmt: skip

@@ -65,7 +65,7 @@ def test_suppress_drops_a_second_peak_inside_a_big_cell_but_keeps_a_touching_nei
     assert lf.suppress_inner(dets, 1.0) == [big, touching]
     # decode applies it: two peaks of one encoded big box pair, with the setting off and on
     boxes = [(100.0, 100.0, 400.0, 380.0), (240.0, 160.0, 360.0, 280.0)]
-    cfg = lf.LearnedFinderConfig(min_score=0.2)
+    cfg = lf.LearnedFinderConfig(min_score=0.2, suppress=0.0)
     heat, reg, _ = lf.targets(boxes, (120, 160), 4.0, cfg.stride, cfg.sigma)
     y = torch.cat([torch.logit(heat.clamp(1e-4, 1 - 1e-4)), reg], 0)[None]
     assert len(lf.decode(y, [(640, 480)], 160, cfg)[0]) == 2
@@ -177,7 +177,9 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     out = tmp_path / "centre.pt"
     assert train(["--slides", slides, "--out", str(out), "--epochs", "2", "--threads", "2"]) == 0
     assert "finder.method=learned" in capsys.readouterr().out
-    assert lf.load(str(out))[1].epochs == 2
+    assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.6
+    assert train(["--slides", slides, "--out", str(out), "--suppress", "1.5", "--overwrite"]) == 2
+    assert "[0, 1]" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     res = tmp_path / "eval.json"

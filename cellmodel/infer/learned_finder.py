@@ -62,7 +62,9 @@ class LearnedFinderConfig:
     sigma: float = 0.12  # Gaussian bump: sigma = this x the box's side, in grid cells
     paste: float = 0.5  # chance a training slide gets another slide's cell pasted beside its own
     min_score: float = 0.3  # detection threshold on the heat map
-    suppress: float = 0.0  # drop a weaker peak centred in this central share of a box (0: off)
+    # A weaker peak centred in this central share of a stronger box, or holding its centre in
+    # its own, is the same cell (0: off); 0.6 chosen by 5-fold CV over BCCD (BENCHMARKS.md).
+    suppress: float = 0.6
     seed: int = 0
     threads: int | None = None
 
