@@ -299,6 +299,35 @@ def test_local_run_from_random_weights_learns_in_every_phase(local_shards, tmp_p
     assert again.history == hist
 
 
+def test_a_final_fit_trains_on_joined_splits_and_says_validation_is_in_sample(
+    local_shards, tmp_path, caplog
+):
+    from cellmodel.data.dataset import (
+        DatasetNotFoundError,
+        iter_rows,
+        load_manifest,
+        shard_uris,
+        split_rows,
+    )
+
+    manifest = load_manifest(local_shards)
+    rows = {s: manifest["splits"][s]["rows"] for s in ("train", "val")}
+    both = shard_uris(local_shards, "train+val")
+    assert both == shard_uris(local_shards, "train") + shard_uris(local_shards, "val")
+    assert split_rows(manifest, "train+val") == rows["train"] + rows["val"]
+    assert sum(1 for _ in iter_rows(local_shards, "train+val", ["label"])) == sum(rows.values())
+    with pytest.raises(DatasetNotFoundError, match="'tset'"):
+        shard_uris(local_shards, "train+tset")
+    with pytest.raises(ConfigError, match="'tset'"):
+        run_local(_cfg(local_shards, str(tmp_path), "bad", "data.train_split=train+tset"))
+    cfg = _cfg(local_shards, str(tmp_path), "final", "data.train_split=train+val",
+               "phase1.epochs=1")  # fmt: skip
+    with caplog.at_level("WARNING"):
+        result = run_local(cfg, device="cpu")
+    assert "in-sample" in caplog.text
+    assert result.history[0]["train_n"] == rows["train"] + rows["val"]
+
+
 def test_mlflow_tracking_logs_params_and_every_epoch(local_shards, tmp_path):
     import mlflow
 

@@ -81,15 +81,29 @@ def split_names(manifest: Mapping) -> list[str]:
     )
 
 
+def split_parts(split: str) -> list[str]:
+    """The splits a split name stands for: ``"train+val"`` is both, read one after the other
+    (e.g. a final fit on every labelled cell once the settings are chosen)."""
+    return [p.strip() for p in split.split("+")]
+
+
+def split_rows(manifest: Mapping, split: str) -> int:
+    """Rows of ``split`` (summed over its parts)."""
+    return sum(int(manifest["splits"][p]["rows"]) for p in split_parts(split))
+
+
 def shard_uris(uri: str, split: str, manifest: Mapping | None = None) -> list[str]:
-    """URIs of the shards of ``split``, as named by the manifest."""
+    """URIs of the shards of ``split`` (of each part of ``"a+b"``), as named by the manifest."""
     manifest = load_manifest(uri) if manifest is None else manifest
     splits = manifest.get("splits", {})
-    if split not in splits:
-        raise DatasetNotFoundError(
-            f"dataset {uri} has no split {split!r}; it has {split_names(manifest)}"
-        )
-    return [storage.join(str(uri), s["path"]) for s in splits[split]["shards"]]
+    out = []
+    for part in split_parts(split):
+        if part not in splits:
+            raise DatasetNotFoundError(
+                f"dataset {uri} has no split {part!r}; it has {split_names(manifest)}"
+            )
+        out += [storage.join(str(uri), s["path"]) for s in splits[part]["shards"]]
+    return out
 
 
 def arrow_filesystem(uri: str):

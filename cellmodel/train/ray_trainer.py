@@ -16,12 +16,15 @@ run directory ``<run.storage>/<run.name>``:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 from cellmodel import storage
 from cellmodel.cluster import ensure_ray
 from cellmodel.config import ConfigError, TrainConfig
 from cellmodel.train.history import read_history
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE, CONFIG_FILE, MODEL_DIR = "summary.json", "config.toml", "model"
 
@@ -80,13 +83,23 @@ def _uri_of(storage_uri: str, fs_path: str) -> str:
 def check_dataset(cfg: TrainConfig, model_cfg) -> dict:
     """The dataset's manifest, after checking it has the splits and classes this run needs
     (the model's classes come from the manifest unless ``model.overrides.classes`` is set)."""
-    from cellmodel.data.dataset import load_manifest, split_names
+    from cellmodel.data.dataset import load_manifest, split_names, split_parts
 
     manifest = load_manifest(cfg.data.uri)  # DatasetNotFoundError names the missing manifest
     have = split_names(manifest)
-    for split in (cfg.data.train_split, cfg.data.val_split):
+    for split in (*split_parts(cfg.data.train_split), *split_parts(cfg.data.val_split)):
         if split not in have:
             raise ConfigError(f"dataset {cfg.data.uri} has no split {split!r}; it has {have}")
+    shared = set(split_parts(cfg.data.train_split)) & set(split_parts(cfg.data.val_split))
+    if shared:
+        log.warning(
+            "data.train_split %r includes the validation split %s: validation figures are "
+            "in-sample and the 'best' epoch is chosen on training data; for a final fit on "
+            "every labelled cell, keep the last epoch (runs/<name>/epoch-NNNN) and report the "
+            "figures of the same recipe trained without it",
+            cfg.data.train_split,
+            sorted(shared),
+        )
     classes = manifest.get("classes")
     if classes and list(classes) != list(model_cfg.classes):
         raise ConfigError(
@@ -133,7 +146,9 @@ def data_meta(cfg: TrainConfig, manifest: dict) -> dict:
 
 
 def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
-    rows = manifest["splits"][cfg.data.train_split]["rows"]
+    from cellmodel.data.dataset import split_rows
+
+    rows = split_rows(manifest, cfg.data.train_split)
     per_worker = rows // cfg.scaling.num_workers
     return max(1, -(-per_worker // cfg.data.batch_size))
 
