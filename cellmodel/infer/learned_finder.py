@@ -360,8 +360,8 @@ def decode(
 
 def suppress_inner(dets: list[Detection], share: float) -> list[Detection]:
     """``dets`` (best score first) without each one that a stronger kept detection makes
-    one cell with: either's centre inside the central ``share`` of the other's box (width
-    and height scaled by ``share``), whichever box is the bigger."""
+    one cell with: either's centre inside the central ``share`` of the other's box (its
+    width and height scaled by ``share``)."""
 
     def inside(a: Detection, b: Detection) -> bool:  # a's centre in b's central share
         return (
