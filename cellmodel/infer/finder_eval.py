@@ -606,11 +606,14 @@ def cross_validate_learned(
                 return score(dets, [s.truths for s in ss], iou_threshold)
             return pair_counts(dets, ss, iou_threshold)[0]
 
-        if grid:
+        if grid:  # the network runs once per set; each candidate only filters its peaks
+            raw = {name: lf.detect(model, [s.image for s in ss],
+                                   dataclasses.replace(lcfg, suppress=0.0))
+                   for name, ss in sets.items()}  # fmt: skip
             row["grid"] = {
                 _grid_key(v): {
-                    name: scored(name, ss, lf.detect(model, [s.image for s in ss],
-                                                     dataclasses.replace(lcfg, suppress=v)))
+                    name: scored(name, ss, [lf.suppress_inner(d, v) if v > 0 else d
+                                            for d in raw[name]])
                     for name, ss in sets.items()
                 }
                 for v in grid
@@ -680,10 +683,11 @@ def _choose_suppress(rows: list[dict], grid: list[float]) -> float:
     for v in grid:
         f1s = []
         for name in ("real", "composed", "fresh"):
-            tp = sum(r["grid"][_grid_key(v)][name]["true_positives"] for r in rows)
-            n = sum(r["grid"][_grid_key(v)][name]["detections"] + r["grid"][_grid_key(v)][name]
-                    ["wbc_boxes"] for r in rows)  # fmt: skip
-            f1s.append(2 * tp / n if n else 0.0)
+            scores = [r["grid"][_grid_key(v)][name] for r in rows]
+            tp, n_pred, n_true = (sum(sc[k] for sc in scores)
+                                  for k in ("true_positives", "detections", "wbc_boxes"))  # fmt: skip
+            f1s.append(_f1({"recall": tp / n_true if n_true else None,
+                            "precision": tp / n_pred if n_pred else None}))  # fmt: skip
         f1 = float(np.mean(f1s))
         if f1 > best_f1 + 1e-12:
             best, best_f1 = v, f1

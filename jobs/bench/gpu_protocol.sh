@@ -9,6 +9,7 @@
 # each scored on the dataset's validation split (split by source cell) per image, per cell and
 # cell-balanced, with and without test-time augmentation. Checkpoints go to $RUNS (default a
 # RAM disk); the figures, histories and reports are packed into OUTDIR/results.tar.gz.
+# `timeout` signals its whole process group, the pool workers of `jobs.compare` included.
 #   bash jobs/bench/gpu_protocol.sh SHARDS OUTDIR [SECONDS]
 # SHARDS: crops stored at 0.6 scale (192x144), e.g. `python -m jobs.ingest ... --scale 0.6`.
 set -u
@@ -29,11 +30,11 @@ paper+=" phase1.lr=1e-3 phase1.weight_decay=0 phase1.schedule=constant phase1.wa
 paper+=" phase2.epochs=5 phase2.optimizer=adam phase2.lr=1e-3 phase2.weight_decay=0"
 paper+=" phase2.ema_decay=0 $off_colour $off_geom"
 start=$(date +%s)
-setsid timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/gpu_scratch.toml --local \
+timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/gpu_scratch.toml --local \
   --parallel "${GPU_PARALLEL:-3}" --seeds 0 1 2 --tta --out "$RUNS/gpu" --variant gpu_scratch= \
   scaling.use_gpu=true "${common[@]}" ${GPU_EXTRA:-} > "$OUTDIR/gpu.log" 2>&1 &
 G=$!
-setsid timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/cpu_proxy.toml --local \
+timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/cpu_proxy.toml --local \
   --parallel "${ABLATION_PARALLEL:-5}" --seeds 0 1 2 --tta --out "$RUNS/ablation" \
   --variant recipe= \
   --variant "no_ema=phase2.ema_decay=0" \
@@ -44,7 +45,6 @@ setsid timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/cpu
 A=$!
 wait $G $A
 echo "wall: $(( $(date +%s) - start )) s"
-kill -- -"$G" -"$A" 2>/dev/null  # pool workers a timeout left behind (each stage is its own group)
 for d in gpu ablation; do
   cat "$RUNS/$d/comparison.md" 2>/dev/null
 done
