@@ -73,6 +73,11 @@ def test_five_class_folder_ingests_trains_evaluates_and_predicts(five_class_mode
     model, meta = load_checkpoint(model_uri)
     assert meta["classes"] == classes and model.cfg.num_classes == 5
     assert meta["data"]["classes"] == classes and meta["data"]["crop_size"] == [160, 120]
+    # The crops' background level travels from the manifest into the checkpoint, where the
+    # slide job reads it (cellmodel.data.light).
+    bg = m["light"]["background_rgb"]
+    assert len(bg) == 3 and m["light"]["background_images"] > 0
+    assert meta["data"]["background_rgb"] == bg
 
     metrics = evaluate_checkpoint(model_uri, shards, split="val")
     assert "BASOPHIL" in metrics["data_classes"]

@@ -277,6 +277,54 @@ def test_classifier_stage_matches_the_predictor(tmp_path, backend):
     assert "crop" not in out and len(out["probs"]) == len(rows["slide_id"]) >= 3
 
 
+def test_windows_of_a_darker_slide_are_relit_to_the_training_level(tmp_path):
+    from cellmodel.data.light import background_rgb, relight
+    from cellmodel.infer.slides import find_batch
+
+    src = sorted((SAMPLE / "slides" / "JPEGImages").glob("*.jpg"))[0]
+    img = Image.open(src).convert("RGB")
+    dark = tmp_path / "dark.png"  # the same field under a dimmer lamp: 15 levels darker
+    Image.fromarray(relight(np.asarray(img), (-15, -15, -15))).save(dark)
+    lit = tmp_path / "lit.png"
+    img.save(lit)
+    batch = {"slide_id": np.array(["lit", "dark"]), "uri": np.array([str(lit), str(dark)])}
+    finder = {"method": "stain"}  # the same boxes on both: the stain rules are level-free
+    plain = find_batch(batch, finder, (320, 240))
+    assert plain["slide_id"].tolist() == ["lit", "dark"] and np.isnan(plain["light_offset"]).all()
+    gap = plain["crop"][0].astype(int) - plain["crop"][1].astype(int)
+    assert 13 < gap.mean() < 16  # cut as they are, the two windows differ by the lamp
+    train = background_rgb(img) + 6  # training crops 6 levels brighter than this slide
+    out = find_batch(batch, finder, (320, 240), train_background=tuple(train))
+    np.testing.assert_allclose(out["light_offset"], [6, 21], atol=1.0)
+    # Each slide measured alone ("slide"): both windows land on the training level.
+    a, b = out["crop"][0].astype(int), out["crop"][1].astype(int)
+    assert abs((a - b).mean()) < 1.0
+    assert 5 < (a - plain["crop"][0].astype(int)).mean() < 7
+    # One level for the archive: the same shift for both, so the lamp's difference stays.
+    fixed = find_batch(
+        batch, finder, (320, 240), train_background=tuple(train), slide_background=(200, 200, 200)
+    )
+    np.testing.assert_allclose(fixed["light_offset"], float(np.mean(train - 200)), atol=1e-4)
+
+
+def test_training_light_comes_from_the_checkpoint_then_the_settings():
+    from cellmodel.infer.slides import training_light
+
+    on = SlidesConfig(train_background_rgb=(210.0, 211.0, 205.0))
+    meta = {"data": {"background_rgb": [218.0, 219.0, 213.5]}}
+    assert training_light(meta, on) == ([218.0, 219.0, 213.5], "checkpoint")
+    assert training_light({"data": {}}, on) == (
+        [210.0, 211.0, 205.0],
+        "train_background_rgb setting",
+    )
+    assert training_light({}, SlidesConfig())[0] is None
+    assert training_light(meta, SlidesConfig(light="off")) == (None, "light is off")
+    with pytest.raises(ConfigError, match="light"):
+        load_config(None, {"light": "bright"})
+    with pytest.raises(ConfigError, match="train_background_rgb"):
+        load_config(None, {"train_background_rgb": [200, 200]})
+
+
 # ---------------------------------------------------------------- scale, overlays, report
 
 
@@ -411,7 +459,9 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
     root, truths = multi_cell_input
     torch.manual_seed(0)
     ckpt = save_checkpoint(
-        build_model("tiny_bilstm"), str(tmp_path / "ck"), data={"rbc_diameter_px": 38.0}
+        build_model("tiny_bilstm"),
+        str(tmp_path / "ck"),
+        data={"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]},
     )
     out = str(tmp_path / "out")
     cfg = SlidesConfig(**CFG, overlays=True, low_confidence=0.9)
@@ -440,6 +490,16 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
         assert row.crop_scale == pytest.approx(row.rbc_diameter_px / 38.0, rel=0.02)
     job = json.loads((Path(out) / "_job.json").read_text())
     assert job["scale"]["slide_from"] == "median of 5 slides of the input"
+    # Illumination: one level for the input (light "archive", the same sample as the
+    # scale), each window shifted by the training level minus it.
+    from cellmodel.infer.slides import archive_background
+
+    level, n = archive_background(list_slides(str(root)), 64)
+    light = job["light"]
+    assert n == 5 and light["slide_background_rgb"] == level and light["from"] == "checkpoint"
+    assert light["offset"] == pytest.approx(np.subtract([218.0, 219.0, 213.5], level), abs=0.06)
+    assert s["light"] == light
+    assert slides.light_offset.to_numpy() == pytest.approx(np.mean(light["offset"]), abs=0.06)
     # One overlay per slide: the slide under a header line.
     for sid in by.index:
         png = Image.open(Path(out) / "overlays" / f"{sid}.png")
@@ -454,5 +514,6 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
                  "## Per slide", "## Overlays (5 of 5 slides"):  # fmt: skip
         assert part in report
     assert "overlays/pair-021-045.png" in report
+    assert "- illumination: windows shifted to the training crops' background level" in report
     # low_confidence 0.9 with a random tiny model: every slide is flagged.
     assert report.count("low_confidence") >= 5

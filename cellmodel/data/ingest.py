@@ -359,6 +359,7 @@ def ingest(
         "cellmodel_version": cellmodel.__version__,
         "classes": list(classes),
         "geometry": _geometry(items, st),
+        "light": _light(items),
         "columns": {f.name: str(f.type) for f in SCHEMA},
         "source": {
             "uri": str(source),
@@ -487,6 +488,16 @@ def _geometry(items: list, st: IngestSettings) -> dict:
         geo["rbc_diameter_px"] = round(float(np.median(got)), 2)
         geo["rbc_diameter_images"] = len(got)
     return geo
+
+
+def _light(items: list) -> dict:
+    """The background level of the crops (``cellmodel.data.light``): the slide job shifts
+    each slide's windows to it."""
+    from cellmodel.data.light import estimate_dataset_background
+    from cellmodel.data.transforms import decode_image
+
+    step = max(1, len(items) // 64)
+    return estimate_dataset_background([decode_image(it.image) for it in items[::step][:64]])
 
 
 def _check_destination(out: str, overwrite: bool) -> None:

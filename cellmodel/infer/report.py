@@ -147,6 +147,10 @@ def write_overlays(
     return written
 
 
+def _rgb(v, signed: bool = False) -> str:
+    return "RGB " + ", ".join(f"{x:+.1f}" if signed else f"{x:.1f}" for x in v)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -181,6 +185,20 @@ def write_report(
         )
     else:
         lines.append(f"- pixel scale: no rescale ({summary.get('scale_from', 'not recorded')})")
+    light = summary.get("light") or {}
+    if light.get("train_background_rgb"):
+        slide = light.get("slide_from") or (
+            "each slide's own" if not light.get("offset") else "the slide_background_rgb setting"
+        )
+        lines.append(
+            f"- illumination: windows shifted to the training crops' background level "
+            f"({_rgb(light['train_background_rgb'])}, from the {light.get('from')}; slides' "
+            f"level from {slide}"
+            + (f": shift {_rgb(light['offset'], signed=True)}" if light.get("offset") else "")
+            + ")"
+        )
+    elif light:
+        lines.append(f"- illumination: windows as cut ({light.get('from')})")
     lines += ["", "## Differential, all slides", "", "| class | cells | share |", "|---|---:|---:|"]
     counts = summary.get("counts", {})
     total = sum(counts.values())

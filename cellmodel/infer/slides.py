@@ -100,6 +100,16 @@ class SlidesConfig(Section):
     # "centre" keeps the cell centred and repeats the edge pixels beyond the border.
     # Chosen on training slides (BENCHMARKS.md, "Framing").
     framing: Literal["inside", "centre"] = "inside"
+    # Illumination (cellmodel.data.light): shift each cell's window, per channel, by the
+    # training crops' background level minus the slides' (the plasma between the cells).
+    # "archive": the slides' level is the median over the same sample of slides as the
+    # scale; "slide": each slide's own; "off": windows as cut. The training level comes
+    # from the checkpoint (meta["data"]["background_rgb"]), else from
+    # train_background_rgb; without either, nothing is shifted. Chosen on training
+    # slides (BENCHMARKS.md, "Slide illumination").
+    light: Literal["archive", "slide", "off"] = "archive"
+    train_background_rgb: tuple[float, float, float] | None = None
+    slide_background_rgb: tuple[float, float, float] | None = None
     finder: FinderConfig = Field(default_factory=FinderConfig)
 
     def to_dict(self) -> dict:
@@ -250,13 +260,18 @@ def find_batch(
     slide_rbc_px: float | None = None,
     mask_neighbours: bool = False,
     framing: str = "centre",
+    train_background: tuple | None = None,
+    slide_background: tuple | None = None,
 ) -> dict:
     """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
 
     Each cell is cut at the training pixel scale when ``train_rbc_px`` is given (see
     ``SlidesConfig``): the slide's red-cell diameter is ``slide_rbc_px`` or measured.
+    With ``train_background`` (R, G, B), each window is shifted by it minus the slide's
+    background level: ``slide_background`` or measured on the slide.
     Slides with no cell, or that failed, give one row with ``cell_index`` -1.
     """
+    from cellmodel.data.light import background_rgb, light_offset, relight
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
@@ -265,7 +280,7 @@ def find_batch(
     rows, crops = [], []
     for slide_id, uri in zip(batch["slide_id"], batch["uri"], strict=True):
         slide_id, uri = str(slide_id), str(uri)
-        rbc, window = None, (w, h)
+        rbc, window, offset = None, (w, h), None
         try:
             img = decode_image(storage.read_bytes(uri))
         except ImageDecodeError as e:
@@ -279,8 +294,12 @@ def find_batch(
             if train_rbc_px and dets:
                 rbc = slide_rbc_px or estimate_rbc_diameter(img)
                 window = crop_window((w, h), rbc, train_rbc_px)
+            if train_background is not None and dets:
+                level = slide_background if slide_background is not None else background_rgb(img)
+                offset = None if level is None else light_offset(train_background, level)
         base["rbc_diameter_px"] = float(rbc) if rbc else float("nan")
         base["crop_scale"] = window[0] / w
+        base["light_offset"] = float(np.mean(offset)) if offset is not None else float("nan")
         for i, d in enumerate(dets or [None]):
             row = dict(base, n_cells=len(dets), cell_index=i if d else -1)
             box = d.as_tuple() if d else (0.0, 0.0, 0.0, 0.0)
@@ -290,7 +309,8 @@ def find_batch(
             src = img
             if d is not None and mask_neighbours and len(dets) > 1:
                 src = hide_others(img, d, [o for o in dets if o is not d])
-            crops.append(cut_cell(src, d.center, window, (w, h), framing) if d else None)
+            crop = cut_cell(src, d.center, window, (w, h), framing) if d else None
+            crops.append(relight(crop, offset) if crop is not None else None)
     if not rows:
         return {}
     out = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
@@ -370,6 +390,8 @@ def summarize_slide(first: dict, cells: list[dict], classes: list[str], low: flo
     rbc = first.get("rbc_diameter_px")
     row["rbc_diameter_px"] = None if rbc is None or rbc != rbc else float(rbc)  # NaN: unknown
     row["crop_scale"] = float(first.get("crop_scale", 1.0))
+    off = first.get("light_offset")
+    row["light_offset"] = None if off is None or off != off else float(off)  # NaN: not shifted
     for j, c in enumerate(classes):
         row[f"count_{c.lower()}"] = int(counts[j])
     for j, c in enumerate(classes):
@@ -394,7 +416,7 @@ def _slides_schema(classes: list[str]) -> pa.Schema:
     s, i32, f32 = pa.string(), pa.int32(), pa.float32()
     fields = [(k, s) for k in ("slide_id", "uri", "status", "reason", "message")]
     fields += [("width", i32), ("height", i32), ("n_cells", i32)]
-    fields += [("rbc_diameter_px", f32), ("crop_scale", f32)]
+    fields += [("rbc_diameter_px", f32), ("crop_scale", f32), ("light_offset", f32)]
     fields += [(f"count_{c.lower()}", i32) for c in classes]
     fields += [(f"frac_{c.lower()}", f32) for c in classes]
     fields += [("top_class", s), ("mean_confidence", f32), ("n_low_confidence", i32)]
@@ -512,6 +534,7 @@ def run_slides(
     import ray
     from tqdm import tqdm
 
+    from cellmodel.data.light import light_offset
     from cellmodel.data.voc import CROP_SIZE
     from cellmodel.models.checkpoint import read_checkpoint_meta
 
@@ -535,6 +558,16 @@ def run_slides(
         job["scale"]["slide_from"] = f"median of {n_measured} slides of the input"
         log.info("pixel scale: slide red-cell diameter %s px (%s)", slide_rbc,
                  job["scale"]["slide_from"])  # fmt: skip
+    train_bg, light_from = training_light(meta, cfg)
+    job["light"] = {"train_background_rgb": train_bg, "from": light_from}
+    slide_bg = cfg.slide_background_rgb
+    if train_bg and slide_bg is None and cfg.light == "archive":
+        slide_bg, n_measured = archive_background(slides, cfg.scale_sample)
+        job["light"]["slide_background_rgb"] = slide_bg
+        job["light"]["slide_from"] = f"median of {n_measured} slides of the input"
+    if train_bg and slide_bg:
+        job["light"]["offset"] = [round(float(v), 1) for v in light_offset(train_bg, slide_bg)]
+    log.info("illumination: %s", job["light"])
     check_job(output, job | {"model": meta.get("model_name")})
     parts = committed_parts(output)
     for p in commit.remove_uncommitted(output, PARTS, parts):
@@ -564,6 +597,8 @@ def run_slides(
                 "slide_rbc_px": slide_rbc,
                 "mask_neighbours": cfg.mask_neighbours,
                 "framing": cfg.framing,
+                "train_background": train_bg,
+                "slide_background": slide_bg,
             },
         )
         ds = ds.map_batches(
@@ -589,6 +624,7 @@ def run_slides(
         checkpoint=checkpoint,
         train_rbc_diameter_px=train_rbc,
         scale_from=scale_from,
+        light=job["light"],
     )
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     from cellmodel.infer.report import write_report
@@ -625,6 +661,37 @@ def archive_rbc_diameter(slides: list[tuple[str, str]], sample: int) -> tuple[fl
 
     est = estimate_dataset_scale([u for _, u in slides], n=sample, load=load)
     return est.get("rbc_diameter_px"), est["measured"]
+
+
+def archive_background(slides: list[tuple[str, str]], sample: int) -> tuple[list | None, int]:
+    """``(median background level R, G, B, slides measured)`` over up to ``sample`` of
+    ``slides`` (the same seeded sample as :func:`archive_rbc_diameter`); None when no slide
+    could be measured (each slide is then measured alone)."""
+    from PIL import Image
+
+    from cellmodel.data.light import estimate_dataset_background
+    from cellmodel.data.transforms import ImageDecodeError, decode_image
+
+    def load(uri: str):
+        try:
+            return decode_image(storage.read_bytes(uri))
+        except (ImageDecodeError, OSError):  # the job reports the slide itself
+            return Image.new("RGB", (8, 8))  # all black: not measured
+
+    est = estimate_dataset_background([u for _, u in slides], n=sample, load=load)
+    return est["background_rgb"], est["background_images"]
+
+
+def training_light(meta: dict, cfg: SlidesConfig) -> tuple[list | None, str]:
+    """``(training crops' background level R, G, B or None, where it came from)``."""
+    if cfg.light == "off":
+        return None, "light is off"
+    v = (meta.get("data") or {}).get("background_rgb")
+    if v:
+        return [float(x) for x in v], "checkpoint"
+    if cfg.train_background_rgb:
+        return [float(x) for x in cfg.train_background_rgb], "train_background_rgb setting"
+    return None, "unknown: neither the checkpoint nor the settings give it; windows as cut"
 
 
 def training_scale(meta: dict, cfg: SlidesConfig) -> tuple[float | None, str]:

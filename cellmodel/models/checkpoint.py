@@ -50,8 +50,8 @@ def save_checkpoint(
     ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type, halving a
     bundled model's size; loading casts them back to the model's own (float32) parameters.
 
-    ``data``: what the model learned from (dataset URI, classes, crop geometry and pixel
-    scale from the dataset's manifest); the slide job and Serve read the geometry here.
+    ``data``: what the model learned from (dataset URI, classes, crop geometry, pixel
+    scale and background level from the dataset's manifest); the slide job reads them here.
     """
     model = _unwrap(model)
     cfg: ModelConfig = model.cfg

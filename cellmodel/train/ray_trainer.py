@@ -140,6 +140,7 @@ def data_meta(cfg: TrainConfig, manifest: dict) -> dict:
         "uri": cfg.data.uri,
         "classes": manifest.get("classes"),
         **manifest.get("geometry", {}),
+        **manifest.get("light", {}),
         "source_unit": src.get("source_unit"),
         "source_known": src.get("source_known"),
     }
