@@ -348,3 +348,97 @@ def test_an_ensemble_scores_the_mean_of_its_members(checkpoint, tmp_path, capsys
         Ensemble([checkpoint, small])
     with pytest.raises(EnsembleError, match="two or more"):
         Ensemble([checkpoint])
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def test_fitted_temperature_is_the_one_the_labels_were_drawn_with():
+    from cellmodel.evaluate.calibrate import fit_temperature, scaled
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (6000, 4))
+    for t in (0.5, 1.0, 2.0):
+        p = scaled(z, t)
+        y = (rng.random((len(z), 1)) > p.cumsum(1)).sum(1)  # a draw from softmax(z / t)
+        assert fit_temperature(z, y) == pytest.approx(t, rel=0.1)
+    with pytest.raises(ValueError, match="no labelled images"):
+        fit_temperature(z[:0], np.zeros(0, np.int64))
+
+
+def test_cross_fitting_scores_each_cell_with_a_temperature_fitted_on_the_others():
+    from cellmodel.evaluate.calibrate import cross_fit, fit_temperature, scaled
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 3, (800, 4))
+    hot, cold = np.arange(400), np.arange(400, 800)
+    y = np.empty(800, np.int64)  # cell "a" drawn at temperature 0.5, cell "b" at 2
+    for idx, t in ((hot, 0.5), (cold, 2.0)):
+        y[idx] = (rng.random((len(idx), 1)) > scaled(z[idx], t).cumsum(1)).sum(1)
+    groups = ["a"] * 400 + ["b"] * 400
+    out = cross_fit(z, y, groups, folds=2)
+    by_hand = {round(fit_temperature(z[i], y[i]), 4) for i in (hot, cold)}
+    assert set(out["fold_temperatures"]) == by_hand and out["groups"] == 2
+    assert out["temperature"] == pytest.approx(fit_temperature(z, y), abs=1e-4)
+    # Fitted on the other cell, each cell is scored with the wrong temperature: worse than
+    # fitting on everything would look, which is the point of cross-fitting.
+    assert out["after_cross_fitted"]["nll"] > out["before"]["nll"]
+    with pytest.raises(ValueError, match="too few"):
+        cross_fit(z, y, ["a"] * 800, folds=2)
+
+
+def test_predictor_divides_the_logits_by_the_stored_temperature(checkpoint, tmp_path):
+    from cellmodel.evaluate.calibrate import write_temperature
+    from cellmodel.infer.predictor import DIHEDRAL, dihedral, softmax
+
+    ck = str(tmp_path / "ck")
+    shutil.copytree(checkpoint, ck)
+    plain = Predictor(ck)
+    assert plain.temperature == 1.0
+    entry = write_temperature(ck, 0.5, {"from": "a test"})
+    assert entry == {"temperature": 0.5, "from": "a test"}
+    x = np.stack([bytes_to_array(f.read_bytes(), plain.cfg) for f in sample_files(2)])
+    logits = plain.logits_arrays(x)
+    hot = Predictor(ck)
+    assert hot.temperature == 0.5 and hot.weights_sha256 == plain.weights_sha256
+    np.testing.assert_allclose(hot.predict_arrays(x), softmax(logits * 2), atol=1e-5)
+    assert (hot.predict_arrays(x).argmax(1) == plain.predict_arrays(x).argmax(1)).all()
+    views = [softmax(plain.logits_arrays(dihedral(x, k, f)) * 2) for k, f in DIHEDRAL]
+    tta = Predictor(ck, tta=True).predict_arrays(x)
+    np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must lie"):
+        write_temperature(ck, 0.0, {})
+
+
+def test_calibrate_command_fits_stores_and_refits_the_same(checkpoint, shard_dataset, tmp_path):
+    from jobs import calibrate
+
+    ck = str(tmp_path / "ck")
+    shutil.copytree(checkpoint, ck)
+    out = tmp_path / "cal.json"
+    args = ["--checkpoint", ck, "--data", shard_dataset, "--quiet", "--json", str(out)]
+    assert calibrate.main([*args, "--write"]) == 0
+    fit = json.loads(out.read_text())
+    stored = json.loads((Path(ck) / "checkpoint.json").read_text())["calibration"]
+    assert stored["temperature"] == fit["temperature"] and "split val" in stored["from"]
+    assert fit["grouped_by"] == "source cell" and len(fit["fold_temperatures"]) == 2
+    assert fit["after_cross_fitted"]["accuracy"] == fit["before"]["accuracy"]
+    # Fitted again on the calibrated checkpoint: the stored temperature is undone first.
+    assert calibrate.main(args) == 0
+    assert json.loads(out.read_text())["temperature"] == pytest.approx(fit["temperature"], rel=1e-3)
+    assert (
+        calibrate.main(["--checkpoint", ck, "--temperature", "0.8", "--note", "recipe", "--write"])
+        == 0
+    )
+    assert Predictor(ck).temperature == 0.8
+
+
+def test_calibrate_command_errors(checkpoint, tmp_path, capsys):
+    from jobs import calibrate
+
+    assert calibrate.main(["--checkpoint", checkpoint, "--temperature", "0", "--write"]) == 2
+    assert "temperature must lie" in capsys.readouterr().err
+    assert calibrate.main(["--checkpoint", str(tmp_path), "--temperature", "1", "--write"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        calibrate.main(["--checkpoint", checkpoint])  # neither --data nor --temperature

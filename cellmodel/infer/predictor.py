@@ -137,6 +137,8 @@ class Predictor:
             checkpoint, map_location=self.device, expected_sha256=expected_sha256
         )
         self.weights_sha256: str = self.meta["weights_sha256"]
+        # Temperature scaling (cellmodel.evaluate.calibrate): logits / T before the softmax.
+        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
         self.model = self.model.to(memory_format=torch.channels_last)
         self.cfg = self.model.cfg
         self.classes = list(self.cfg.classes)
@@ -214,12 +216,15 @@ class Predictor:
         """Probabilities (N, num_classes) for a preprocessed float32 batch (N, 3, H, W).
 
         With ``tta``, the mean of the softmax over the 8 dihedral transforms of each image.
+        The logits are divided by the checkpoint's temperature (``calibration.temperature``
+        in ``checkpoint.json``; 1 when it has none).
         """
+        t = self.temperature
         if not self.tta:
-            return softmax(self.logits_arrays(x, concurrent=concurrent))
+            return softmax(self.logits_arrays(x, concurrent=concurrent) / t)
         n = len(x)
         views = np.concatenate([dihedral(x, k, f) for k, f in DIHEDRAL])
-        probs = softmax(self.logits_arrays(views, concurrent=concurrent))
+        probs = softmax(self.logits_arrays(views, concurrent=concurrent) / t)
         return probs.reshape(len(DIHEDRAL), n, -1).mean(axis=0)
 
     def normalize_uint8(self, x: np.ndarray) -> np.ndarray:

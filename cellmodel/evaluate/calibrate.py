@@ -1,0 +1,160 @@
+"""Temperature scaling: make a checkpoint's confidences mean what they say.
+
+A network trained with label smoothing, mixup or cutmix learns to hedge: its top
+probability sits below its accuracy (the bundled recipe: 73.6 % mean confidence at 82.1 %
+accuracy on held-out cells), so a "low confidence" threshold flags cells it gets right.
+One number fixes most of that: the logits are divided by a temperature ``T`` before the
+softmax (below 1 sharpens, above 1 softens; the class ranking, hence accuracy, does not
+change). ``T`` is fitted on labelled data the model did not learn from, by the mean
+negative log-likelihood of the true class, and stored in ``checkpoint.json``
+(``calibration.temperature``); ``Predictor`` applies it, so Serve, the slide job,
+``jobs.evaluate`` and ensembles all see calibrated probabilities.
+
+How good the fit is, is measured without scoring on the images it was fitted on: the
+images are split in folds by source cell, ``T`` is fitted on the other folds and applied
+to each fold (cross-fitting); the figures after calibration are those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from cellmodel import storage
+from cellmodel.evaluate.metrics import expected_calibration_error, log_loss
+
+T_RANGE = (0.05, 20.0)
+
+
+def scaled(logp: np.ndarray, t: float) -> np.ndarray:
+    """``softmax(logp / t)`` row-wise (``logp``: logits or log-probabilities)."""
+    z = np.asarray(logp, np.float64) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logp: np.ndarray, y: np.ndarray) -> float:
+    """The temperature in ``T_RANGE`` that minimises the mean negative log-likelihood of the
+    true class of ``softmax(logp / T)``: golden-section search over log T (the loss is
+    convex in 1 / T)."""
+    logp = np.asarray(logp, np.float64)
+    y = np.asarray(y, np.int64)
+    if len(y) == 0:
+        raise ValueError("no labelled images to fit a temperature on")
+
+    def nll(log_t: float) -> float:
+        return log_loss(scaled(logp, math.exp(log_t)), y)
+
+    a, b = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    return float(math.exp((a + b) / 2))
+
+
+def _summary(probs: np.ndarray, y: np.ndarray, low: float) -> dict:
+    conf = probs.max(axis=1)
+    return {
+        "nll": round(log_loss(probs, y), 4),
+        "ece": round(expected_calibration_error(probs, y), 4),
+        "accuracy": round(float((probs.argmax(1) == y).mean()), 4),
+        "mean_confidence": round(float(conf.mean()), 4),
+        "low_confidence_share": round(float((conf < low).mean()), 4),
+        "low_confidence_right": round(float(((conf < low) & (probs.argmax(1) == y)).mean()), 4),
+    }
+
+
+def cross_fit(
+    logp: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str] | None,
+    folds: int = 2,
+    seed: int = 0,
+    low: float = 0.5,
+) -> dict:
+    """Fit on all but one fold of source cells (``groups``; None: single images), apply to
+    that fold; returns the figures before and after, each fold's temperature, and the
+    temperature fitted on everything (what gets stored)."""
+    logp = np.asarray(logp, np.float64)
+    y = np.asarray(y, np.int64)
+    keys = list(groups) if groups is not None else [str(i) for i in range(len(y))]
+    uniq = sorted(set(keys))
+    if len(uniq) < folds:
+        raise ValueError(f"{len(uniq)} source cell(s): too few for {folds} folds")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of_key = {uniq[i]: f for f, idx in enumerate(np.array_split(order, folds)) for i in idx}
+    fold = np.array([fold_of_key[k] for k in keys])
+    after = np.zeros_like(logp)
+    temps = []
+    for f in range(folds):
+        held = fold == f
+        t = fit_temperature(logp[~held], y[~held])
+        temps.append(round(t, 4))
+        after[held] = scaled(logp[held], t)
+    return {
+        "n": int(len(y)),
+        "groups": len(uniq),
+        "grouped_by": "source cell" if groups is not None else "image",
+        "folds": folds,
+        "fold_temperatures": temps,
+        "before": _summary(scaled(logp, 1.0), y, low),
+        "after_cross_fitted": _summary(after, y, low),
+        "temperature": round(fit_temperature(logp, y), 4),
+    }
+
+
+def calibrate_checkpoint(
+    checkpoint: str,
+    data_uri: str,
+    split: str = "val",
+    *,
+    folds: int = 2,
+    seed: int = 0,
+    low: float = 0.5,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Predict ``split`` of ``data_uri`` with ``checkpoint`` (its stored temperature, if
+    any, undone) and fit the temperature; nothing is written (see :func:`write_temperature`)."""
+    from cellmodel.evaluate.data import open_data
+    from cellmodel.evaluate.run import predict_data
+    from cellmodel.infer.predictor import Predictor
+
+    predictor = Predictor(checkpoint, device=device)
+    t0 = predictor.temperature
+    data = open_data(data_uri, predictor.classes, split)
+    preds = predict_data(predictor, data, batch_size, progress)
+    # log(softmax(z / t0)) = z / t0 + c: times t0 gives the logits back, up to a constant.
+    logp = np.log(np.clip(preds.probs, 1e-30, 1.0)).astype(np.float64) * t0
+    out = cross_fit(logp, preds.labels, preds.sources, folds, seed, low)
+    out.update(checkpoint=checkpoint, data=data_uri, split=split, stored_temperature=t0)
+    return out
+
+
+def write_temperature(checkpoint: str, temperature: float, fitted: dict) -> dict:
+    """Store ``temperature`` in ``checkpoint``'s ``checkpoint.json`` (the weights are not
+    touched); ``fitted`` says where it came from. Returns the new ``calibration`` entry."""
+    import json
+
+    from cellmodel.models.checkpoint import META_FILE, read_checkpoint_meta
+
+    if not (T_RANGE[0] <= temperature <= T_RANGE[1]):
+        raise ValueError(f"temperature must lie in {T_RANGE}, got {temperature}")
+    meta = read_checkpoint_meta(checkpoint)
+    entry = {"temperature": round(float(temperature), 4), **fitted}
+    meta["calibration"] = entry
+    storage.write_bytes(storage.join(checkpoint, META_FILE), json.dumps(meta, indent=2).encode())
+    return entry
