@@ -19,7 +19,10 @@
    fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
 4. With ``--checkpoint``: the slide job itself runs over ``JPEGImages`` (resumable into
    ``--output``), and each slide's ``top_class`` is compared with ``labels.csv`` on the
-   slides with exactly one label among the model's classes.
+   slides with exactly one label among the model's classes. With ``--pairs`` too: the
+   slide job on the composed two-cell slides of single-label slides (written under
+   ``--output``): pairs counted as two cells, each cell classified right (the base slide's
+   own and the pasted one), differentials exact.
 
 Settings are the slide job's (``--config``, default ``jobs/configs/slides.toml``, then
 ``key=value`` overrides such as ``finder.split_elongation=1.6``). The work is done in
@@ -188,7 +191,20 @@ def main(argv: list[str] | None = None) -> int:
                 min_box=args.min_box,
             )
             result = {"finder": f}
-        if args.checkpoint:
+        if args.checkpoint and args.pairs:
+            out = args.output or tempfile.mkdtemp(prefix="evaluate-pairs-")
+            result["pair_differential"] = finder_eval.evaluate_pair_differentials(
+                args.slides,
+                args.checkpoint,
+                out,
+                cfg,
+                _seeds(args.pairs),
+                args.iou,
+                args.limit,
+                exclude=[x for x in args.exclude.split(",") if x],
+                min_box=args.min_box,
+            )
+        elif args.checkpoint:
             out = args.output or tempfile.mkdtemp(prefix="evaluate-slides-")
             result["slide_class"] = finder_eval.evaluate_slide_class(
                 args.slides, args.checkpoint, out, cfg
@@ -244,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         s = result["slide_class"]
         acc = "n/a" if s["slide_accuracy"] is None else f"{s['slide_accuracy']:.3f}"
         print(f"slide class: accuracy {acc} on {s['single_label_slides']} single-label slides")
+    if "pair_differential" in result:
+        d = result["pair_differential"]
+        own, pasted = (
+            "n/a" if d[k] is None else f"{d[k]:.3f}"
+            for k in ("own_cell_right", "pasted_cell_right")
+        )
+        print(
+            f"slide job on {d['pairs']} composed two-cell slides: counted as two {d['counted_two']}, "
+            f"differential exact {d['differential_exact']}; boxed cells classified right: own "
+            f"{own}, pasted {pasted} ({d['cells_boxed']} cells boxed)"
+        )
     if args.json:
         storage.write_bytes(args.json, json.dumps(result, indent=2, default=str).encode())
     return 0

@@ -251,6 +251,47 @@ def test_slide_class_evaluation_joins_labels(ray_session, bucket):
     assert sum(sum(v.values()) for v in res["confusion"].values()) == 22
 
 
+def test_pair_differentials_count_box_and_classify_composed_slides(ray_session, tmp_path):
+    import torch
+
+    from cellmodel.data.voc import read_labels_csv
+    from cellmodel.infer.finder import iou
+    from cellmodel.infer.finder_eval import evaluate_pair_differentials
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "ck"))
+    out = str(tmp_path / "pairs")
+    cfg = SlidesConfig(**CFG)
+    res = evaluate_pair_differentials(str(SAMPLE / "slides"), ckpt, out, cfg, seeds=(0, 1))
+    composed = sorted(p.name for p in (tmp_path / "pairs" / "composed").glob("*.png"))
+    assert res["pairs"] == len(composed) > 20 and res["seeds"] == [0, 1]
+    # Every composed slide joins two single-label slides (the BASOPHIL and the unlabelled
+    # one are left out): recount the job's output by hand from the names.
+    labels = read_labels_csv((SAMPLE / "slides" / "labels.csv").read_bytes())
+    cells, slides = read_results(str(tmp_path / "pairs" / "job"))
+    assert sorted(slides.slide_id) == composed
+    counted = exact = 0
+    for name in composed:
+        base, pasted = name.removesuffix(".png").split("-", 1)[1].split("+")
+        want = [labels[int(x[11:16])][0] for x in (base, pasted)]
+        assert all(w in CLASSES for w in want), name
+        mine = cells[cells.slide_id == name]
+        counted += len(mine) == 2
+        exact += sorted(mine.pred_class) == sorted(want)
+    assert res["counted_two"] == counted and res["differential_exact"] == exact
+    # Most pasted cells are boxed where they were pasted: the slide's own box and a new one.
+    assert res["cells_boxed"] >= 1.5 * res["pairs"]
+    assert 0 <= res["own_cell_right"] <= 1 and 0 <= res["pasted_cell_right"] <= 1
+    first = cells[cells.slide_id == composed[0]]
+    base = composed[0].removesuffix(".png").split("-", 1)[1].split("+")[0]
+    truth = wbc_truth(base)[0]
+    assert max(iou(b, truth) for b in first[["xmin", "ymin", "xmax", "ymax"]].to_numpy()) > 0.3
+    with pytest.raises(ValueError, match="no two-cell slide"):
+        evaluate_pair_differentials(
+            str(SAMPLE / "slides"), ckpt, str(tmp_path / "none"), cfg, limit=1
+        )
+
+
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 def test_classifier_stage_matches_the_predictor(tmp_path, backend):
     import torch

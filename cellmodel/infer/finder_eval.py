@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import time
@@ -33,6 +34,7 @@ from cellmodel.infer.finder import (
     boxes_from_nuclei,
     find_cells,
     find_nuclei,
+    iou,
     match,
 )
 
@@ -761,4 +763,89 @@ def evaluate_slide_class(slides: str, checkpoint: str, output: str, cfg=None) ->
         "single_label_slides": total,
         "slide_accuracy": right / total if total else None,
         "confusion": confusion,
+    }
+
+
+def _slide_number(name: str) -> int | None:
+    num = "".join(ch for ch in name.rsplit("/", 1)[-1] if ch.isdigit())
+    return int(num) if num else None
+
+
+def evaluate_pair_differentials(
+    slides: str,
+    checkpoint: str,
+    output: str,
+    cfg=None,
+    seeds: tuple[int, ...] | list[int] = (0,),
+    iou_threshold: float = 0.5,
+    limit: int | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    min_box: float = 0.0,
+) -> dict:
+    """The slide job on two-cell slides composed from single-label slides (one per slide
+    and seed, :func:`composed_pairs`): how many it counts as two cells, how many of the two
+    cells it boxes (IoU) and classifies right (the base slide's own cell and the pasted
+    one apart), and how many differentials come out exact (the predicted classes of all
+    the slide's cells are the two labels). The composed slides are written as PNGs under
+    ``<output>/composed`` and the job's results under ``<output>/job``."""
+    from cellmodel.data.voc import read_labels_csv
+    from cellmodel.infer.slides import read_results, run_slides
+    from cellmodel.models.checkpoint import read_checkpoint_meta
+
+    labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
+    data = load_slides(slides, limit, exclude, min_box)
+    known = set(read_checkpoint_meta(checkpoint)["classes"])
+
+    def label(name: str) -> str | None:
+        got = labels.get(_slide_number(name) or -1) or []
+        return got[0] if len(got) == 1 and got[0] in known else None
+
+    single = [s for s in data if label(s.name)]
+    made, truth = {}, {}
+    for seed in seeds:
+        for p in composed_pairs(single, seed):
+            name = f"s{seed}-{p.name}.png"
+            made[name] = p
+            truth[name] = [label(p.meta["base"]), label(p.meta["pasted"])]
+    if not made:
+        raise ValueError(
+            f"no two-cell slide could be composed from the labelled slides of {slides}"
+        )
+    inp = storage.join(output, "composed")
+    for name, p in made.items():
+        buf = io.BytesIO()
+        p.image.save(buf, "PNG")
+        storage.write_bytes(storage.join(inp, name), buf.getvalue())
+    job = storage.join(output, "job")
+    run_slides(inp, checkpoint, job, cfg, progress=True)
+    cells, table = read_results(job)
+    n_cells = dict(zip(table.slide_id, table.n_cells, strict=True))
+    counted = exact = 0
+    right = {"base": [0, 0], "pasted": [0, 0]}  # [boxed and right, boxed]
+    for name, p in made.items():
+        mine = cells[cells.slide_id == name]
+        boxes = mine[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist()
+        preds = mine.pred_class.tolist()
+        counted += int(n_cells.get(name, 0) == 2)
+        exact += int(sorted(preds) == sorted(truth[name]))
+        used: set[int] = set()
+        for which, t, want in zip(("base", "pasted"), p.truths, truth[name], strict=True):
+            ious = [(iou(b, t), i) for i, b in enumerate(boxes) if i not in used]
+            best = max(ious, default=(0.0, -1))
+            if best[0] >= iou_threshold:
+                used.add(best[1])
+                right[which][1] += 1
+                right[which][0] += int(preds[best[1]] == want)
+    n = len(made)
+    return {
+        "pairs": n,
+        "seeds": list(seeds),
+        "counted_two": counted,
+        "differential_exact": exact,
+        "cells_boxed": right["base"][1] + right["pasted"][1],
+        "own_cell_right": right["base"][0] / right["base"][1] if right["base"][1] else None,
+        "pasted_cell_right": right["pasted"][0] / right["pasted"][1]
+        if right["pasted"][1]
+        else None,
+        "output": output,
     }
