@@ -551,18 +551,20 @@ def run_slides(
     job["scale"] = {"train_rbc_diameter_px": train_rbc, "from": scale_from}
     if cfg.finder.method == "learned":
         job["finder_weights_sha256"] = learned_weights_digest(str(cfg.finder.weights))
-    slide_rbc = cfg.slide_rbc_diameter_px
-    if train_rbc and slide_rbc is None and cfg.slide_scale == "archive":
-        slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample)
+    train_bg, light_from = training_light(meta, cfg)
+    slide_rbc, slide_bg = cfg.slide_rbc_diameter_px, cfg.slide_background_rgb
+    need_rbc = train_rbc and slide_rbc is None and cfg.slide_scale == "archive"
+    need_bg = train_bg and slide_bg is None and cfg.light == "archive"
+    sample = archive_sample(slides, cfg.scale_sample) if need_rbc or need_bg else None
+    if need_rbc:
+        slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample, sample)
         job["scale"]["slide_rbc_diameter_px"] = slide_rbc
         job["scale"]["slide_from"] = f"median of {n_measured} slides of the input"
         log.info("pixel scale: slide red-cell diameter %s px (%s)", slide_rbc,
                  job["scale"]["slide_from"])  # fmt: skip
-    train_bg, light_from = training_light(meta, cfg)
     job["light"] = {"train_background_rgb": train_bg, "from": light_from}
-    slide_bg = cfg.slide_background_rgb
-    if train_bg and slide_bg is None and cfg.light == "archive":
-        slide_bg, n_measured = archive_background(slides, cfg.scale_sample)
+    if need_bg:
+        slide_bg, n_measured = archive_background(slides, cfg.scale_sample, sample)
         job["light"]["slide_background_rgb"] = slide_bg
         job["light"]["slide_from"] = f"median of {n_measured} slides of the input"
     if train_bg and slide_bg:
@@ -644,41 +646,50 @@ def learned_weights_digest(uri: str) -> str:
         raise SlidesError(f"finder.weights: {e}") from None
 
 
-def archive_rbc_diameter(slides: list[tuple[str, str]], sample: int) -> tuple[float | None, int]:
-    """``(median red-cell diameter, slides measured)`` over up to ``sample`` of ``slides``
-    (``cellmodel.data.scale.estimate_dataset_scale``: a seeded sample, so the same slides on
-    a rerun); None when no slide has enough red cells (each slide is then measured alone)."""
+def archive_sample(slides: list[tuple[str, str]], sample: int) -> list:
+    """Up to ``sample`` of ``slides`` (``(slide_id, uri)``), drawn by a fixed seed (the same
+    slides on a rerun) and decoded once: what the archive's pixel scale and illumination are
+    measured on. An unreadable slide is an all-black image, which neither measures (the job
+    reports the slide itself)."""
     from PIL import Image
 
-    from cellmodel.data.scale import estimate_dataset_scale
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
-    def load(uri: str):
+    idx = np.arange(len(slides))
+    if len(slides) > sample:
+        idx = np.sort(np.random.default_rng(0).choice(len(slides), sample, replace=False))
+    out = []
+    for i in idx:
         try:
-            return decode_image(storage.read_bytes(uri))
-        except (ImageDecodeError, OSError):  # the job reports the slide itself
-            return Image.new("RGB", (8, 8))  # no red cells: not measured
+            out.append(decode_image(storage.read_bytes(slides[i][1])))
+        except (ImageDecodeError, OSError):
+            out.append(Image.new("RGB", (8, 8)))
+    return out
 
-    est = estimate_dataset_scale([u for _, u in slides], n=sample, load=load)
+
+def archive_rbc_diameter(
+    slides: list[tuple[str, str]], sample: int, images: list | None = None
+) -> tuple[float | None, int]:
+    """``(median red-cell diameter, slides measured)`` over :func:`archive_sample`
+    (``images``: that sample, already decoded) (``cellmodel.data.scale``); None when no
+    slide has enough red cells (each slide is then measured alone)."""
+    from cellmodel.data.scale import estimate_dataset_scale
+
+    images = archive_sample(slides, sample) if images is None else images
+    est = estimate_dataset_scale(images, n=max(1, len(images)))
     return est.get("rbc_diameter_px"), est["measured"]
 
 
-def archive_background(slides: list[tuple[str, str]], sample: int) -> tuple[list | None, int]:
-    """``(median background level R, G, B, slides measured)`` over up to ``sample`` of
-    ``slides`` (the same seeded sample as :func:`archive_rbc_diameter`); None when no slide
-    could be measured (each slide is then measured alone)."""
-    from PIL import Image
-
+def archive_background(
+    slides: list[tuple[str, str]], sample: int, images: list | None = None
+) -> tuple[list | None, int]:
+    """``(median background level R, G, B, slides measured)`` over :func:`archive_sample`
+    (``cellmodel.data.light``); None when no slide could be measured (each slide is then
+    measured alone)."""
     from cellmodel.data.light import estimate_dataset_background
-    from cellmodel.data.transforms import ImageDecodeError, decode_image
 
-    def load(uri: str):
-        try:
-            return decode_image(storage.read_bytes(uri))
-        except (ImageDecodeError, OSError):  # the job reports the slide itself
-            return Image.new("RGB", (8, 8))  # all black: not measured
-
-    est = estimate_dataset_background([u for _, u in slides], n=sample, load=load)
+    images = archive_sample(slides, sample) if images is None else images
+    est = estimate_dataset_background(images, n=max(1, len(images)))
     return est["background_rgb"], est["background_images"]
 
 
