@@ -3,7 +3,7 @@
 The plasma between the cells is the white reference of a field: what the lamp, the
 camera's exposure and the data set's processing made of "no stain". Two data sets of the
 same stain differ mostly by that level, and a classifier reads the difference as stain:
-the BCCD slides' windows are about 9 levels darker than the blood-cells crops cut from
+the BCCD slides' windows are about 11 levels darker than the blood-cells crops cut from
 the same slides, and a darker neutrophil looks eosinophilic to a model trained on the
 crops (BENCHMARKS.md, "Slide illumination").
 
