@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="val", help="split of a shard dataset (default: val)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds by source cell")
     p.add_argument("--low", type=float, default=0.5, help="low-confidence threshold reported")
+    p.add_argument(
+        "--weight",
+        choices=("cell", "image"),
+        default="cell",
+        help="fit with every source cell weighing the same (default) or every image",
+    )
     p.add_argument("--temperature", type=float, help="store this temperature instead of fitting")
     p.add_argument("--note", default="", help="with --temperature: where the value comes from")
     p.add_argument("--write", action="store_true", help="store the temperature in the checkpoint")
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.split,
                 folds=args.folds,
                 low=args.low,
+                weight=args.weight,
                 device=args.device,
                 progress=not args.quiet,
             )
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{out['n']} images of {out['groups']} {out['grouped_by']}s: temperature "
                 f"{out['temperature']:.3f} (per fold {out['fold_temperatures']}); "
-                f"cross-fitted NLL {b['nll']:.3f} -> {a['nll']:.3f}, ECE {b['ece']:.3f} -> "
+                f"cross-fitted NLL {b['nll']:.3f} -> {a['nll']:.3f} (cell-balanced "
+                f"{b['nll_cell_balanced']:.3f} -> {a['nll_cell_balanced']:.3f}), ECE {b['ece']:.3f} -> "
                 f"{a['ece']:.3f}, mean confidence {b['mean_confidence']:.3f} -> "
                 f"{a['mean_confidence']:.3f} (accuracy {b['accuracy']:.3f}); under "
                 f"{args.low}: {b['low_confidence_share']:.3f} -> {a['low_confidence_share']:.3f}"

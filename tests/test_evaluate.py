@@ -387,6 +387,29 @@ def test_cross_fitting_scores_each_cell_with_a_temperature_fitted_on_the_others(
         cross_fit(z, y, ["a"] * 800, folds=2)
 
 
+def test_cell_weighting_keeps_one_many_copy_cell_from_setting_the_temperature():
+    from cellmodel.evaluate.calibrate import cell_weights, cross_fit, fit_temperature, scaled
+
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 3, (2000, 4))
+    t_of = np.r_[np.full(1000, 2.0), np.full(1000, 0.5)]  # one cell's 1,000 copies, then 10 cells
+    y = np.array(
+        [(rng.random() > scaled(z[i : i + 1], t).cumsum()).sum() for i, t in enumerate(t_of)]
+    )
+    groups = ["big"] * 1000 + [f"c{i // 100}" for i in range(1000)]
+    w = cell_weights(groups, len(y))
+    assert w[:1000].sum() == pytest.approx(1.0) and w[1000:].sum() == pytest.approx(10.0)
+    by_image, by_cell = fit_temperature(z, y), fit_temperature(z, y, w)
+    assert by_cell < 0.8 and by_image > 1.0  # near the ten cells' 0.5, not the big cell's 2
+    fit = cross_fit(z, y, groups, folds=2)
+    assert fit["weight"] == "cell" and fit["temperature"] == pytest.approx(by_cell, abs=1e-3)
+    assert cross_fit(z, y, groups, weight="image")["temperature"] == pytest.approx(
+        by_image, abs=1e-3
+    )
+    with pytest.raises(ValueError, match="weight must be"):
+        cross_fit(z, y, groups, weight="slide")
+
+
 def test_predictor_divides_the_logits_by_the_stored_temperature(checkpoint, tmp_path):
     from cellmodel.evaluate.calibrate import write_temperature
     from cellmodel.infer.predictor import DIHEDRAL, dihedral, softmax

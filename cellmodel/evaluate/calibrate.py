@@ -6,7 +6,8 @@ accuracy on held-out cells), so a "low confidence" threshold flags cells it gets
 One number fixes most of that: the logits are divided by a temperature ``T`` before the
 softmax (below 1 sharpens, above 1 softens; the class ranking, hence accuracy, does not
 change). ``T`` is fitted on labelled data the model did not learn from, by the mean
-negative log-likelihood of the true class, and stored in ``checkpoint.json``
+negative log-likelihood of the true class (by default every source cell weighing the
+same, whatever its number of copies), and stored in ``checkpoint.json``
 (``calibration.temperature``); ``Predictor`` applies it, so Serve, the slide job,
 ``jobs.evaluate`` and ensembles all see calibrated probabilities.
 
@@ -36,17 +37,36 @@ def scaled(logp: np.ndarray, t: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(logp: np.ndarray, y: np.ndarray) -> float:
+def weighted_nll(probs: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of the true class, weighted by ``w`` (None: alike)."""
+    p = np.clip(np.asarray(probs, np.float64)[np.arange(len(y)), y], 1e-12, 1.0)
+    w = np.ones(len(y)) if w is None else np.asarray(w, np.float64)
+    return float(-(w * np.log(p)).sum() / w.sum())
+
+
+def cell_weights(groups: Sequence[str] | None, n: int) -> np.ndarray:
+    """One weight per image so that every source cell weighs the same in total (1 / its
+    number of images); all ones without ``groups``."""
+    if groups is None:
+        return np.ones(n)
+    keys = list(groups)
+    count: dict[str, int] = {}
+    for k in keys:
+        count[k] = count.get(k, 0) + 1
+    return np.array([1.0 / count[k] for k in keys])
+
+
+def fit_temperature(logp: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
     """The temperature in ``T_RANGE`` that minimises the mean negative log-likelihood of the
-    true class of ``softmax(logp / T)``: golden-section search over log T (the loss is
-    convex in 1 / T)."""
+    true class of ``softmax(logp / T)``, weighted by ``w`` (None: every image alike):
+    golden-section search over log T (the loss is convex in 1 / T)."""
     logp = np.asarray(logp, np.float64)
     y = np.asarray(y, np.int64)
     if len(y) == 0:
         raise ValueError("no labelled images to fit a temperature on")
 
     def nll(log_t: float) -> float:
-        return log_loss(scaled(logp, math.exp(log_t)), y)
+        return weighted_nll(scaled(logp, math.exp(log_t)), y, w)
 
     a, b = math.log(T_RANGE[0]), math.log(T_RANGE[1])
     g = (math.sqrt(5) - 1) / 2
@@ -64,10 +84,11 @@ def fit_temperature(logp: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp((a + b) / 2))
 
 
-def _summary(probs: np.ndarray, y: np.ndarray, low: float) -> dict:
+def _summary(probs: np.ndarray, y: np.ndarray, low: float, cw: np.ndarray) -> dict:
     conf = probs.max(axis=1)
     return {
         "nll": round(log_loss(probs, y), 4),
+        "nll_cell_balanced": round(weighted_nll(probs, y, cw), 4),
         "ece": round(expected_calibration_error(probs, y), 4),
         "accuracy": round(float((probs.argmax(1) == y).mean()), 4),
         "mean_confidence": round(float(conf.mean()), 4),
@@ -83,12 +104,21 @@ def cross_fit(
     folds: int = 2,
     seed: int = 0,
     low: float = 0.5,
+    weight: str = "cell",
 ) -> dict:
     """Fit on all but one fold of source cells (``groups``; None: single images), apply to
     that fold; returns the figures before and after, each fold's temperature, and the
-    temperature fitted on everything (what gets stored)."""
+    temperature fitted on everything (what gets stored).
+
+    ``weight="cell"``: the fit weighs every source cell alike (a cell with 100 copies counts
+    as much as one with 5, as on a slide, where each cell is seen once); ``"image"``: every
+    image alike."""
+    if weight not in ("cell", "image"):
+        raise ValueError(f"weight must be 'cell' or 'image', got {weight!r}")
     logp = np.asarray(logp, np.float64)
     y = np.asarray(y, np.int64)
+    cw = cell_weights(groups, len(y))
+    w = cw if weight == "cell" else None
     keys = list(groups) if groups is not None else [str(i) for i in range(len(y))]
     uniq = sorted(set(keys))
     if len(uniq) < folds:
@@ -100,18 +130,19 @@ def cross_fit(
     temps = []
     for f in range(folds):
         held = fold == f
-        t = fit_temperature(logp[~held], y[~held])
+        t = fit_temperature(logp[~held], y[~held], None if w is None else w[~held])
         temps.append(round(t, 4))
         after[held] = scaled(logp[held], t)
     return {
         "n": int(len(y)),
         "groups": len(uniq),
         "grouped_by": "source cell" if groups is not None else "image",
+        "weight": weight if groups is not None else "image",
         "folds": folds,
         "fold_temperatures": temps,
-        "before": _summary(scaled(logp, 1.0), y, low),
-        "after_cross_fitted": _summary(after, y, low),
-        "temperature": round(fit_temperature(logp, y), 4),
+        "before": _summary(scaled(logp, 1.0), y, low, cw),
+        "after_cross_fitted": _summary(after, y, low, cw),
+        "temperature": round(fit_temperature(logp, y, w), 4),
     }
 
 
@@ -123,6 +154,7 @@ def calibrate_checkpoint(
     folds: int = 2,
     seed: int = 0,
     low: float = 0.5,
+    weight: str = "cell",
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = False,
@@ -139,7 +171,7 @@ def calibrate_checkpoint(
     preds = predict_data(predictor, data, batch_size, progress)
     # log(softmax(z / t0)) = z / t0 + c: times t0 gives the logits back, up to a constant.
     logp = np.log(np.clip(preds.probs, 1e-30, 1.0)).astype(np.float64) * t0
-    out = cross_fit(logp, preds.labels, preds.sources, folds, seed, low)
+    out = cross_fit(logp, preds.labels, preds.sources, folds, seed, low, weight)
     out.update(checkpoint=checkpoint, data=data_uri, split=split, stored_temperature=t0)
     return out
 
