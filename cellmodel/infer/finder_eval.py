@@ -751,8 +751,8 @@ def evaluate_slide_class(slides: str, checkpoint: str, output: str, cfg=None) ->
     right = total = 0
     confusion: dict[str, dict[str, int]] = {}
     for row in table.itertuples():
-        num = "".join(ch for ch in row.slide_id.rsplit("/", 1)[-1] if ch.isdigit())
-        truth = labels.get(int(num)) if num else None
+        num = _slide_number(row.slide_id)
+        truth = labels.get(num) if num is not None else None
         if not truth or len(truth) != 1 or truth[0] not in names or row.status != "ok":
             continue  # unlabelled, multi-label, BASOPHIL or unreadable: no single answer
         pred = row.top_class or "none"
