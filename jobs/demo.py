@@ -15,6 +15,7 @@ Each step is the same command a user runs on a cluster; see README.md.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     slides_out = out / "slides"
     t0 = step(5, "find and classify the white cells on the sample slides")
+    # The slide job resumes an output only with the settings it was started with; the demo
+    # shows a fresh run each time.
+    shutil.rmtree(slides_out, ignore_errors=True)
     if rc := classify_slides.main(
         [
             "--input", str(SAMPLE / "slides" / "JPEGImages"),

@@ -132,9 +132,14 @@ def kill_midway(bucket: str, out: str, gcs_address: str) -> None:
         proc.stderr.close()
 
 
+def cli_config() -> SlidesConfig:
+    """The settings the command line runs with (slides.toml), with the module's CFG."""
+    return load_config(classify_slides.DEFAULT_CONFIG, dict(CFG))
+
+
 def test_killed_run_resumes_without_duplicates(ray_session, bucket):
     out = f"{bucket}/out-resume"
-    cfg = SlidesConfig(**CFG)
+    cfg = cli_config()  # the killed command's own settings: a resume must not change them
     kill_midway(bucket, out, ray_session.get_runtime_context().gcs_address)
     assert len(committed_parts(out)) == 1
     fs, path = storage.get_fs(out)
@@ -236,7 +241,7 @@ def test_slide_class_evaluation_joins_labels(ray_session, bucket):
 
     # Reuses the finished output of the resume test when it ran first (then nothing to do).
     out = f"{bucket}/out-resume"
-    res = evaluate_slide_class(f"{bucket}/in", f"{bucket}/ckpt", out, SlidesConfig(**CFG))
+    res = evaluate_slide_class(f"{bucket}/in", f"{bucket}/ckpt", out, cli_config())
     labels = read_labels_csv((SAMPLE / "slides" / "labels.csv").read_bytes())
     _, slides = read_results(out)
     right = total = 0
@@ -558,3 +563,46 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
     assert "- illumination: windows shifted to the training crops' background level" in report
     # low_confidence 0.9 with a random tiny model: every slide is flagged.
     assert report.count("low_confidence") >= 5
+
+
+def test_a_resumed_output_keeps_its_scale_light_and_settings(
+    ray_session, tmp_path, multi_cell_input
+):
+    import shutil
+
+    import torch
+
+    from cellmodel.infer.slides import SlidesError, read_job
+
+    root = tmp_path / "in"
+    shutil.copytree(multi_cell_input[0], root)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        build_model("tiny_bilstm"),
+        str(tmp_path / "ck"),
+        data={"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]},
+    )
+    out = str(tmp_path / "out")
+    run_slides(str(root), ckpt, out, SlidesConfig(**CFG), progress=False)
+    first = read_job(out)
+    # The archive grows by a darker, finer-grained slide: the resumed job classifies it with
+    # the scale and light its first run measured, so the output holds one of each.
+    img = Image.open(root / "BloodImage_00021.jpg").convert("RGB")
+    small = img.resize((480, 360)).point(lambda v: max(0, v - 40))
+    small.save(root / "later.jpg", quality=95)
+    s = run_slides(str(root), ckpt, out, SlidesConfig(**{**CFG, "batch_size": 4}), progress=False)
+    assert s["n_new"] == 1 and s["n_slides"] == 6
+    assert read_job(out) == first and s["light"] == first["light"]
+    _, slides = read_results(out)
+    assert slides.light_offset.nunique() == 1 and slides.crop_scale.nunique() == 1
+    # A measurement taken afresh on the grown input would differ: the guard is not idle.
+    from cellmodel.infer.slides import archive_background, list_slides
+
+    assert (
+        archive_background(list_slides(str(root)), 64)[0] != first["light"]["slide_background_rgb"]
+    )
+    # Settings that change the results refuse to resume into the same output.
+    for change, name in (({"light": "off"}, "light"), ({"framing": "centre"}, "framing"),
+                         ({"tta": True}, "tta")):  # fmt: skip
+        with pytest.raises(SlidesError, match=f"other settings \\(.*{name}"):
+            run_slides(str(root), ckpt, out, SlidesConfig(**CFG, **change), progress=False)

@@ -171,19 +171,54 @@ def committed_parts(output: str) -> list[dict]:
     return commit.committed(output, PARTS)
 
 
-def check_job(output: str, job: dict) -> None:
-    """Record which checkpoint writes ``output``; refuse to mix two checkpoints in one output."""
+# Settings that change how a job runs, not what it writes: a resumed job may change them.
+RUN_ONLY = frozenset(
+    {
+        "batch_size",
+        "concurrency",
+        "num_gpus",
+        "find_batch_size",
+        "slides_per_part",
+        "overlays",
+        "backend",
+    }
+)
+
+
+def read_job(output: str) -> dict | None:
+    """The job record of ``output`` (``_job.json``), or None before the first run."""
     uri = storage.join(output, JOB_FILE)
-    if storage.exists(uri):
-        old = json.loads(storage.read_bytes(uri))
-        for k in ("checkpoint", "classes"):
-            if old.get(k) != job.get(k):
-                raise SlidesError(
-                    f"{output} holds results of {k} {old.get(k)!r}, not {job.get(k)!r}; "
-                    "write to a new output, or rerun with the same checkpoint to resume"
-                )
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def _changed(old: dict, job: dict) -> list[str]:
+    """The settings (``config`` keys, ``scale``, ``light``, the finder's weights) of ``job``
+    that differ from ``old``'s, i.e. that would make a resumed output mix two kinds of result."""
+    a, b = old.get("config") or {}, job.get("config") or {}
+    keys = sorted(k for k in set(a) | set(b) if k not in RUN_ONLY and a.get(k) != b.get(k))
+    return keys + [
+        k for k in ("scale", "light", "finder_weights_sha256") if old.get(k) != job.get(k)
+    ]
+
+
+def check_job(output: str, job: dict) -> None:
+    """Record which checkpoint and settings write ``output``; refuse to mix two checkpoints,
+    or two sets of settings that change the results, in one output."""
+    old = read_job(output)
+    if old is None:
+        storage.write_bytes(storage.join(output, JOB_FILE), json.dumps(job, indent=2).encode())
         return
-    storage.write_bytes(uri, json.dumps(job, indent=2).encode())
+    for k in ("checkpoint", "classes"):
+        if old.get(k) != job.get(k):
+            raise SlidesError(
+                f"{output} holds results of {k} {old.get(k)!r}, not {job.get(k)!r}; "
+                "write to a new output, or rerun with the same checkpoint to resume"
+            )
+    if changed := _changed(old, job):
+        raise SlidesError(
+            f"{output} holds results made with other settings ({', '.join(changed)} differ from "
+            f"its {JOB_FILE}); write to a new output, or rerun with the same settings to resume"
+        )
 
 
 # ---------------------------------------------------------------- stage 1: finder
@@ -552,21 +587,32 @@ def run_slides(
     if cfg.finder.method == "learned":
         job["finder_weights_sha256"] = learned_weights_digest(str(cfg.finder.weights))
     train_bg, light_from = training_light(meta, cfg)
+    job["light"] = {"train_background_rgb": train_bg, "from": light_from}
     slide_rbc, slide_bg = cfg.slide_rbc_diameter_px, cfg.slide_background_rgb
     need_rbc = train_rbc and slide_rbc is None and cfg.slide_scale == "archive"
     need_bg = train_bg and slide_bg is None and cfg.light == "archive"
+    # One output, one archive scale and light: a resumed job (the input may have grown since)
+    # keeps what its first run measured instead of measuring again.
+    old = read_job(output) or {}
+    old_scale, old_light = old.get("scale") or {}, old.get("light") or {}
+    if need_rbc and "slide_rbc_diameter_px" in old_scale:
+        need_rbc = False
+        slide_rbc = old_scale["slide_rbc_diameter_px"]
+        job["scale"].update({k: old_scale[k] for k in ("slide_rbc_diameter_px", "slide_from")})
+    if need_bg and "slide_background_rgb" in old_light:
+        need_bg = False
+        slide_bg = old_light["slide_background_rgb"]
+        job["light"].update({k: old_light[k] for k in ("slide_background_rgb", "slide_from")})
     sample = archive_sample(slides, cfg.scale_sample) if need_rbc or need_bg else None
     if need_rbc:
         slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample, sample)
         job["scale"]["slide_rbc_diameter_px"] = slide_rbc
         job["scale"]["slide_from"] = f"median of {n_measured} slides of the input"
-        log.info("pixel scale: slide red-cell diameter %s px (%s)", slide_rbc,
-                 job["scale"]["slide_from"])  # fmt: skip
-    job["light"] = {"train_background_rgb": train_bg, "from": light_from}
     if need_bg:
         slide_bg, n_measured = archive_background(slides, cfg.scale_sample, sample)
         job["light"]["slide_background_rgb"] = slide_bg
         job["light"]["slide_from"] = f"median of {n_measured} slides of the input"
+    log.info("pixel scale: %s", job["scale"])
     if train_bg and slide_bg:
         job["light"]["offset"] = [round(float(v), 1) for v in light_offset(train_bg, slide_bg)]
     log.info("illumination: %s", job["light"])
