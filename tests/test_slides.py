@@ -561,6 +561,9 @@ def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell
         assert part in report
     assert "overlays/pair-021-045.png" in report
     assert "- illumination: windows shifted to the training crops' background level" in report
+    # The report says which scale and light were used: one each, measured on the input.
+    assert f"slides' diameter {archive:.1f} px, from the median of 5 slides of the input" in report
+    assert "slides' level from the median of 5 slides of the input: shift RGB" in report
     # low_confidence 0.9 with a random tiny model: every slide is flagged.
     assert report.count("low_confidence") >= 5
 

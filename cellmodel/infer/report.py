@@ -178,18 +178,22 @@ def write_report(
         f"(top probability < {low_confidence}), {summary.get('n_errors', 0)} unreadable",
     ]
     if summary.get("train_rbc_diameter_px"):
+        scale = summary.get("scale") or {}
+        slides_d = (
+            f"slides' diameter {scale['slide_rbc_diameter_px']:.1f} px, from the {scale['slide_from']}"
+            if scale.get("slide_rbc_diameter_px") and scale.get("slide_from")
+            else "each slide's own diameter measured on it"
+        )
         lines.append(
             f"- pixel scale: cells cut at the training scale (training red-cell diameter "
             f"{summary['train_rbc_diameter_px']:.1f} px, from the {summary.get('scale_from')}; "
-            "each slide's own diameter measured on it)"
+            f"{slides_d})"
         )
     else:
         lines.append(f"- pixel scale: no rescale ({summary.get('scale_from', 'not recorded')})")
     light = summary.get("light") or {}
     if light.get("train_background_rgb"):
-        slide = light.get("slide_from") or (
-            "each slide's own" if not light.get("offset") else "the slide_background_rgb setting"
-        )
+        slide = f"the {light['slide_from']}" if light.get("slide_from") else "each slide's own"
         lines.append(
             f"- illumination: windows shifted to the training crops' background level "
             f"({_rgb(light['train_background_rgb'])}, from the {light.get('from')}; slides' "

@@ -603,6 +603,14 @@ def run_slides(
         need_bg = False
         slide_bg = old_light["slide_background_rgb"]
         job["light"].update({k: old_light[k] for k in ("slide_background_rgb", "slide_from")})
+    if train_rbc and cfg.slide_rbc_diameter_px:
+        job["scale"].update(
+            slide_rbc_diameter_px=slide_rbc, slide_from="slide_rbc_diameter_px setting"
+        )
+    if train_bg and cfg.slide_background_rgb:
+        job["light"].update(
+            slide_background_rgb=list(slide_bg), slide_from="slide_background_rgb setting"
+        )
     sample = archive_sample(slides, cfg.scale_sample) if need_rbc or need_bg else None
     if need_rbc:
         slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample, sample)
@@ -672,6 +680,7 @@ def run_slides(
         checkpoint=checkpoint,
         train_rbc_diameter_px=train_rbc,
         scale_from=scale_from,
+        scale=job["scale"],
         light=job["light"],
     )
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
