@@ -499,16 +499,18 @@ def multi_cell_input(tmp_path_factory, sample_dir):
     return root, truths
 
 
-def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell_input):
+def scaled_checkpoint(path) -> str:
+    """A tiny model whose checkpoint records a training pixel scale and background level."""
     import torch
 
-    root, truths = multi_cell_input
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
-        build_model("tiny_bilstm"),
-        str(tmp_path / "ck"),
-        data={"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]},
-    )
+    data = {"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]}
+    return save_checkpoint(build_model("tiny_bilstm"), str(path), data=data)
+
+
+def test_overlays_report_and_multi_cell_slides(ray_session, tmp_path, multi_cell_input):
+    root, truths = multi_cell_input
+    ckpt = scaled_checkpoint(tmp_path / "ck")
     out = str(tmp_path / "out")
     cfg = SlidesConfig(**CFG, overlays=True, low_confidence=0.9)
     s = run_slides(str(root), ckpt, out, cfg, progress=False)
@@ -573,18 +575,11 @@ def test_a_resumed_output_keeps_its_scale_light_and_settings(
 ):
     import shutil
 
-    import torch
-
     from cellmodel.infer.slides import SlidesError, read_job
 
     root = tmp_path / "in"
     shutil.copytree(multi_cell_input[0], root)
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(
-        build_model("tiny_bilstm"),
-        str(tmp_path / "ck"),
-        data={"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]},
-    )
+    ckpt = scaled_checkpoint(tmp_path / "ck")
     out = str(tmp_path / "out")
     run_slides(str(root), ckpt, out, SlidesConfig(**CFG), progress=False)
     first = read_job(out)
