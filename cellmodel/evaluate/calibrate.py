@@ -166,11 +166,11 @@ def calibrate_checkpoint(
     from cellmodel.infer.predictor import Predictor
 
     predictor = Predictor(checkpoint, device=device)
-    t0 = predictor.temperature
+    t0, predictor.temperature = predictor.temperature, 1.0  # fit on the raw logits
     data = open_data(data_uri, predictor.classes, split)
     preds = predict_data(predictor, data, batch_size, progress)
-    # log(softmax(z / t0)) = z / t0 + c: times t0 gives the logits back, up to a constant.
-    logp = np.log(np.clip(preds.probs, 1e-30, 1.0)).astype(np.float64) * t0
+    # log(softmax(z)) = z + c: the logits, up to a constant per row.
+    logp = np.log(np.clip(preds.probs, 1e-30, 1.0)).astype(np.float64)
     out = cross_fit(logp, preds.labels, preds.sources, folds, seed, low, weight)
     out.update(checkpoint=checkpoint, data=data_uri, split=split, stored_temperature=t0)
     return out

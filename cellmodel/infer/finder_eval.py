@@ -797,7 +797,7 @@ def evaluate_pair_differentials(
     known = set(read_checkpoint_meta(checkpoint)["classes"])
 
     def label(name: str) -> str | None:
-        got = labels.get(_slide_number(name) or -1) or []
+        got = labels.get(_slide_number(name)) or []  # slide 0 is a slide too
         return got[0] if len(got) == 1 and got[0] in known else None
 
     single = [s for s in data if label(s.name)]
