@@ -366,6 +366,8 @@ def write_epoch_checkpoint(
 ) -> None:
     """A checkpoint folder: the saved weights (EMA's when on) and JSON, plus resume state."""
     keep = {k: state[k] for k in ("epoch", "phase", "phase_epoch")}
+    if cfg.model.pretrained:  # where the CNN branches started (ImageNet or domain weights)
+        keep["pretrained"] = list(cfg.model.pretrained)
     save_checkpoint(trainer.save_model, folder, metrics=metrics, data=data,
                     extra={"run": cfg.run.name, **keep})  # fmt: skip
     Path(folder, STATE_FILE).write_text(
