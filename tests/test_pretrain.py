@@ -82,6 +82,7 @@ def test_pretraining_learns_reads_no_held_out_slide_and_its_weights_start_a_run(
     assert held & listed and set(sl["excluded"]) == held & listed
     assert sl["read"] == sl["listed"] - len(sl["excluded"])
     assert sl["windows"] == 2 * sl["read"]
+    assert sl["train_background_from"] == "manifest" and len(sl["light_offset"]) == 3
     assert record["images"] == record["data"]["crops"] + sl["windows"]
     assert record["data"]["crops"] == sum(1 for _ in iter_rows(traced_shards, "train", ["id"]))
     saved = json.loads((tmp_path / "ssl" / "pretrain.json").read_text())
@@ -127,6 +128,29 @@ def test_slides_are_refused_when_the_held_out_slides_are_unknown(tmp_path):
     record = run_pretrain(cfg, device="cpu")
     assert record["slides"]["excluded"] == ["BloodImage_00008"]
     assert record["slides"]["windows"] == record["slides"]["listed"] - 1
+
+
+def test_a_dataset_without_a_recorded_light_level_has_it_measured(traced_shards, tmp_path):
+    """Datasets ingested before the level was recorded: the windows are still relit, to the
+    level measured on the training split itself (what ``python -m cellmodel.data.light DATA``
+    reports; within a few levels of what the ingest records from all the source crops)."""
+    from cellmodel.data.light import dataset_images, estimate_dataset_background
+
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(traced_shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    recorded = manifest.pop("light")["background_rgb"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _cfg(str(old), str(tmp_path), "ssl", "ssl.epochs=1", "slides.windows_per_slide=1",
+               f"slides.uri={json.dumps(str(SLIDES))}")  # fmt: skip
+    sl = run_pretrain(cfg, device="cpu")["slides"]
+    assert sl["train_background_from"].startswith("measured")
+    cli = estimate_dataset_background(dataset_images(str(old), 64, 0), n=64)["background_rgb"]
+    assert sl["train_background_rgb"] == cli
+    assert np.allclose(cli, recorded, atol=5.0)
+    assert sl["light_offset"] is not None
 
 
 def test_cli_reports_mistakes_in_one_line(tmp_path, capsys):

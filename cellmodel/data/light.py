@@ -79,7 +79,7 @@ def relight(a: np.ndarray, offset) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _dataset_images(uri: str, n: int, seed: int) -> list:
+def dataset_images(uri: str, n: int, seed: int) -> list:
     """Up to ``n`` images (encoded bytes) of a shard dataset's training split, or the paths
     of a local folder's images."""
     import io
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        images = _dataset_images(args.data, args.n, args.seed)
+        images = dataset_images(args.data, args.n, args.seed)
     except (OSError, ValueError) as e:
         print(f"error: cannot read images from {args.data}: {e}", file=sys.stderr)
         return 2

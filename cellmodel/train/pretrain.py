@@ -236,8 +236,15 @@ def slide_windows(cfg: PretrainConfig, model_cfg, manifest: dict, held_out: set[
         else None
     )
     window = crop_window(crop, rbc, geo.get("rbc_diameter_px") if sc.rescale else None)
-    offset = None
+    offset, light_from = None, "off"
     train_bg = light.get("background_rgb")
+    if sc.light:
+        light_from = "manifest"
+        if not train_bg:  # a dataset ingested before its level was recorded: measure it
+            from cellmodel.data.light import dataset_images
+
+            est = estimate_dataset_background(dataset_images(cfg.data.uri, 64, 0), n=64)
+            train_bg, light_from = est["background_rgb"], "measured on the training split"
     if sc.light and train_bg and sample:
         bg = estimate_dataset_background(sample, n=len(sample))["background_rgb"]
         offset = light_offset(train_bg, bg) if bg else None
@@ -265,6 +272,7 @@ def slide_windows(cfg: PretrainConfig, model_cfg, manifest: dict, held_out: set[
         if known else "listed in slides.exclude", "unreadable": unreadable,
         "windows": int(len(arr)), "window": list(window), "archive_rbc_diameter_px": rbc,
         "light_offset": None if offset is None else [round(float(v), 1) for v in offset],
+        "train_background_rgb": train_bg, "train_background_from": light_from,
     }  # fmt: skip
     return arr, ids, record
 
