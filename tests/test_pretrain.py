@@ -134,9 +134,9 @@ def test_a_dataset_without_a_recorded_light_level_has_it_measured(traced_shards,
     """Datasets ingested before the level was recorded: the windows are still relit, to the
     level measured on the training split itself (what ``python -m cellmodel.data.light DATA``
     reports; within a few levels of what the ingest records from all the source crops)."""
-    from cellmodel.data.light import dataset_images, estimate_dataset_background
-
     import shutil
+
+    from cellmodel.data.light import dataset_images, estimate_dataset_background
 
     old = tmp_path / "old"
     shutil.copytree(traced_shards, old)
