@@ -380,11 +380,11 @@ def run_pretrain(cfg: PretrainConfig, *, device: str | None = None) -> dict:
         for b in range(steps):
             for grp in opt.param_groups:
                 grp["lr"] = s.lr * factor(step)
-            x = normalize(pool_t[order[b * bs : (b + 1) * bs]].to(dev), model_cfg)
+            idx = order[b * bs : (b + 1) * bs]
+            x = normalize(pool_t[idx].to(dev), model_cfg)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             v = torch.cat([views(x, g), views(x, g)])
-            idx = order[b * bs : (b + 1) * bs]
             loss, acc = nt_xent(projector(model.forward_cnn(v)), s.temperature, ids[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
