@@ -71,7 +71,7 @@ class SslSection(Section):
     temperature: float = Field(0.2, gt=0)  # NT-Xent softmax temperature
     hidden_dim: int = Field(512, ge=1)  # projection head, dropped after pretraining
     proj_dim: int = Field(128, ge=1)
-    channels_last: str = Field("auto", pattern="^(auto|on|off)$")  # "auto": on CUDA only
+    channels_last: Literal["auto", "on", "off"] = "auto"  # "auto": on CUDA only
     # What one instance is: "source", every image of one source cell (the ingest's rotated
     # copies and the slide it was cut from are positives of each other, never negatives);
     # "image", each image alone (SimCLR as published).
@@ -133,16 +133,10 @@ def load_pretrain_config(path, overrides: list[str] | None = None) -> PretrainCo
     return cfg
 
 
-class Projector(nn.Module):
+def projector(dim: int, hidden: int, out: int) -> nn.Module:
     """Linear, batch norm, ReLU, linear: the head the contrastive loss reads (then dropped)."""
-
-    def __init__(self, dim: int, hidden: int, out: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, out))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out))  # fmt: skip
 
 
 def nt_xent(
@@ -209,9 +203,14 @@ def slide_windows(cfg: PretrainConfig, model_cfg, manifest: dict, held_out: set[
     ``(uint8 (M, 3, H, W), slide id of each window, record)``; the record names what was
     read, what was excluded and why."""
     from cellmodel.data.light import estimate_dataset_background, light_offset, relight
-    from cellmodel.data.scale import crop_window, estimate_dataset_scale
+    from cellmodel.data.scale import crop_window
     from cellmodel.data.transforms import ImageDecodeError, decode_image
-    from cellmodel.infer.slides import archive_sample, list_slides
+    from cellmodel.infer.slides import (
+        archive_background,
+        archive_rbc_diameter,
+        archive_sample,
+        list_slides,
+    )
 
     sc = cfg.slides
     src = manifest.get("source", {})
@@ -232,11 +231,7 @@ def slide_windows(cfg: PretrainConfig, model_cfg, manifest: dict, held_out: set[
     geo, light = manifest.get("geometry", {}), manifest.get("light", {})
     crop = tuple(geo.get("crop_size") or geo.get("window") or (model_cfg.width, model_cfg.height))
     sample = archive_sample(allowed, sc.sample) if allowed else []
-    rbc = (
-        estimate_dataset_scale(sample, n=max(1, len(sample)))["rbc_diameter_px"]
-        if sc.rescale and sample
-        else None
-    )
+    rbc = archive_rbc_diameter(allowed, sc.sample, sample)[0] if sc.rescale and sample else None
     window = crop_window(crop, rbc, geo.get("rbc_diameter_px") if sc.rescale else None)
     offset, light_from = None, "off"
     train_bg = light.get("background_rgb")
@@ -248,7 +243,7 @@ def slide_windows(cfg: PretrainConfig, model_cfg, manifest: dict, held_out: set[
             est = estimate_dataset_background(dataset_images(cfg.data.uri, 64, 0), n=64)
             train_bg, light_from = est["background_rgb"], "measured on the training split"
     if sc.light and train_bg and sample:
-        bg = estimate_dataset_background(sample, n=len(sample))["background_rgb"]
+        bg = archive_background(allowed, sc.sample, sample)[0]
         offset = light_offset(train_bg, bg) if bg else None
     rng = np.random.default_rng(cfg.run.seed)
     _, h, w = model_cfg.input_size
@@ -347,10 +342,10 @@ def run_pretrain(cfg: PretrainConfig, *, device: str | None = None) -> dict:
     s = cfg.ssl
     cl = s.channels_last == "on" or (s.channels_last == "auto" and dev.type == "cuda")
     model.to(dev)
-    projector = Projector(model.cnn_dim, s.hidden_dim, s.proj_dim).to(dev)
+    head = projector(model.cnn_dim, s.hidden_dim, s.proj_dim).to(dev)
     if cl:
         model.cnns.to(memory_format=torch.channels_last)
-    params = list(model.cnns.parameters()) + list(projector.parameters())
+    params = list(model.cnns.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     bs = min(s.batch_size, len(pool))
     steps = len(pool) // bs  # full batches only: BN and the loss want equal-sized batches
@@ -362,7 +357,7 @@ def run_pretrain(cfg: PretrainConfig, *, device: str | None = None) -> dict:
     rng = np.random.default_rng(cfg.run.seed)
     pool_t = torch.from_numpy(pool)
     model.cnns.train()
-    projector.train()
+    head.train()
     history, step = [], 0
     record = {
         "model": {"name": cfg.model.name, "cnn": list(model_cfg.cnn),
@@ -385,7 +380,7 @@ def run_pretrain(cfg: PretrainConfig, *, device: str | None = None) -> dict:
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             v = torch.cat([views(x, g), views(x, g)])
-            loss, acc = nt_xent(projector(model.forward_cnn(v)), s.temperature, ids[idx])
+            loss, acc = nt_xent(head(model.forward_cnn(v)), s.temperature, ids[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
