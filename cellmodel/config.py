@@ -10,7 +10,7 @@ One mechanism serves training, ingest, the slide job and Serve:
   reads to an equal object (a training run saves it as ``config.toml``).
 
 A training run is ``TrainConfig`` (sections ``run``, ``data``, ``model``, ``scaling``,
-``phase1``, ``phase2``, ``augment``, ``loss``, ``tracking``, ``debug``); ``load_config``
+``phase1``, ``phase2``, ``augment``, ``loss``, ``distill``, ``tracking``, ``debug``); ``load_config``
 is ``load_settings(TrainConfig, ...)`` plus the run-name default.
 """
 
@@ -137,6 +137,18 @@ class LossSection(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
+class DistillSection(Section):
+    """Knowledge distillation (``cellmodel.train.distill``): learn from the labels and from
+    the mean answer of ``teachers`` (checkpoints, e.g. a seed ensemble of this recipe)."""
+
+    teachers: list[str] = []  # checkpoint folders or URIs; empty: no distillation
+    weight: float = Field(0.5, ge=0, le=1)  # share of the loss that comes from the teachers
+    temperature: float = Field(2.0, gt=0)  # softens both distributions
+    # A teacher that does not record its training split cannot be checked for having seen
+    # the validation cells; true runs it anyway (the user vouches for it).
+    unchecked: bool = False
+
+
 class TrackingSection(Section):
     """Experiment tracking: ``mlflow`` logs params and per-epoch metrics to ``uri``."""
 
@@ -170,6 +182,7 @@ class TrainConfig(Section):
     phase2: PhaseSection = Field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["phase2"]))
     augment: AugmentSection = Field(default_factory=AugmentSection)
     loss: LossSection = Field(default_factory=LossSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     debug: DebugSection = Field(default_factory=DebugSection)
 

@@ -30,7 +30,13 @@ def load_config(path: str | None, flags: dict, overrides: list[str] | None = Non
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.classify_slides", description=__doc__)
     ap.add_argument("--input", required=True, help="folder or s3:// prefix of slide images")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="checkpoint folder or URI; repeat it to classify with an ensemble (the mean of "
+        "the members' probabilities; they must share classes, input, pixel scale and light)",
+    )
     ap.add_argument("--output", required=True, help="output folder or URI (resumable)")
     ap.add_argument("--config", help=f"TOML settings (default {DEFAULT_CONFIG.name})")
     ap.add_argument(
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         fs.rm(path)
         summary = run_slides(
             args.input,
-            args.checkpoint,
+            args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
             args.output,
             cfg,
             limit=args.limit,

@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--min-box", type=float, default=0.0, help="drop WBC boxes with a side under PX"
     )
-    ap.add_argument("--checkpoint", help="also evaluate the slide-level class with this model")
+    ap.add_argument(
+        "--checkpoint",
+        action="append",
+        help="also evaluate the slide-level class with this model (repeat it: an ensemble)",
+    )
     ap.add_argument("--output", help="where the slide job writes (default: a temporary folder)")
     ap.add_argument("--overlays", action="store_true", help="slide job: write overlays too")
     ap.add_argument("--config", help="slide-job TOML (default jobs/configs/slides.toml)")

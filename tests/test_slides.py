@@ -499,12 +499,13 @@ def multi_cell_input(tmp_path_factory, sample_dir):
     return root, truths
 
 
-def scaled_checkpoint(path) -> str:
-    """A tiny model whose checkpoint records a training pixel scale and background level."""
+def scaled_checkpoint(path, seed: int = 0, **data) -> str:
+    """A tiny model whose checkpoint records a training pixel scale and background level
+    (``data`` overrides them)."""
     import torch
 
-    torch.manual_seed(0)
-    data = {"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5]}
+    torch.manual_seed(seed)
+    data = {"rbc_diameter_px": 38.0, "background_rgb": [218.0, 219.0, 213.5], **data}
     return save_checkpoint(build_model("tiny_bilstm"), str(path), data=data)
 
 
@@ -604,3 +605,86 @@ def test_a_resumed_output_keeps_its_scale_light_and_settings(
                          ({"tta": True}, "tta")):  # fmt: skip
         with pytest.raises(SlidesError, match=f"other settings \\(.*{name}"):
             run_slides(str(root), ckpt, out, SlidesConfig(**CFG, **change), progress=False)
+
+
+def test_classifier_stage_averages_an_ensemble(tmp_path):
+    from cellmodel.infer.slides import Classifier, find_batch
+
+    a, b = (scaled_checkpoint(tmp_path / f"ck{i}", seed=i) for i in (0, 1))
+    jpgs = sorted((SAMPLE / "slides" / "JPEGImages").glob("*.jpg"))[:3]
+    batch = {"slide_id": np.array([p.name for p in jpgs]), "uri": np.array([str(p) for p in jpgs])}
+    rows = find_batch(batch, {}, (320, 240))
+    pa, pb = (Classifier(c, batch_size=2)(dict(rows))["probs"] for c in (a, b))
+    assert np.abs(pa - pb).max() > 1e-3  # two different members
+    both = Classifier([a, b], batch_size=2)(dict(rows))["probs"]
+    np.testing.assert_allclose(both, (pa + pb) / 2, atol=1e-5)
+
+
+def test_an_ensemble_classifies_slides_with_the_mean_of_its_members(
+    ray_session, tmp_path, multi_cell_input
+):
+    from cellmodel.infer.slides import read_job
+
+    root = str(multi_cell_input[0])
+    a, b = (scaled_checkpoint(tmp_path / f"ck{i}", seed=i) for i in (0, 1))
+    cfg = SlidesConfig(**CFG)
+    probs = [f"prob_{c.lower()}" for c in CLASSES]
+    keys = ["slide_id", "cell_index"]
+    singles = []
+    for i, ck in enumerate((a, b)):
+        run_slides(root, ck, str(tmp_path / f"one{i}"), cfg, progress=False)
+        singles.append(read_results(str(tmp_path / f"one{i}"))[0].sort_values(keys))
+    out = str(tmp_path / "ens")
+    s = run_slides(root, [a, b], out, cfg, progress=False)
+    cells, slides = read_results(out)
+    cells = cells.sort_values(keys)
+    # The same cells in the same boxes, each with the mean of the members' probabilities.
+    assert len(cells) == len(singles[0]) == len(singles[1]) >= 7
+    for k in ("xmin", "ymin", "xmax", "ymax"):
+        np.testing.assert_allclose(cells[k], singles[0][k])
+    mean = (singles[0][probs].to_numpy() + singles[1][probs].to_numpy()) / 2
+    np.testing.assert_allclose(cells[probs].to_numpy(), mean, atol=1e-5)
+    assert (cells.pred_class.to_numpy() == np.array(CLASSES)[mean.argmax(1)]).all()
+    job = read_job(out)
+    assert job["checkpoint"] == sorted(os.path.abspath(c) for c in (a, b))
+    assert job["model"] == ["tiny_bilstm", "tiny_bilstm"]
+    assert s["checkpoint"] == [a, b]
+    report = (Path(out) / "report.md").read_text()
+    assert "- checkpoints: an ensemble of 2 (mean of their probabilities)" in report
+    # The ensemble is its set of members: named in another order, it resumes the output;
+    # one member alone may not write into it.
+    again = run_slides(root, [b, a], out, cfg, progress=False)
+    assert (again["n_new"], again["n_slides"]) == (0, s["n_slides"])
+    with pytest.raises(SlidesError, match="holds results of checkpoint"):
+        run_slides(root, a, out, cfg, progress=False)
+
+
+def test_an_ensemble_refuses_members_that_read_slides_differently(tmp_path, capsys):
+    a = scaled_checkpoint(tmp_path / "a")
+    darker = scaled_checkpoint(tmp_path / "dark", seed=1, background_rgb=[205.0, 206.0, 200.0])
+    finer = scaled_checkpoint(tmp_path / "fine", seed=2, rbc_diameter_px=52.0)
+    other = save_checkpoint(build_model("tiny_bilstm", num_classes=3), str(tmp_path / "three"))
+    inp, out = str(SAMPLE / "slides" / "JPEGImages"), str(tmp_path / "out")
+    cases = (
+        (darker, "training background level [205.0, 206.0, 200.0] instead of [218.0"),
+        (finer, "training red-cell diameter 52.0 instead of 38.0"),
+        (other, "classes ['class_0', 'class_1', 'class_2'] instead of"),
+    )
+    for member, why in cases:
+        with pytest.raises(SlidesError, match="cannot join an ensemble") as e:
+            run_slides(inp, [a, member], out, SlidesConfig(**CFG), progress=False)
+        assert why in str(e.value) and member in str(e.value)
+    # With the light off, the level is not read, so a member recorded at another one may join
+    # as far as the light goes (checked before any slide is read: no output was written).
+    from cellmodel.infer.slides import ensemble_meta
+
+    meta = ensemble_meta([a, darker], SlidesConfig(**CFG, light="off"))
+    assert [m["checkpoint"] for m in meta["ensemble"]] == [a, darker]
+    assert not Path(out).exists()
+    with pytest.raises(SlidesError, match="named twice"):
+        ensemble_meta([a, a], SlidesConfig(**CFG))
+    # On the command line: one line naming the member, exit status 2.
+    argv = ["--input", inp, "--checkpoint", a, "--checkpoint", darker, "--output", out]
+    assert classify_slides.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "cannot join an ensemble" in err[0] and darker in err[0]

@@ -20,6 +20,7 @@ import io
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -738,8 +739,11 @@ def format_learned_cv_table(res: dict) -> str:
 # ---------------------------------------------------------------- slide-level class
 
 
-def evaluate_slide_class(slides: str, checkpoint: str, output: str, cfg=None) -> dict:
-    """Run the slide job over ``<slides>/JPEGImages``; compare ``top_class`` with labels.csv."""
+def evaluate_slide_class(
+    slides: str, checkpoint: str | Sequence[str], output: str, cfg=None
+) -> dict:
+    """Run the slide job over ``<slides>/JPEGImages``; compare ``top_class`` with labels.csv.
+    ``checkpoint``: one, or several (an ensemble)."""
     from cellmodel.data.voc import read_labels_csv
     from cellmodel.infer.slides import read_results, run_slides
 
@@ -773,7 +777,7 @@ def _slide_number(name: str) -> int | None:
 
 def evaluate_pair_differentials(
     slides: str,
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     output: str,
     cfg=None,
     seeds: tuple[int, ...] | list[int] = (0,),
@@ -794,7 +798,8 @@ def evaluate_pair_differentials(
 
     labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
     data = load_slides(slides, limit, exclude, min_box)
-    known = set(read_checkpoint_meta(checkpoint)["classes"])
+    first = checkpoint if isinstance(checkpoint, str) else checkpoint[0]
+    known = set(read_checkpoint_meta(first)["classes"])  # the job checks the others agree
 
     def label(name: str) -> str | None:
         got = labels.get(_slide_number(name)) or []  # slide 0 is a slide too

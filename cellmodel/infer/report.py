@@ -155,6 +155,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _checkpoint_line(checkpoint) -> str:
+    if isinstance(checkpoint, str):
+        return f"- checkpoint: `{checkpoint}`"
+    names = ", ".join(f"`{c}`" for c in checkpoint)
+    return f"- checkpoints: an ensemble of {len(checkpoint)} (mean of their probabilities): {names}"
+
+
 def write_report(
     output: str,
     summary: dict,
@@ -171,7 +178,7 @@ def write_report(
     lines = ["# Slide report", ""]
     lines += [
         f"- written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from `{output}`",
-        f"- checkpoint: `{summary.get('checkpoint', '?')}`",
+        _checkpoint_line(summary.get("checkpoint", "?")),
         f"- {summary.get('n_slides', 0)} slides, {summary.get('n_cells', 0)} white cells; "
         f"{summary.get('n_no_white_cell', 0)} slides without a white cell, "
         f"{summary.get('n_low_confidence', 0)} with low-confidence cells "

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -358,18 +359,23 @@ def find_batch(
 
 
 class Classifier:
-    """Ray Data actor: loads the checkpoint once, then classifies crop batches."""
+    """Ray Data actor: loads the checkpoint once (every member of an ensemble: a list of
+    checkpoints, the mean of their probabilities), then classifies crop batches."""
 
     def __init__(
-        self, checkpoint: str, batch_size: int = 32, backend: str = "eager", tta: bool = False
+        self,
+        checkpoint: str | list[str],
+        batch_size: int = 32,
+        backend: str = "eager",
+        tta: bool = False,
     ) -> None:
-        from cellmodel.infer.predictor import Predictor
+        from cellmodel.infer.ensemble import load_predictor
 
         # Only name a non-default backend, so the default works with any Predictor version.
         kw: dict = {"backend": backend} if backend != "eager" else {}
         if tta:
             kw["tta"] = True
-        self.predictor = Predictor(checkpoint, **kw)
+        self.predictor = load_predictor(checkpoint, **kw)
         self.pre = self.predictor.cfg.preprocessing()
         self.batch_size = batch_size
 
@@ -548,7 +554,7 @@ def _actor_gpus(cfg: SlidesConfig) -> float:
 
 def run_slides(
     input_uri: str,
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     output: str,
     cfg: SlidesConfig | None = None,
     *,
@@ -559,6 +565,8 @@ def run_slides(
 ) -> dict:
     """Classify every slide under ``input_uri`` not yet committed in ``output``.
 
+    ``checkpoint``: one checkpoint, or several (a seed ensemble: each cell gets the mean of
+    their probabilities; :func:`ensemble_meta` says what the members must share).
     Returns the summary (also written to ``<output>/summary.json``), with ``n_new``
     (slides processed by this run), ``n_skipped`` and ``seconds``.
 
@@ -571,15 +579,18 @@ def run_slides(
 
     from cellmodel.data.light import light_offset
     from cellmodel.data.voc import CROP_SIZE
-    from cellmodel.models.checkpoint import read_checkpoint_meta
 
     cfg = cfg or SlidesConfig()
     t0 = time.perf_counter()
-    meta = read_checkpoint_meta(checkpoint)
+    members = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    meta = ensemble_meta(members, cfg)
+    checkpoint = members[0] if len(members) == 1 else members
     classes = list(meta["classes"])
     slides = list_slides(input_uri)[:limit]
-    # The same local checkpoint named by a relative or an absolute path is one checkpoint.
-    ckpt_id = checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint)
+    # The same local checkpoint named by a relative or an absolute path is one checkpoint;
+    # an ensemble is its set of members, in any order.
+    ids = [c if storage.is_remote(c) else os.path.abspath(c) for c in members]
+    ckpt_id = ids[0] if len(ids) == 1 else sorted(ids)
     train_rbc, scale_from = training_scale(meta, cfg)
     log.info("pixel scale: training red-cell diameter %s px (%s)", train_rbc, scale_from)
     job = dict(checkpoint=ckpt_id, classes=classes, input=input_uri, config=cfg.to_dict())
@@ -624,7 +635,8 @@ def run_slides(
     if train_bg and slide_bg:
         job["light"]["offset"] = [round(float(v), 1) for v in light_offset(train_bg, slide_bg)]
     log.info("illumination: %s", job["light"])
-    check_job(output, job | {"model": meta.get("model_name")})
+    models = [m["model"] for m in meta["ensemble"]] if "ensemble" in meta else None
+    check_job(output, job | {"model": models or meta.get("model_name")})
     parts = committed_parts(output)
     for p in commit.remove_uncommitted(output, PARTS, parts):
         log.warning("removed %s: written by an interrupted run without its marker", p)
@@ -688,6 +700,53 @@ def run_slides(
 
     write_report(output, summary, low_confidence=cfg.low_confidence)
     return summary
+
+
+def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
+    """The first checkpoint's metadata, once every other one agrees with it on what the job
+    needs from a checkpoint: the classes, the input size and preprocessing, and the
+    training pixel scale and illumination the windows are cut and relit to (where the
+    settings use them). Checked before any slide is read; ``SlidesError`` names the member
+    that differs and how."""
+    from cellmodel.models.checkpoint import read_checkpoint_meta
+
+    if not checkpoints:
+        raise SlidesError("no checkpoint given; pass one, or several for an ensemble")
+    if len(set(checkpoints)) < len(checkpoints):
+        raise SlidesError(
+            f"a checkpoint is named twice in {checkpoints}; an ensemble's members are distinct"
+        )
+    metas = [read_checkpoint_meta(c) for c in checkpoints]
+    first = metas[0]
+
+    def reads(m: dict) -> dict:
+        pre = m.get("preprocessing") or {}
+        return {
+            "classes": list(m["classes"]),
+            "input size": pre.get("input_size"),
+            "preprocessing": {
+                k: pre.get(k) for k in ("mean", "std", "interpolation", "branch_norms")
+            },
+            "training red-cell diameter": training_scale(m, cfg)[0],
+            "training background level": training_light(m, cfg)[0],
+        }
+
+    want = reads(first)
+    for uri, m in zip(checkpoints[1:], metas[1:]):
+        got = reads(m)
+        if diff := [f"{k} {got[k]} instead of {want[k]}" for k in want if got[k] != want[k]]:
+            raise SlidesError(
+                f"{uri} cannot join an ensemble with {checkpoints[0]}: {'; '.join(diff)}. "
+                "Ensemble checkpoints trained on the same data with the same input settings "
+                "(a seed ensemble), or classify with each one alone"
+            )
+    if len(metas) == 1:
+        return first
+    members = [
+        {"checkpoint": c, "model": m.get("model_name"), "weights_sha256": m.get("weights_sha256")}
+        for c, m in zip(checkpoints, metas)
+    ]
+    return first | {"ensemble": members}
 
 
 def learned_weights_digest(uri: str) -> str:

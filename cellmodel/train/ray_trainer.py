@@ -130,6 +130,10 @@ def resolve(cfg: TrainConfig) -> tuple[dict, object]:
     manifest = load_manifest(cfg.data.uri)
     model_cfg = cfg.build_model_config(manifest.get("classes"))
     check_dataset(cfg, model_cfg)
+    if cfg.distill.teachers:
+        from cellmodel.train.distill import check_teachers
+
+        check_teachers(cfg, model_cfg.classes)
     return manifest, model_cfg
 
 
@@ -138,6 +142,8 @@ def data_meta(cfg: TrainConfig, manifest: dict) -> dict:
     src = manifest.get("source", {})
     return {
         "uri": cfg.data.uri,
+        "train_split": cfg.data.train_split,
+        "val_split": cfg.data.val_split,
         "classes": manifest.get("classes"),
         **manifest.get("geometry", {}),
         **manifest.get("light", {}),

@@ -24,6 +24,7 @@ from cellmodel.config import PhaseSection, TrainConfig
 from cellmodel.data.transforms import normalize
 from cellmodel.models import save_checkpoint
 from cellmodel.train.batch_aug import BatchAugment
+from cellmodel.train.distill import Distiller
 from cellmodel.train.features import CachedForward, build_cache
 from cellmodel.train.loop import (
     autocast,
@@ -84,8 +85,10 @@ class PhaseTrainer:
         device: torch.device,
         steps_per_epoch: int,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        distiller: Distiller | None = None,
     ) -> None:
         self.model, self.phase, self.device = model, phase, device
+        self.distiller = distiller
         self.cached = phase.freeze_cnn and phase.feature_cache
         if phase.freeze_cnn:
             model.freeze_cnn()
@@ -181,6 +184,8 @@ class PhaseTrainer:
             loss = self.loss_fn(logits, y)
             if y_other is not None:  # a mixed batch: targets blended as the images were
                 loss = lam * loss + (1 - lam) * self.loss_fn(logits, y_other)
+            if self.distiller is not None:  # the teachers answer on the same (mixed) images
+                loss = self.distiller.blend(loss, logits, x)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -246,18 +251,21 @@ def run_phases(
     state = reporter.restore(model)
     model.to(device)
     bs = cfg.data.batch_size
+    distiller = None
+    if cfg.distill.teachers:  # loaded once per worker, for both phases
+        distiller = Distiller(cfg, model.cfg.preprocessing(), device)
     tracker = Tracker(cfg, rank)
     try:
         _phases(cfg, model, data, reporter, state, tracker, device=device, bs=bs,
                 steps_per_epoch=steps_per_epoch, rank=rank, wrap=wrap, on_step=on_step,
-                on_epoch=on_epoch, log=log)  # fmt: skip
+                on_epoch=on_epoch, log=log, distiller=distiller)  # fmt: skip
     finally:
         tracker.close()
     return state
 
 
 def _phases(cfg, model, data, reporter, state, tracker, *, device, bs, steps_per_epoch, rank,
-            wrap, on_step, on_epoch, log) -> None:  # fmt: skip
+            wrap, on_step, on_epoch, log, distiller=None) -> None:  # fmt: skip
     for phase_no, phase in ((1, cfg.phase1), (2, cfg.phase2)):
         if phase_no < state["phase"]:
             continue
@@ -265,7 +273,7 @@ def _phases(cfg, model, data, reporter, state, tracker, *, device, bs, steps_per
         if first >= phase.epochs:
             continue
         trainer = PhaseTrainer(model, phase, cfg, device=device, steps_per_epoch=steps_per_epoch,
-                               wrap=wrap)  # fmt: skip
+                               wrap=wrap, distiller=distiller)  # fmt: skip
         resumed = state.pop("trainer", None)
         if resumed is not None and phase_no == state["phase"] and first > 0:
             trainer.load_state_dict(resumed)
@@ -368,6 +376,8 @@ def write_epoch_checkpoint(
     keep = {k: state[k] for k in ("epoch", "phase", "phase_epoch")}
     if cfg.model.pretrained:  # where the CNN branches started (ImageNet or domain weights)
         keep["pretrained"] = list(cfg.model.pretrained)
+    if cfg.distill.teachers:  # whose answers it learned from, besides the labels
+        keep["distill"] = cfg.distill.model_dump(mode="json")
     save_checkpoint(trainer.save_model, folder, metrics=metrics, data=data,
                     extra={"run": cfg.run.name, **keep})  # fmt: skip
     Path(folder, STATE_FILE).write_text(
