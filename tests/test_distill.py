@@ -126,6 +126,10 @@ def test_a_student_learns_from_teachers_trained_without_its_validation_cells(sha
         check_teachers(cfg, cfg.build_model_config(meta["classes"]).classes)
     cfg.distill.unchecked = True
     assert len(check_teachers(cfg, cfg.build_model_config(meta["classes"]).classes)) == 1
+    # A final fit, validated in-sample anyway, may learn from a teacher fitted alike.
+    final = _cfg(shards, runs, "s4", "data.train_split=train+val",
+                 f"distill.teachers={json.dumps([leaky])}")  # fmt: skip
+    assert len(check_teachers(final, final.build_model_config(meta["classes"]).classes)) == 1
 
 
 def test_teachers_of_other_classes_or_named_twice_are_refused(tmp_path):

@@ -16,7 +16,8 @@ A teacher must not have learned from the split the student is validated on, or t
 student's validation scores would carry the teacher's memory of those cells:
 :func:`check_teachers` refuses a teacher whose checkpoint says it trained on that split
 of the same dataset, and one whose checkpoint does not say which split it trained on
-(written before checkpoints recorded it) unless ``distill.unchecked`` is set.
+(written before checkpoints recorded it) unless ``distill.unchecked`` is set. A final fit
+(a run that trains on its own validation split) may learn from teachers fitted alike.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def check_teachers(cfg: TrainConfig, classes: Sequence[str]) -> list[dict]:
         raise ConfigError(f"distill.teachers names a checkpoint twice: {list(d.teachers)}")
     metas, problems = [], []
     ours = _dataset_id(cfg.data.uri)
+    # A final fit trains on its validation split itself: its validation is in-sample already
+    # (the run says so), and teachers fitted the same way are what it should learn from.
+    in_sample = cfg.data.val_split in cfg.data.train_split.split("+")
     for uri in d.teachers:
         try:
             meta = read_checkpoint_meta(uri)
@@ -82,6 +86,8 @@ def check_teachers(cfg: TrainConfig, classes: Sequence[str]) -> list[dict]:
             )
             continue
         split = data.get("train_split")
+        if in_sample:
+            continue
         if split is None:
             if not d.unchecked:
                 problems.append(

@@ -133,6 +133,8 @@ def resolve(cfg: TrainConfig) -> tuple[dict, object]:
     if cfg.distill.teachers:
         from cellmodel.train.distill import check_teachers
 
+        # Absolute, as workers (and the run's config.toml) must find the same folders.
+        cfg.distill.teachers = [_absolute(t) for t in cfg.distill.teachers]
         check_teachers(cfg, model_cfg.classes)
     return manifest, model_cfg
 
