@@ -32,6 +32,17 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def local_shards(tmp_path_factory) -> str:
+    """The committed sample's crops ingested into a small shard dataset (32 rows a class);
+    read-only for the tests that train on it."""
+    from cellmodel.data.ingest import ingest
+
+    out = str(tmp_path_factory.mktemp("shards") / "sample")
+    ingest(str(SAMPLE / "crops"), out, target_per_class=32, progress=False, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP server (moto) on 127.0.0.1; AWS_ENDPOINT_URL points every client at it.
 

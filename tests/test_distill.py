@@ -70,15 +70,6 @@ def test_teachers_read_the_students_batch_with_their_own_preprocessing(tmp_path)
     assert not teachers.members[0].training  # a training loop's .train() leaves them in eval
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from cellmodel.data.ingest import ingest
-
-    out = str(tmp_path_factory.mktemp("shards") / "sample")
-    ingest(str(ROOT / "data/sample/crops"), out, target_per_class=32, progress=False, workers=1)
-    return out
-
-
 def _cfg(data: str, runs: str, name: str, *extra: str) -> TrainConfig:
     return load_config(
         CONFIGS / "quickstart.toml",
@@ -87,7 +78,10 @@ def _cfg(data: str, runs: str, name: str, *extra: str) -> TrainConfig:
     )  # fmt: skip
 
 
-def test_a_student_learns_from_teachers_trained_without_its_validation_cells(shards, tmp_path):
+def test_a_student_learns_from_teachers_trained_without_its_validation_cells(
+    local_shards, tmp_path
+):
+    shards = local_shards
     runs = str(tmp_path / "runs")
     one = ("phase1.epochs=1", "phase2.epochs=0")
     teachers = [

@@ -343,15 +343,6 @@ def test_mlflow_tracking_logs_params_and_every_epoch(local_shards, tmp_path):
 
 
 # -- Ray Train runs ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_shards(tmp_path_factory):
-    from cellmodel.data.ingest import ingest
-
-    out = str(tmp_path_factory.mktemp("shards") / "sample")
-    ingest(str(ROOT / "data/sample/crops"), out, target_per_class=32, progress=False, workers=1)
-    return out
-
-
 def _cfg(data_uri: str, storage_uri: str, name: str, *extra: str) -> TrainConfig:
     return load_config(
         CONFIGS / "quickstart.toml",
