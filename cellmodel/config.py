@@ -10,8 +10,8 @@ One mechanism serves training, ingest, the slide job and Serve:
   reads to an equal object (a training run saves it as ``config.toml``).
 
 A training run is ``TrainConfig`` (sections ``run``, ``data``, ``model``, ``scaling``,
-``phase1``, ``phase2``, ``augment``, ``loss``, ``distill``, ``tracking``, ``debug``); ``load_config``
-is ``load_settings(TrainConfig, ...)`` plus the run-name default.
+``phase1``, ``phase2``, ``augment``, ``loss``, ``distill``, ``tracking``, ``debug``);
+``load_config`` is ``load_settings(TrainConfig, ...)`` plus the run-name default.
 """
 
 from __future__ import annotations

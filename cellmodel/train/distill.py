@@ -85,9 +85,9 @@ def check_teachers(cfg: TrainConfig, classes: Sequence[str]) -> list[dict]:
                 cfg.data.uri,
             )
             continue
-        split = data.get("train_split")
         if in_sample:
             continue
+        split = data.get("train_split")
         if split is None:
             if not d.unchecked:
                 problems.append(
