@@ -65,17 +65,8 @@ class Ensemble:
 
 
 def _check_compatible(uri_a: str, a: Predictor, uri_b: str, b: Predictor) -> None:
-    problems = []
-    if list(a.classes) != list(b.classes):
-        problems.append(f"classes {list(b.classes)} instead of {list(a.classes)}")
-    if tuple(a.cfg.input_size) != tuple(b.cfg.input_size):
-        problems.append(
-            f"input size {tuple(b.cfg.input_size)} instead of {tuple(a.cfg.input_size)}"
-        )
-    pa, pb = (_pixels(p.cfg.preprocessing()) for p in (a, b))
-    if pa != pb:
-        problems.append(f"preprocessing {pb} instead of {pa}")
-    if problems:
+    pa, pb = (p.cfg.preprocessing() for p in (a, b))
+    if problems := member_differences(a.classes, pa, b.classes, pb):
         raise EnsembleError(
             f"{uri_b} cannot join an ensemble with {uri_a}: "
             + "; ".join(problems)
@@ -83,8 +74,24 @@ def _check_compatible(uri_a: str, a: Predictor, uri_b: str, b: Predictor) -> Non
         )
 
 
+def member_differences(classes_a, pre_a: dict, classes_b, pre_b: dict) -> list[str]:
+    """How member b reads or answers unlike member a (classes, input size, pixel
+    preprocessing), one phrase each; empty when they may join one ensemble. ``pre_*`` is a
+    ``preprocessing()`` dict, as a checkpoint records it."""
+    problems = []
+    if list(classes_a) != list(classes_b):
+        problems.append(f"classes {list(classes_b)} instead of {list(classes_a)}")
+    size_a, size_b = tuple(pre_a["input_size"]), tuple(pre_b["input_size"])
+    if size_a != size_b:
+        problems.append(f"input size {size_b} instead of {size_a}")
+    pa, pb = (_pixels(p) for p in (pre_a, pre_b))
+    if pa != pb:
+        problems.append(f"preprocessing {pb} instead of {pa}")
+    return problems
+
+
 def _pixels(pre: dict) -> dict:
-    return {k: pre[k] for k in ("mean", "std", "interpolation", "branch_norms")}
+    return {k: pre.get(k) for k in ("mean", "std", "interpolation", "branch_norms")}
 
 
 def load_predictor(checkpoints: str | Sequence[str], **kwargs):

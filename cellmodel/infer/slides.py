@@ -708,6 +708,7 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
     training pixel scale and illumination the windows are cut and relit to (where the
     settings use them). Checked before any slide is read; ``SlidesError`` names the member
     that differs and how."""
+    from cellmodel.infer.ensemble import member_differences
     from cellmodel.models.checkpoint import read_checkpoint_meta
 
     if not checkpoints:
@@ -720,13 +721,7 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
     first = metas[0]
 
     def reads(m: dict) -> dict:
-        pre = m.get("preprocessing") or {}
         return {
-            "classes": list(m["classes"]),
-            "input size": pre.get("input_size"),
-            "preprocessing": {
-                k: pre.get(k) for k in ("mean", "std", "interpolation", "branch_norms")
-            },
             "training red-cell diameter": training_scale(m, cfg)[0],
             "training background level": training_light(m, cfg)[0],
         }
@@ -734,7 +729,10 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
     want = reads(first)
     for uri, m in zip(checkpoints[1:], metas[1:]):
         got = reads(m)
-        if diff := [f"{k} {got[k]} instead of {want[k]}" for k in want if got[k] != want[k]]:
+        diff = member_differences(first["classes"], first["preprocessing"], m["classes"],
+                                  m["preprocessing"])  # fmt: skip
+        diff += [f"{k} {got[k]} instead of {want[k]}" for k in want if got[k] != want[k]]
+        if diff:
             raise SlidesError(
                 f"{uri} cannot join an ensemble with {checkpoints[0]}: {'; '.join(diff)}. "
                 "Ensemble checkpoints trained on the same data with the same input settings "
