@@ -13,7 +13,8 @@
    With ``--learned``: the learned centre finder instead, one network trained from random
    weights per fold on the other folds' slides, scored beside the stain finder on the held
    fold's slides, its composed pairs and fresh pairs (``--fresh-seeds``); ``--suppress``
-   candidates of the learned finder's peak suppression, each fold's chosen on the others.
+   candidates of the learned finder's peak suppression and ``--flips`` (the heat map also
+   averaged over the slide's flips), each fold's chosen on the others.
 3. ``--pairs 10,11,12,13``: the finder with the settings of ``--config`` on touching pairs
    composed from every single-cell slide (one per slide and seed, as in ``--cv``, but
    fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--learned: candidate values of the learned finder's suppress setting "
         "(comma-separated, e.g. 0,0.5,0.7,0.9), each fold's chosen on the other folds",
     )
+    ap.add_argument(
+        "--flips",
+        action="store_true",
+        help="--learned: also try each candidate with the heat map averaged over the slide's "
+        "flips (4x the finder's compute); chosen per fold on the other folds, with --suppress",
+    )
     ap.add_argument("--save-networks", metavar="DIR", help="--learned: save each fold's network")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
@@ -137,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
-        if (args.suppress or args.save_networks) and not args.learned:
-            raise ValueError("--suppress and --save-networks are for --cv K --learned")
+        if (args.suppress or args.flips or args.save_networks) and not args.learned:
+            raise ValueError("--suppress, --flips and --save-networks are for --cv K --learned")
         if args.cv and args.learned:
             from cellmodel.infer.learned_finder import LearnedFinderConfig
 
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_box=args.min_box,
                 skip_empty=args.skip_empty,
                 suppress=_values(args.suppress) if args.suppress else None,
+                flips=[False, True] if args.flips else None,
                 networks_out=args.save_networks,
                 progress=True,
             )}  # fmt: skip

@@ -1,7 +1,7 @@
 """Train the learned white-cell finder on annotated slides (BCCD / Pascal VOC layout).
 
     python -m jobs.train_finder --slides ../shared/data/bccd --out runs/finder/centre.pt
-        [--epochs 60] [--seed 0] [--exclude NAMES] [--threads N]
+        [--epochs 60] [--seed 0] [--exclude NAMES] [--suppress S] [--flips] [--threads N]
 
 A small centre-heat-map network (``cellmodel.infer.learned_finder``) learns the ``WBC``
 boxes from random weights, on the CPU in a few minutes. Use the weights in the slide job
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         help="central share of a box in which a weaker peak counts as the same cell "
         "(default 0.6, chosen by jobs.evaluate_finder --cv 5 --learned --suppress ...; 0: off)",
     )
+    ap.add_argument(
+        "--flips",
+        action="store_true",
+        help="detect with the heat map averaged over each slide's flips (4x the finder's "
+        "compute; try it first with jobs.evaluate_finder --cv 5 --learned --flips)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if storage.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        cfg = lf.LearnedFinderConfig(seed=args.seed, threads=args.threads)
+        cfg = lf.LearnedFinderConfig(seed=args.seed, threads=args.threads, flips=args.flips)
         if args.epochs:
             cfg.epochs = args.epochs
         if args.suppress is not None:

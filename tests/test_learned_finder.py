@@ -73,6 +73,27 @@ def test_suppress_drops_a_second_peak_inside_a_big_cell_but_keeps_a_touching_nei
     assert len(lf.decode(y, [(640, 480)], 160, cfg)[0]) == 1
 
 
+def test_flips_average_the_maps_into_a_mirror_symmetric_answer():
+    """With ``flips`` the heat map and box sizes are the same for a slide and its mirror image
+    (mirrored), which a single pass of a network does not give; the detections mirror too."""
+    torch.manual_seed(0)
+    model = lf.CentreNet(width=8).eval()
+    x = torch.rand(2, 3, 120, 160)
+    with torch.no_grad():
+        for dims in ((-1,), (-2,), (-2, -1)):
+            plain, mirrored = lf.forward(model, x), lf.forward(model, x.flip(dims))
+            assert not torch.allclose(mirrored[:, 0], plain[:, 0].flip(dims), atol=1e-3)
+            plain, mirrored = lf.forward(model, x, True), lf.forward(model, x.flip(dims), True)
+            for c in (0, 3, 4):  # heat, log width, log height
+                assert torch.allclose(mirrored[:, c], plain[:, c].flip(dims), atol=1e-4)
+        # the heat map is the mean probability of the four passes, mapped back by hand
+        passes = [model(x), model(x.flip(-1)).flip(-1), model(x.flip(-2)).flip(-2)]
+        passes.append(model(x.flip((-2, -1))).flip((-2, -1)))
+        mean = torch.stack([torch.sigmoid(p[:, 0]) for p in passes]).mean(0)
+        assert torch.allclose(torch.sigmoid(lf.forward(model, x, True)[:, 0]), mean, atol=1e-5)
+        assert torch.allclose(lf.forward(model, x, True)[:, 1:3], passes[0][:, 1:3])
+
+
 def test_training_loss_falls_and_the_cells_it_learned_are_found(sample_slides, trained):
     model, cfg, _ = trained
     # The loss of the fitted network is far below that of a fresh one on the same slides.
@@ -178,6 +199,10 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert train(["--slides", slides, "--out", str(out), "--epochs", "2", "--threads", "2"]) == 0
     assert "finder.method=learned" in capsys.readouterr().out
     assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.6
+    assert lf.load(str(out))[1].flips is False
+    flipped = tmp_path / "flipped.pt"
+    assert train(["--slides", slides, "--out", str(flipped), "--epochs", "1", "--flips"]) == 0
+    assert lf.load(str(flipped))[1].flips is True  # the setting travels with the weights
     assert train(["--slides", slides, "--out", str(out), "--suppress", "1.5", "--overwrite"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--epochs", "1"]) == 2
@@ -210,18 +235,26 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert r["suppress_grid"] == [0.0, 0.5, 1.0] and r["suppress_final"] in r["suppress_grid"]
     for f, other in zip(r["folds"], r["folds"][::-1], strict=True):
         assert set(f["grid"]) == {"0", "0.5", "1"}
-        assert f["suppress"] == _choose_suppress([other], r["suppress_grid"])
+        assert (f["suppress"], f["flips"]) == _choose_suppress([other], r["suppress_grid"])
+        assert f["flips"] is False and r["flips_grid"] == [False]  # not asked: not tried
         assert f["learned_real"] == f["grid"][f"{f['suppress']:g}"]["real"]
         meta = lf.read_meta(str(nets / f"fold-{f['fold']}.pt"))
         assert meta["fold"] == f["fold"] and len(meta["trained_on"]) == f["train_slides"]
     assert "chosen on the other folds" in capsys.readouterr().out
-    # The same command again reuses the saved networks: same figures, nothing trained.
+    # The same command again reuses the saved networks: nothing trained; asked to try the
+    # flips too, the grid doubles and the candidates without them score as before.
     before = r
-    assert evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, "--json", str(res)]) == 0
+    assert evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, "--flips", "--json", str(res)]) == 0
     r = json.loads(res.read_text())["learned_cross_validation"]
     assert r["networks_reused"] == 2 and r["train_s_per_fold"] is None
-    assert r["folds"] == before["folds"]
-    assert "2 of 2 reused" in capsys.readouterr().out
+    assert r["flips_grid"] == [False, True] and r["flips_final"] in (False, True)
+    for f, old in zip(r["folds"], before["folds"], strict=True):
+        assert set(f["grid"]) == {"0", "0.5", "1", "0 flips", "0.5 flips", "1 flips"}
+        assert {k: v for k, v in f["grid"].items() if "flips" not in k} == old["grid"]
+        key = f"{f['suppress']:g}" + (" flips" if f["flips"] else "")
+        assert f["learned_fresh"] == f["grid"][key]["fresh"]
+    out = capsys.readouterr().out
+    assert "2 of 2 reused" in out and "`flips` off and on" in out
     assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
     assert "--learned" in capsys.readouterr().err
     assert evaluate([*cv, "--suppress", "0.5,2"]) == 2

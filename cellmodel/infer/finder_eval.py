@@ -543,6 +543,7 @@ def cross_validate_learned(
     min_box: float = 0.0,
     skip_empty: bool = False,
     suppress: list[float] | tuple[float, ...] | None = None,
+    flips: list[bool] | tuple[bool, ...] | None = None,
     networks_out: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -563,7 +564,9 @@ def cross_validate_learned(
     network is scored with every candidate; the value reported for a fold is the one that
     scores best on the *other* folds (mean F1 over real slides, composed and fresh pairs,
     ties to the smaller value), so the held fold plays no part in choosing it; ``final`` is
-    the value chosen on all folds, the one to train the shipped weights with.
+    the value chosen on all folds, the one to train the shipped weights with. ``flips``:
+    candidates of the ``flips`` setting (heat map averaged over the slide's flips), chosen
+    with ``suppress`` the same way (each pair of values a candidate; ties go to no flips).
     ``networks_out``: a folder to save each fold's network in (``fold-N.pt``); a network
     found there that was trained on the same slides with the same settings is reused, so the
     same command run again (another ``suppress`` grid, say) trains nothing.
@@ -577,6 +580,11 @@ def cross_validate_learned(
     real = load_slides(slides, limit, exclude, min_box)
     fold_of = assign_folds(len(real), k, seed)
     grid = sorted({float(v) for v in suppress}) if suppress else None
+    flip_grid = sorted({bool(v) for v in flips}) if flips else None
+    if flip_grid and not grid:
+        grid = [lcfg.suppress]
+    if grid and not flip_grid:
+        flip_grid = [lcfg.flips]
     rows = []
     t_train, reused = 0.0, 0
     for f in range(k):
@@ -592,7 +600,7 @@ def cross_validate_learned(
         t0 = time.perf_counter()
         saved = storage.join(networks_out, f"fold-{f}.pt") if networks_out else None
         meta = {"trained_on": [s.name for s in train], "fold": f, "k": k, "seed": seed,
-                "settings": lcfg.to_dict() | {"suppress": 0.0}}  # fmt: skip
+                "settings": lcfg.to_dict() | {"suppress": 0.0, "flips": False}}  # fmt: skip
         if saved and storage.exists(saved) and lf.read_meta(saved) == meta:
             model = lf.load(saved)[0]  # this fold's network from an earlier run: reused
             reused += 1
@@ -609,18 +617,20 @@ def cross_validate_learned(
                 return score(dets, [s.truths for s in ss], iou_threshold)
             return pair_counts(dets, ss, iou_threshold)[0]
 
-        if grid:  # the network runs once per set; each candidate only filters its peaks
-            raw = {name: lf.detect(model, [s.image for s in ss],
-                                   dataclasses.replace(lcfg, suppress=0.0))
-                   for name, ss in sets.items()}  # fmt: skip
-            row["grid"] = {
-                _grid_key(v): {
-                    name: scored(name, ss, [lf.suppress_inner(d, v) if v > 0 else d
-                                            for d in raw[name]])
-                    for name, ss in sets.items()
-                }
-                for v in grid
-            }  # fmt: skip
+        if grid:  # the network runs once per set and flip setting; suppress filters its peaks
+            row["grid"] = {}
+            for fl in flip_grid:
+                raw = {name: lf.detect(model, [s.image for s in ss],
+                                       dataclasses.replace(lcfg, suppress=0.0, flips=fl))
+                       for name, ss in sets.items()}  # fmt: skip
+                row["grid"] |= {
+                    _grid_key(v, fl): {
+                        name: scored(name, ss, [lf.suppress_inner(d, v) if v > 0 else d
+                                                for d in raw[name]])
+                        for name, ss in sets.items()
+                    }
+                    for v in grid
+                }  # fmt: skip
         for name, ss in sets.items():
             if not grid:
                 row[f"learned_{name}"] = scored(
@@ -637,13 +647,14 @@ def cross_validate_learned(
                 ),
                 flush=True,
             )  # fmt: skip
-    final = None
+    final = final_flips = None
     if grid:
-        for r in rows:  # each fold's value chosen on the other folds
-            r["suppress"] = _choose_suppress([o for o in rows if o is not r] or [r], grid)
+        for r in rows:  # each fold's values chosen on the other folds
+            others = [o for o in rows if o is not r] or [r]
+            r["suppress"], r["flips"] = _choose_suppress(others, grid, flip_grid)
             for name in ("real", "composed", "fresh"):
-                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"])][name]
-        final = _choose_suppress(rows, grid)
+                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"], r["flips"])][name]
+        final, final_flips = _choose_suppress(rows, grid, flip_grid)
 
     def summary(key: str) -> dict:
         out = {}
@@ -672,28 +683,34 @@ def cross_validate_learned(
         "networks_reused": reused,
         "suppress_grid": grid,
         "suppress_final": final,
+        "flips_grid": flip_grid,
+        "flips_final": final_flips,
     }
 
 
-def _grid_key(v: float) -> str:
-    return f"{v:g}"
+def _grid_key(v: float, flips: bool = False) -> str:
+    return f"{v:g}" + (" flips" if flips else "")
 
 
-def _choose_suppress(rows: list[dict], grid: list[float]) -> float:
-    """The grid value with the best mean F1 over real slides, composed and fresh pairs,
-    each pooled over ``rows``; ties go to the smaller value (less suppression)."""
-    best, best_f1 = grid[0], -1.0
-    for v in grid:
+def _choose_suppress(
+    rows: list[dict], grid: list[float], flips: list[bool] | None = None
+) -> tuple[float, bool]:
+    """The (suppress, flips) candidate with the best mean F1 over real slides, composed and
+    fresh pairs, each pooled over ``rows``; ties go to no flips (a quarter of the compute),
+    then to the smaller value (less suppression)."""
+    cands = [(v, fl) for fl in sorted(flips or [False]) for v in grid]
+    best, best_f1 = cands[0], -1.0
+    for v, fl in cands:
         f1s = []
         for name in ("real", "composed", "fresh"):
-            scores = [r["grid"][_grid_key(v)][name] for r in rows]
+            scores = [r["grid"][_grid_key(v, fl)][name] for r in rows]
             tp, n_pred, n_true = (sum(sc[k] for sc in scores)
                                   for k in ("true_positives", "detections", "wbc_boxes"))  # fmt: skip
             f1s.append(_f1({"recall": tp / n_true if n_true else None,
                             "precision": tp / n_pred if n_pred else None}))  # fmt: skip
         f1 = float(np.mean(f1s))
         if f1 > best_f1 + 1e-12:
-            best, best_f1 = v, f1
+            best, best_f1 = (v, fl), f1
     return best
 
 
@@ -728,10 +745,18 @@ def format_learned_cv_table(res: dict) -> str:
                 two = f"{s[f'{m}_fresh']['counted_two']} of {s[f'{m}_fresh']['pairs']}"
             lines.append(f"| **{what}** | {m} | " + " | ".join(vals) + f" | {two} |")
     if res.get("suppress_grid"):
-        chosen = ", ".join(f"fold {r['fold']} {r['suppress']:g}" for r in res["folds"])
+        flips = len(res.get("flips_grid") or []) > 1
+
+        def pick(v: float, fl: bool) -> str:
+            return f"{v:g}" + ((" with flips" if fl else " without") if flips else "")
+
+        chosen = ", ".join(f"fold {r['fold']} {pick(r['suppress'], r['flips'])}"
+                           for r in res["folds"])  # fmt: skip
         lines.append(
-            f"\nlearned `suppress` among {[float(v) for v in res['suppress_grid']]}, each fold's "
-            f"chosen on the other folds: {chosen}; chosen on all folds: {res['suppress_final']:g}"
+            f"\nlearned `suppress` among {[float(v) for v in res['suppress_grid']]}"
+            + (", `flips` off and on" if flips else "")
+            + f", each fold's chosen on the other folds: {chosen}; chosen on all folds: "
+            + pick(res["suppress_final"], res["flips_final"])
         )
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ centre looks like instead, so two touching cells give two peaks:
   CenterNet, Zhou et al. 2019, on Gaussian bumps at the annotated centres), the offset of
   that centre inside the grid cell, and the box's log width and height;
 - a detection is a local maximum of the heat map (3x3) with a score of at least
-  ``min_score``; its box is the predicted size around the predicted centre. With
+  ``min_score``; its box is the predicted size around the predicted centre. With ``flips``
+  the heat map and sizes are the mean over the slide and its three flips. With
   ``suppress`` > 0, a weaker detection is dropped when its centre lies in the central
   ``suppress`` share of a stronger one's box or the stronger one's centre in its own: a
   second peak inside one big cell, while a touching neighbour's centre lies near or beyond
@@ -65,6 +66,9 @@ class LearnedFinderConfig:
     # A weaker peak centred in this central share of a stronger box, or holding its centre in
     # its own, is the same cell (0: off); 0.6 chosen by 5-fold CV over BCCD (BENCHMARKS.md).
     suppress: float = 0.6
+    # Average the heat map and box sizes over the slide and its three flips (4x the network's
+    # compute; the training flips slides the same ways), to steady weak peaks and box extents.
+    flips: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -358,6 +362,27 @@ def decode(
     return out
 
 
+def forward(model: CentreNet, x: torch.Tensor, flips: bool = False) -> torch.Tensor:
+    """The network's maps for ``x`` (N, 5, gh, gw). With ``flips``: the heat map is the mean
+    probability over ``x`` and its horizontal, vertical and double flips, each mapped back
+    onto ``x``'s grid (returned as a logit, as the network's own), and the box's log width
+    and height the mean of the four; the centre offsets are ``x``'s own (a flipped view's
+    offset belongs to its own peak cell, which may be a neighbour)."""
+    y = model(x)
+    if not flips:
+        return y
+    heat = torch.sigmoid(y[:, :1])
+    size = y[:, 3:].clone()
+    for dims in ((-1,), (-2,), (-2, -1)):
+        v = model(x.flip(dims)).flip(dims)
+        heat = heat + torch.sigmoid(v[:, :1])
+        size = size + v[:, 3:]
+    y = y.clone()
+    y[:, :1] = torch.logit((heat / 4).clamp(1e-6, 1 - 1e-6))
+    y[:, 3:] = size / 4
+    return y
+
+
 def suppress_inner(dets: list[Detection], share: float) -> list[Detection]:
     """``dets`` (best score first) without each one that a stronger kept detection makes
     one cell with: either's centre inside the central ``share`` of the other's box (its
@@ -393,7 +418,7 @@ def detect(
             same += 1
         chunk = images[i : i + same]
         x = torch.stack([slide_tensor(im, cfg.downsample) for im in chunk])
-        out += decode(model(x), [im.size for im in chunk], x.shape[-1], cfg)
+        out += decode(forward(model, x, cfg.flips), [im.size for im in chunk], x.shape[-1], cfg)
         i += same
     return out
 
