@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             f"finder on {f['pairs']} composed pairs (seeds {' '.join(map(str, f['seeds']))}): "
             f"recall {_num(f['recall'], 4)}, precision {_num(f['precision'], 4)} at IoU >= {args.iou}; "
             f"counted as two cells: {f['counted_two']}, both found: {f['both_found']}, "
-            f"both lost: {f['both_lost']}"
+            f"both lost: {f['both_lost']}; two boxes (the count right, any fit): "
+            f"{f['two_boxes']}"
         )
     elif "learned_cross_validation" in result:
         res = result["learned_cross_validation"]
@@ -255,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{' '.join(map(str, res['pair_seeds']))}):"
         )
         print(finder_eval.format_learned_cv_table(res))
+        fresh = res["summary"]["learned_fresh"]
+        print(
+            f"learned finder, fresh pairs: counted as two cells {fresh['counted_two']} of "
+            f"{fresh['pairs']}; two boxes (the count right, any fit) {fresh['two_boxes']}"
+        )
         if res["networks_reused"]:
             print(f"networks: {res['networks_reused']} of {res['k']} reused from --save-networks")
         if res["train_s_per_fold"] is not None:

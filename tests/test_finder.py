@@ -324,6 +324,8 @@ def test_pairs_command_counts_composed_pairs_on_the_sample(sample_dir, tmp_path,
     assert f["seeds"] == [0, 1] and 30 < f["pairs"] <= 2 * len(singles)  # one per slide, seed
     assert f["wbc_boxes"] == 2 * f["pairs"]
     assert f["counted_two"] <= f["both_found"] <= f["pairs"]
+    assert f["counted_two"] <= f["two_boxes"] <= f["pairs"]
+    assert f["two_boxes"] == f["pairs"] - sum(m["detections"] != 2 for m in f["miscounted"])
     assert len(f["miscounted"]) == f["pairs"] - f["counted_two"]
     assert f["recall"] >= 0.95 and f["precision"] >= 0.95
     assert f"counted as two cells: {f['counted_two']}" in capsys.readouterr().out

@@ -190,11 +190,13 @@ def pair_counts(
     dets: list[list[Box]], made: list[Slide], iou_threshold: float = 0.5
 ) -> tuple[dict, list[int]]:
     """:func:`score` over composed pairs, with how many were counted as exactly two cells
-    (both found, no third box), had both found, and lost both; and each pair's matches."""
+    (both found, no third box), got exactly two boxes (the count right, whatever their fit),
+    had both found, and lost both; and each pair's matches."""
     hits = [match(d, p.truths, iou_threshold) for d, p in zip(dets, made, strict=True)]
     out = {"pairs": len(made)} | score(dets, [p.truths for p in made], iou_threshold)
     out |= {
         "counted_two": sum(len(d) == 2 and h == 2 for d, h in zip(dets, hits, strict=True)),
+        "two_boxes": sum(len(d) == 2 for d in dets),
         "both_found": sum(h == 2 for h in hits),
         "both_lost": sum(h == 0 for h in hits),
     }
@@ -663,6 +665,7 @@ def cross_validate_learned(
             out[m] = {"mean": float(np.mean(vals)), "worst": float(np.min(vals))} if vals else {}
         if "pairs" in rows[0][key]:
             out["counted_two"] = sum(r[key]["counted_two"] for r in rows)
+            out["two_boxes"] = sum(r[key]["two_boxes"] for r in rows)
             out["pairs"] = sum(r[key]["pairs"] for r in rows)
         return out
 
