@@ -2,6 +2,7 @@
 
     python -m jobs.calibrate --checkpoint CKPT --data SHARDS [--split val] [--write]
     python -m jobs.calibrate --checkpoint CKPT --temperature T --write [--note TEXT]
+    python -m jobs.calibrate --checkpoint A --checkpoint B --checkpoint C --data SHARDS --write
 
 The first form predicts the split, fits the temperature that makes the probabilities
 honest (cellmodel.evaluate.calibrate), and prints the figures before and after,
@@ -10,7 +11,10 @@ others). ``--write`` stores the temperature fitted on the whole split in the che
 ``checkpoint.json``; every consumer (Serve, the slide job, jobs.evaluate) then applies it.
 The second form stores a given temperature: for a final fit on every labelled image,
 whose own validation is in-sample, take it from the same recipe trained on the train
-split (see docs/evaluation.md).
+split (see docs/evaluation.md). The third form calibrates a seed ensemble (the mean of its
+members' calibrated probabilities is less confident than it is right): its temperature is
+stored in every member for that combination, and applies wherever the same members are
+named together (``jobs.evaluate``, the slide job).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or URI)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="checkpoint folder (local or URI); repeat it to calibrate those checkpoints as one "
+        "ensemble (its temperature is stored in every member, for that combination only)",
+    )
     p.add_argument("--data", help="class-folder tree or shard dataset the model did not learn from")
     p.add_argument("--split", default="val", help="split of a shard dataset (default: val)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds by source cell")
@@ -40,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if len(set(args.checkpoint)) < len(args.checkpoint):
+        p.error(f"a checkpoint is named twice in {args.checkpoint}")
     if (args.data is None) == (args.temperature is None):
         p.error("give --data (fit the temperature) or --temperature (store a given one)")
     if args.folds < 2:
@@ -54,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from cellmodel.evaluate.calibrate import calibrate_checkpoint, write_temperature
     from cellmodel.models import CheckpointError
 
+    ckpt = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
     try:
         if args.temperature is not None:
-            out = {"temperature": args.temperature, "checkpoint": args.checkpoint}
+            out = {"temperature": args.temperature, "checkpoint": ckpt}
             fitted = {"from": args.note or "given on the command line"}
         else:
             out = calibrate_checkpoint(
-                args.checkpoint,
+                ckpt,
                 args.data,
                 args.split,
                 folds=args.folds,
@@ -85,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cross_fitted_ece": [b["ece"], a["ece"]],
             }
         if args.write:
-            entry = write_temperature(args.checkpoint, out["temperature"], fitted)
-            print(f"wrote calibration {json.dumps(entry)} to {args.checkpoint}")
+            entry = write_temperature(ckpt, out["temperature"], fitted)
+            where = ckpt if isinstance(ckpt, str) else f"each of {', '.join(ckpt)} (this ensemble)"
+            print(f"wrote calibration {json.dumps(entry)} to {where}")
         if args.json:
             from cellmodel import storage
 

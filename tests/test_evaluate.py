@@ -456,6 +456,64 @@ def test_calibrate_command_fits_stores_and_refits_the_same(checkpoint, shard_dat
     assert Predictor(ck).temperature == 0.8
 
 
+def test_an_ensemble_has_its_own_temperature_stored_for_that_combination(
+    checkpoint, shard_dataset, tmp_path
+):
+    """jobs.calibrate with several checkpoints fits the temperature of their mean, stores it in
+    every member under the combination, and the same members in any order apply it to the log
+    of their mean probability; another combination and each member alone do not."""
+    from cellmodel.infer.ensemble import Ensemble, EnsembleError
+    from cellmodel.infer.predictor import softmax
+    from jobs import calibrate
+
+    a = str(tmp_path / "a")
+    shutil.copytree(checkpoint, a)
+    torch.manual_seed(1)
+    b = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "b"))
+    torch.manual_seed(2)
+    c = save_checkpoint(build_model("tiny_bilstm"), str(tmp_path / "c"))
+    x = np.stack([bytes_to_array(f.read_bytes(), Predictor(a).cfg) for f in sample_files(2)])
+    plain = Ensemble([a, b]).predict_arrays(x)
+    assert Ensemble([a, b]).temperature == 1.0
+
+    out = tmp_path / "cal.json"
+    args = ["--checkpoint", a, "--checkpoint", b, "--data", shard_dataset, "--quiet"]
+    assert calibrate.main([*args, "--json", str(out), "--write"]) == 0
+    fit = json.loads(out.read_text())
+    assert fit["checkpoint"] == [a, b] and fit["stored_temperature"] == 1.0
+    for member in (a, b):
+        meta = json.loads((Path(member) / "checkpoint.json").read_text())
+        (entry,) = meta["ensemble_calibration"].values()
+        assert entry["temperature"] == fit["temperature"] and entry["members"] == [a, b]
+        assert "calibration" not in meta  # the member's own temperature is left alone
+    assert Ensemble([b, a]).temperature == fit["temperature"]
+    assert Predictor(a).temperature == 1.0 and Ensemble([a, c]).temperature == 1.0
+    # Fitted again: the stored ensemble temperature is undone first, so the fit is the same.
+    assert calibrate.main([*args, "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["stored_temperature"] == fit["temperature"]
+    assert again["temperature"] == pytest.approx(fit["temperature"], rel=1e-3)
+
+    # A given temperature: the ensemble answers softmax(log(mean) / T), its ranking unchanged.
+    assert calibrate.main(["--checkpoint", b, "--checkpoint", a, "--temperature", "0.5",
+                           "--write"]) == 0  # fmt: skip
+    ens = Ensemble([a, b])
+    assert ens.temperature == 0.5 and ens.meta["ensemble_temperature"] == 0.5
+    np.testing.assert_allclose(ens.predict_arrays(x), softmax(np.log(plain) * 2), atol=1e-5)
+    assert (ens.predict_arrays(x).argmax(1) == plain.argmax(1)).all()
+    assert Ensemble([a, b, c]).temperature == 1.0  # a third member: another combination
+
+    # Members that disagree about it are refused; a member named twice is refused.
+    meta = json.loads((Path(b) / "checkpoint.json").read_text())
+    for entry in meta["ensemble_calibration"].values():
+        entry["temperature"] = 0.7
+    (Path(b) / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(EnsembleError, match="different temperatures"):
+        Ensemble([a, b])
+    with pytest.raises(SystemExit):
+        calibrate.main(["--checkpoint", a, "--checkpoint", a, "--temperature", "1", "--write"])
+
+
 def test_calibrate_command_errors(checkpoint, tmp_path, capsys):
     from jobs import calibrate
 

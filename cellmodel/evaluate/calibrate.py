@@ -9,7 +9,10 @@ change). ``T`` is fitted on labelled data the model did not learn from, by the m
 negative log-likelihood of the true class (by default every source cell weighing the
 same, whatever its number of copies), and stored in ``checkpoint.json``
 (``calibration.temperature``); ``Predictor`` applies it, so Serve, the slide job,
-``jobs.evaluate`` and ensembles all see calibrated probabilities.
+``jobs.evaluate`` and ensembles all see calibrated probabilities. An ensemble (several
+checkpoints named together) gets a temperature of its own, applied to the log of its
+members' mean probability: stored in every member under the ensemble's digest
+(``cellmodel.infer.ensemble``), it applies to that combination only.
 
 How good the fit is, is measured without scoring on the images it was fitted on: the
 images are split in folds by source cell, ``T`` is fitted on the other folds and applied
@@ -147,7 +150,7 @@ def cross_fit(
 
 
 def calibrate_checkpoint(
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     data_uri: str,
     split: str = "val",
     *,
@@ -160,12 +163,14 @@ def calibrate_checkpoint(
     progress: bool = False,
 ) -> dict:
     """Predict ``split`` of ``data_uri`` with ``checkpoint`` (its stored temperature, if
-    any, undone) and fit the temperature; nothing is written (see :func:`write_temperature`)."""
+    any, undone) and fit the temperature; nothing is written (see :func:`write_temperature`).
+    Several checkpoints: their ensemble's temperature, on the mean of the members'
+    probabilities (each member's own temperature applied)."""
     from cellmodel.evaluate.data import open_data
     from cellmodel.evaluate.run import predict_data
-    from cellmodel.infer.predictor import Predictor
+    from cellmodel.infer.ensemble import load_predictor
 
-    predictor = Predictor(checkpoint, device=device)
+    predictor = load_predictor(checkpoint, device=device)
     t0, predictor.temperature = predictor.temperature, 1.0  # fit on the raw logits
     data = open_data(data_uri, predictor.classes, split)
     preds = predict_data(predictor, data, batch_size, progress)
@@ -176,17 +181,37 @@ def calibrate_checkpoint(
     return out
 
 
-def write_temperature(checkpoint: str, temperature: float, fitted: dict) -> dict:
+def write_temperature(checkpoint: str | Sequence[str], temperature: float, fitted: dict) -> dict:
     """Store ``temperature`` in ``checkpoint``'s ``checkpoint.json`` (the weights are not
-    touched); ``fitted`` says where it came from. Returns the new ``calibration`` entry."""
+    touched); ``fitted`` says where it came from. Returns the new ``calibration`` entry.
+
+    Several checkpoints: the temperature of their ensemble, stored in every member under the
+    ensemble's digest (``ensemble_calibration``), beside any other ensemble's and the
+    member's own temperature, which stay as they were."""
+    import hashlib
     import json
 
-    from cellmodel.models.checkpoint import META_FILE, read_checkpoint_meta
+    from cellmodel.infer.ensemble import CALIBRATION_KEY, combination_digest
+    from cellmodel.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta
 
     if not (T_RANGE[0] <= temperature <= T_RANGE[1]):
         raise ValueError(f"temperature must lie in {T_RANGE}, got {temperature}")
-    meta = read_checkpoint_meta(checkpoint)
+    members = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    if len(set(members)) < len(members):
+        raise ValueError(f"a checkpoint is named twice in {members}")
+    metas = [read_checkpoint_meta(c) for c in members]  # every member read before any write
     entry = {"temperature": round(float(temperature), 4), **fitted}
-    meta["calibration"] = entry
-    storage.write_bytes(storage.join(checkpoint, META_FILE), json.dumps(meta, indent=2).encode())
+    if len(members) > 1:
+        key = combination_digest(
+            m.get("weights_sha256")  # older checkpoints: the digest their loading computes
+            or hashlib.sha256(storage.read_bytes(storage.join(c, WEIGHTS_FILE))).hexdigest()
+            for c, m in zip(members, metas)
+        )
+        entry["members"] = members
+        for m in metas:
+            m.setdefault(CALIBRATION_KEY, {})[key] = entry
+    else:
+        metas[0]["calibration"] = entry
+    for c, m in zip(members, metas):
+        storage.write_bytes(storage.join(c, META_FILE), json.dumps(m, indent=2).encode())
     return entry

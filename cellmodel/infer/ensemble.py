@@ -4,6 +4,12 @@ Typical use is a seed ensemble (the same recipe trained with different seeds), w
 the run-to-run spread of a single model. Every member must agree on what it classifies and
 on what it reads: the same classes in the same order, the same input size and the same
 preprocessing. ``Ensemble`` then offers the ``Predictor`` calls that evaluation uses.
+
+The mean of calibrated members is less confident than it is right (their disagreements
+flatten it), so an ensemble has a temperature of its own, fitted by ``jobs.calibrate`` with
+the members named together and stored in every member's ``checkpoint.json`` under the
+ensemble's digest (``ensemble_calibration``): the same members, in any order, find it; any
+other combination does not.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import numpy as np
 from cellmodel.data.transforms import stack_bytes
 from cellmodel.infer.predictor import Predictor
 
+CALIBRATION_KEY = "ensemble_calibration"
+
 
 class EnsembleError(ValueError):
     """The checkpoints cannot be combined; the message says which one differs and how."""
@@ -26,7 +34,8 @@ class Ensemble:
 
     Keyword arguments go to each member's ``Predictor`` (``device``, ``backend``, ``tta``...).
     ``model``, ``cfg`` and ``meta`` are the first member's (what reports draw); ``members``
-    holds every ``Predictor``; ``weights_sha256`` names the combination (order-independent).
+    holds every ``Predictor``; ``weights_sha256`` names the combination (order-independent);
+    ``temperature`` is the one stored for this combination (1.0 when none is).
     """
 
     def __init__(self, checkpoints: Sequence[str], **kwargs) -> None:
@@ -48,20 +57,50 @@ class Ensemble:
         ]
         self.classes = list(first.classes)
         self.tta = first.tta
-        digest = hashlib.sha256()
-        for sha in sorted(m.weights_sha256 for m in self.members):
-            digest.update(sha.encode())
-        self.weights_sha256 = digest.hexdigest()
+        self.weights_sha256 = combination_digest(m.weights_sha256 for m in self.members)
+        self.temperature = stored_temperature(checkpoints, [m.meta for m in self.members])
+        self.meta["ensemble_temperature"] = self.temperature
 
     def predict_arrays(self, x: np.ndarray) -> np.ndarray:
-        """Mean of the members' probabilities for a preprocessed float32 batch."""
-        return np.mean([m.predict_arrays(x) for m in self.members], axis=0)
+        """Mean of the members' probabilities for a preprocessed float32 batch, sharpened or
+        softened by the ensemble's temperature (``softmax(log p / T)``)."""
+        p = np.mean([m.predict_arrays(x) for m in self.members], axis=0)
+        if self.temperature == 1.0:
+            return p
+        z = np.log(np.clip(p, 1e-30, 1.0)) / self.temperature
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(p.dtype)
 
     def predict_uint8(self, x: np.ndarray) -> np.ndarray:
         return self.predict_arrays(self.members[0].normalize_uint8(x))
 
     def predict_bytes(self, images: Sequence[bytes]) -> np.ndarray:
         return self.predict_arrays(stack_bytes(images, self.cfg))
+
+
+def combination_digest(shas) -> str:
+    """The SHA-256 naming a set of members (their weights' digests, in any order)."""
+    digest = hashlib.sha256()
+    for sha in sorted(shas):
+        digest.update(sha.encode())
+    return digest.hexdigest()
+
+
+def stored_temperature(checkpoints: Sequence[str], metas: Sequence[dict]) -> float:
+    """The temperature the members' ``checkpoint.json`` hold for exactly this combination
+    (1.0 when none does); members that hold different ones are refused."""
+    key = combination_digest(m["weights_sha256"] for m in metas)
+    found = {
+        c: float(entry["temperature"])
+        for c, m in zip(checkpoints, metas)
+        if (entry := (m.get(CALIBRATION_KEY) or {}).get(key))
+    }
+    if len(set(found.values())) > 1:
+        raise EnsembleError(
+            f"the members hold different temperatures for this ensemble ({found}); fit it "
+            "again with python -m jobs.calibrate --checkpoint ... (every member) --write"
+        )
+    return next(iter(found.values()), 1.0)
 
 
 def _check_compatible(uri_a: str, a: Predictor, uri_b: str, b: Predictor) -> None:
