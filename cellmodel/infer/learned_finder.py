@@ -67,7 +67,8 @@ class LearnedFinderConfig:
     # its own, is the same cell (0: off); 0.6 chosen by 5-fold CV over BCCD (BENCHMARKS.md).
     suppress: float = 0.6
     # Average the heat map and box sizes over the slide and its three flips (4x the network's
-    # compute; the training flips slides the same ways), to steady weak peaks and box extents.
+    # compute; training flips slides the same ways). Off: the 5-fold CV over BCCD did not
+    # choose it (one false box fewer, one or two touching pairs more merged; BENCHMARKS.md).
     flips: bool = False
     seed: int = 0
     threads: int | None = None
