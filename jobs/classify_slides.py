@@ -1,10 +1,11 @@
-"""Bulk-classify slides: ``python -m jobs.classify_slides --input --checkpoint --output``.
+"""Bulk-classify slides: ``python -m jobs.classify_slides --input --output [--checkpoint]``.
 
 Finds the white cells on every slide, classifies them on a Ray Data actor pool and writes
 Parquet per cell and per slide, plus ``summary.json``. Re-running skips committed slides,
 so an interrupted run is resumed by running the same command again.
 
-Settings come from ``--config`` (default ``jobs/configs/slides.toml``), then
+Without ``--checkpoint`` the job classifies with ``$CELLMODEL_CHECKPOINT``, else the bundled
+model. Settings come from ``--config`` (default ``jobs/configs/slides.toml``), then
 ``key=value`` overrides with TOML values (``finder.min_area=1500 tta=true``), then the
 flags below.
 """
@@ -32,10 +33,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--input", required=True, help="folder or s3:// prefix of slide images")
     ap.add_argument(
         "--checkpoint",
-        required=True,
         action="append",
         help="checkpoint folder or URI; repeat it to classify with an ensemble (the mean of "
-        "the members' probabilities; they must share classes, input, pixel scale and light)",
+        "the members' probabilities; they must share classes, input, pixel scale and light); "
+        "default $CELLMODEL_CHECKPOINT, else the bundled model (models/bundled)",
     )
     ap.add_argument("--output", required=True, help="output folder or URI (resumable)")
     ap.add_argument("--config", help=f"TOML settings (default {DEFAULT_CONFIG.name})")
@@ -78,7 +79,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--fault-after-parts", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--fault-mode", choices=("raise", "hang"), default="raise",
                     help=argparse.SUPPRESS)  # fmt: skip
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.checkpoint:
+        from cellmodel.models.checkpoint import default_checkpoint
+
+        args.checkpoint = [default_checkpoint()]
+        print(f"checkpoint: {args.checkpoint[0]} (none given)", file=sys.stderr)
+    return args
 
 
 def format_summary(s: dict) -> str:

@@ -1,11 +1,12 @@
 """Evaluate a checkpoint and write a report a person reads.
 
-    python -m jobs.evaluate --checkpoint CKPT_URI --data PATH_OR_URI --out DIR [--split val]
+    python -m jobs.evaluate [--checkpoint CKPT_URI] --data PATH_OR_URI --out DIR [--split val]
 
 DATA is a class-folder tree (``<data>/<CLASS>/*.jpeg``, like the TEST split) or a Parquet
 shard dataset (``manifest.json``; ``--split`` picks the split). DIR (a local folder or a
 URI) receives report.md, metrics.json, predictions.csv and the PNGs. Runs the same locally
-and under ``ray job submit``. See docs/evaluation.md.
+and under ``ray job submit``. Without ``--checkpoint``: ``$CELLMODEL_CHECKPOINT``, else the
+bundled model. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument(
         "--checkpoint",
-        required=True,
         action="append",
         help="checkpoint folder (local or URI); repeat it to score an ensemble (the mean of "
-        "the checkpoints' probabilities, e.g. the seeds of one recipe)",
+        "the checkpoints' probabilities, e.g. the seeds of one recipe); default "
+        "$CELLMODEL_CHECKPOINT, else the bundled model (models/bundled)",
     )
     p.add_argument("--data", required=True, help="class-folder tree or shard dataset")
     p.add_argument("--out", help="output folder for the report (omit to print metrics only)")
@@ -39,7 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="average each image over its 8 flips and quarter turns (8x the compute)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.checkpoint:
+        from cellmodel.models.checkpoint import default_checkpoint
+
+        args.checkpoint = [default_checkpoint()]
+        print(f"checkpoint: {args.checkpoint[0]} (none given)", file=sys.stderr)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,11 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cellmodel import storage
 from cellmodel.data.transforms import MAX_PIXELS
+from cellmodel.models.checkpoint import BUNDLED, CHECKPOINT_ENV, default_checkpoint
 from serve.images import DEFAULT_FORMATS, MEDIA_TYPES
 
-CHECKPOINT_ENV = "CELLMODEL_CHECKPOINT"
 # Where the quickstart (`make demo`, jobs/demo.py) leaves its best checkpoint, from the repo root.
-DEFAULT_CHECKPOINT = "models/bundled"  # the bundled model (models/README.md)
+DEFAULT_CHECKPOINT = BUNDLED  # the bundled model (models/README.md)
 
 
 class AppArgs(BaseModel):
@@ -91,11 +90,7 @@ class AppArgs(BaseModel):
         A local relative path is made absolute here, because replicas may start in another
         working directory than the one ``serve run`` was called from.
         """
-        uri = self.checkpoint or os.environ.get(CHECKPOINT_ENV)
-        if not uri:
-            # The bundled model, found from any working directory (also inside the image).
-            here = Path(DEFAULT_CHECKPOINT)
-            uri = str(here if here.exists() else Path(__file__).resolve().parents[1] / here)
+        uri = self.checkpoint or default_checkpoint()
         return uri if storage.is_remote(uri) else str(Path(uri).expanduser().absolute())
 
 

@@ -175,6 +175,29 @@ def test_cli_prints_summary_and_writes_report(checkpoint, tmp_path, capsys):
     assert "feature-map image not found" in capsys.readouterr().err
 
 
+def test_cli_without_a_checkpoint_uses_the_environment_then_the_bundled_model(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """No --checkpoint: $CELLMODEL_CHECKPOINT when set, else the bundled model, from any
+    working directory, and the command says which."""
+    from cellmodel.models.checkpoint import default_checkpoint
+    from jobs.evaluate import main, parse_args
+
+    data = copy_crops(tmp_path / "data", 1)
+    monkeypatch.setenv("CELLMODEL_CHECKPOINT", checkpoint)
+    assert main(["--data", str(data), "--out", str(tmp_path / "env"), "--quiet"]) == 0
+    assert f"checkpoint: {checkpoint} (none given)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "env" / "metrics.json").read_text())["checkpoint"] == checkpoint
+    monkeypatch.delenv("CELLMODEL_CHECKPOINT")
+    monkeypatch.chdir(tmp_path)  # not the repository: the bundled model is still found
+    bundled = ROOT / "models" / "bundled"
+    assert default_checkpoint() == str(bundled)
+    assert parse_args(["--data", str(data)]).checkpoint == [str(bundled)]
+    assert main(["--data", str(data), "--out", str(tmp_path / "bundled"), "--quiet"]) == 0
+    m = json.loads((tmp_path / "bundled" / "metrics.json").read_text())
+    assert m["checkpoint"] == str(bundled) and m["n"] == 4
+
+
 def test_cli_user_mistake_gives_one_error_line(checkpoint, tmp_path):
     # A real process, so that the exit status and the absence of a traceback are real.
     r = subprocess.run(

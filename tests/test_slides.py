@@ -180,6 +180,19 @@ def test_other_checkpoint_cannot_write_into_an_output(bucket, tmp_path):
         run_slides(IN.format(bucket=bucket), f"{bucket}/ckpt", out, progress=False)
 
 
+def test_command_line_default_checkpoint(tmp_path, capsys, monkeypatch):
+    """Without --checkpoint the job takes $CELLMODEL_CHECKPOINT, else the bundled model."""
+    args = ["--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    monkeypatch.setenv("CELLMODEL_CHECKPOINT", "s3://models/mine")
+    assert classify_slides.parse_args(args).checkpoint == ["s3://models/mine"]
+    monkeypatch.delenv("CELLMODEL_CHECKPOINT")
+    monkeypatch.chdir(tmp_path)
+    bundled = Path(classify_slides.__file__).resolve().parents[1] / "models" / "bundled"
+    assert classify_slides.parse_args(args).checkpoint == [str(bundled)]
+    assert "(none given)" in capsys.readouterr().err
+    assert classify_slides.parse_args([*args, "--checkpoint", "a"]).checkpoint == ["a"]
+
+
 def test_command_line_errors_are_one_line(bucket, tmp_path, capsys):
     def run(*args) -> tuple[int, str]:
         rc = classify_slides.main(list(args))

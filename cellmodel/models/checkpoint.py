@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
@@ -23,6 +25,19 @@ from cellmodel.models.config import ModelConfig
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
+CHECKPOINT_ENV = "CELLMODEL_CHECKPOINT"  # the checkpoint commands use when given none
+BUNDLED = "models/bundled"  # the bundled model (models/README.md), relative to the repository
+
+
+def default_checkpoint() -> str:
+    """The checkpoint to use when none is named: ``$CELLMODEL_CHECKPOINT``, else the bundled
+    model, found from any working directory (also inside the image)."""
+    if uri := os.environ.get(CHECKPOINT_ENV):
+        return uri
+    here = Path(BUNDLED)
+    return str(
+        (here if here.exists() else Path(__file__).resolve().parents[2] / BUNDLED).absolute()
+    )
 
 
 class CheckpointError(RuntimeError):
