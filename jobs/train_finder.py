@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    from cellmodel.data.scale import estimate_dataset_scale
     from cellmodel.infer import learned_finder as lf
     from cellmodel.infer.finder_eval import load_slides
 
@@ -82,13 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             "slides": args.slides,
             "trained_on": [s.name for s in annotated],
             "train_s": round(time.perf_counter() - t0, 1),
+            # the pixel scale it learned at: the slide job resizes other scales to it
+            "rbc_diameter_px": estimate_dataset_scale([s.image for s in annotated])[
+                "rbc_diameter_px"
+            ],
         }
         lf.save(model, cfg, args.out, meta)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"trained on {len(annotated)} slides in {meta['train_s']} s; wrote {args.out}\n"
+        f"trained on {len(annotated)} slides in {meta['train_s']} s (red-cell diameter "
+        f"{meta['rbc_diameter_px']} px); wrote {args.out}\n"
         f"use it: python -m jobs.classify_slides ... finder.method=learned "
         f"finder.weights={args.out}"
     )

@@ -16,6 +16,7 @@ from cellmodel.infer.finder import (
     distance_transform,
     fill_holes,
     find_cells,
+    find_cells_at_scale,
     iou,
     label_components,
     match,
@@ -136,6 +137,38 @@ def test_bad_finder_settings_are_named_together():
     msg = str(e.value)
     assert "unknown key min_areaa" in msg and "min_area," in msg  # the known keys are listed
     assert "downsample" in msg and "rel_floor" in msg
+
+
+def test_a_slide_of_another_pixel_scale_is_found_at_the_finders_own(sample_dir):
+    """A slide photographed with twice the pixels (upscaled 2x here) is resized to the
+    finder's scale by its measured red cells: the same boxes as on the original, in the big
+    slide's pixels; found as is, the stain rules (sizes in pixels) box it otherwise."""
+    from cellmodel.data.scale import estimate_rbc_diameter
+
+    cfg = FinderConfig()
+    as_is_differs = 0
+    for stem in ("BloodImage_00008", "BloodImage_00117", "BloodImage_00032"):
+        img = Image.open(sample_dir / "slides" / "JPEGImages" / f"{stem}.jpg").convert("RGB")
+        big = img.resize((1280, 960), Image.BILINEAR)
+        want = find_cells(img, cfg)
+        rbc = estimate_rbc_diameter(big)
+        assert rbc == pytest.approx(2 * estimate_rbc_diameter(img), rel=0.15)
+        got, f = find_cells_at_scale(big, cfg, rbc, cfg.rbc_diameter_px)
+        assert f == pytest.approx(cfg.rbc_diameter_px / rbc) and f < 0.6
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert iou(tuple(v / 2 for v in g.as_tuple()), w.as_tuple()) > 0.9
+            assert g.nucleus_area == pytest.approx(4 * w.nucleus_area, rel=0.2)
+        plain = find_cells(big, cfg)
+        as_is_differs += len(plain) != len(want) or any(
+            iou(tuple(v / 2 for v in p.as_tuple()), w.as_tuple()) < 0.8 for p, w in zip(plain, want)
+        )
+        # within the tolerance, or with a scale unknown, the slide is found as it is
+        near = img.resize((704, 528), Image.BILINEAR)  # 1.1x
+        assert find_cells_at_scale(near, cfg, 1.1 * rbc / 2, cfg.rbc_diameter_px)[1] == 1.0
+        assert find_cells_at_scale(big, cfg, None, cfg.rbc_diameter_px)[1] == 1.0
+        assert find_cells_at_scale(big, cfg, rbc, None)[1] == 1.0
+    assert as_is_differs >= 2  # the rescale is what makes the boxes right
 
 
 def test_evaluation_command_on_the_sample(sample_dir, tmp_path, capsys):

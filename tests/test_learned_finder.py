@@ -200,6 +200,7 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert "finder.method=learned" in capsys.readouterr().out
     assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.6
     assert lf.load(str(out))[1].flips is False
+    assert 60 < lf.read_meta(str(out))["rbc_diameter_px"] < 95  # BCCD's scale, measured
     flipped = tmp_path / "flipped.pt"
     assert train(["--slides", slides, "--out", str(flipped), "--epochs", "1", "--flips"]) == 0
     assert lf.load(str(flipped))[1].flips is True  # the setting travels with the weights

@@ -597,11 +597,10 @@ def test_a_resumed_output_keeps_its_scale_light_and_settings(
     out = str(tmp_path / "out")
     run_slides(str(root), ckpt, out, SlidesConfig(**CFG), progress=False)
     first = read_job(out)
-    # The archive grows by a darker, finer-grained slide: the resumed job classifies it with
-    # the scale and light its first run measured, so the output holds one of each.
+    # The archive grows by a darker slide: the resumed job classifies it with the scale and
+    # light its first run measured, so the output holds one of each.
     img = Image.open(root / "BloodImage_00021.jpg").convert("RGB")
-    small = img.resize((480, 360)).point(lambda v: max(0, v - 40))
-    small.save(root / "later.jpg", quality=95)
+    img.point(lambda v: max(0, v - 40)).save(root / "later.jpg", quality=95)
     s = run_slides(str(root), ckpt, out, SlidesConfig(**{**CFG, "batch_size": 4}), progress=False)
     assert s["n_new"] == 1 and s["n_slides"] == 6
     assert read_job(out) == first and s["light"] == first["light"]
@@ -618,6 +617,43 @@ def test_a_resumed_output_keeps_its_scale_light_and_settings(
                          ({"tta": True}, "tta")):  # fmt: skip
         with pytest.raises(SlidesError, match=f"other settings \\(.*{name}"):
             run_slides(str(root), ckpt, out, SlidesConfig(**CFG, **change), progress=False)
+
+
+def test_a_slide_from_another_camera_is_measured_alone_and_found_at_the_finders_scale(
+    ray_session, tmp_path, multi_cell_input
+):
+    """An archive of 640x480 slides with one slide of twice the pixels: the archive's scale
+    and light are measured on its commonest size, the odd slide on its own red cells; the
+    finder sees it at its own scale (the boxes are the original's, doubled) and its cells
+    are cut at twice the window, so they show what the original's show."""
+    import shutil
+
+    from cellmodel.infer.finder import iou
+    from cellmodel.infer.slides import read_job
+
+    root = tmp_path / "in"
+    shutil.copytree(multi_cell_input[0], root)
+    img = Image.open(root / "BloodImage_00021.jpg").convert("RGB")
+    img.resize((1280, 960), Image.BILINEAR).save(root / "x2.jpg", quality=95)
+    ckpt = scaled_checkpoint(tmp_path / "ck")
+    out = str(tmp_path / "out")
+    run_slides(str(root), ckpt, out, SlidesConfig(**CFG), progress=False)
+    job = read_job(out)
+    assert job["scale"]["archive_size"] == [640, 480] == job["light"]["archive_size"]
+    assert job["scale"]["finder_rbc_diameter_px"] == FinderConfig().rbc_diameter_px
+    cells, slides = read_results(out)
+    one, two = (slides.set_index("slide_id").loc[k] for k in ("BloodImage_00021.jpg", "x2.jpg"))
+    assert (one.width, two.width) == (640, 1280)
+    assert one.rbc_diameter_px == job["scale"]["slide_rbc_diameter_px"]  # the archive's
+    assert two.rbc_diameter_px == pytest.approx(2 * one.rbc_diameter_px, rel=0.2)  # its own
+    assert two.crop_scale == pytest.approx(2 * one.crop_scale, rel=0.2)
+    boxes = {
+        k: cells[cells.slide_id == k][["xmin", "ymin", "xmax", "ymax"]].to_numpy()
+        for k in ("BloodImage_00021.jpg", "x2.jpg")
+    }
+    assert len(boxes["x2.jpg"]) == len(boxes["BloodImage_00021.jpg"]) >= 1
+    for a, b in zip(boxes["BloodImage_00021.jpg"], boxes["x2.jpg"], strict=True):
+        assert iou(tuple(a), tuple(b / 2)) > 0.85
 
 
 def test_classifier_stage_averages_an_ensemble(tmp_path):

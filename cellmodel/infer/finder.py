@@ -124,6 +124,14 @@ class FinderConfig(Section):
     margin_gap: float = 9.22  # px per unit of its box the nucleus leaves empty (lobed nuclei)
     min_cell_size: float = Field(60.0, ge=0)  # the box is at least this wide/high
     min_score: float = Field(0.0, ge=0, le=1)  # boxes below this score are dropped
+    # The red-cell diameter (px) of the slides the finder was made for: BCCD's median, 76.6
+    # (the learned finder's training slides, the stain rules' tuning slides; a learned weights
+    # file that records its own training slides' diameter overrides it). In the slide job, a
+    # slide whose red cells measure more than `scale_tolerance` (a share) away from it is
+    # resized to it before finding and the boxes are mapped back: a slide from a camera with
+    # twice the pixels shows the finder cells of the size it knows. None: find as is.
+    rbc_diameter_px: float | None = Field(76.6, gt=0)
+    scale_tolerance: float = Field(0.2, ge=0)
 
     @model_validator(mode="after")
     def _weights_for_learned(self) -> FinderConfig:
@@ -684,6 +692,38 @@ def find_cells(img: Image.Image, cfg: FinderConfig | None = None) -> list[Detect
         model, lcfg = load_cached(str(cfg.weights))
         return [d for d in detect(model, [img], lcfg)[0] if d.score >= cfg.min_score]
     return boxes_from_nuclei(find_nuclei(img, cfg), img.size, cfg)
+
+
+def find_cells_at_scale(
+    img: Image.Image,
+    cfg: FinderConfig,
+    slide_rbc_px: float | None,
+    finder_rbc_px: float | None,
+) -> tuple[list[Detection], float]:
+    """:func:`find_cells` on ``img`` resized so that its red cells (``slide_rbc_px``
+    across) look as on the slides the finder was made for (``finder_rbc_px``), boxes mapped
+    back to ``img``'s pixels; ``img`` as is when either is unknown or they differ by no more
+    than ``cfg.scale_tolerance``. Returns the detections and the factor used (1.0: as is)."""
+    if not slide_rbc_px or not finder_rbc_px:
+        return find_cells(img, cfg), 1.0
+    f = finder_rbc_px / slide_rbc_px
+    if abs(f - 1.0) <= cfg.scale_tolerance:
+        return find_cells(img, cfg), 1.0
+    w, h = img.size
+    small = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+    fx, fy = small.size[0] / w, small.size[1] / h
+    dets = [
+        Detection(
+            d.xmin / fx,
+            d.ymin / fy,
+            min(float(w), d.xmax / fx),
+            min(float(h), d.ymax / fy),
+            d.score,
+            d.nucleus_area / (fx * fy),
+        )
+        for d in find_cells(small, cfg)
+    ]
+    return dets, f
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from cellmodel import commit, storage
 from cellmodel.config import Section, apply_overrides, read_toml, validate_settings
-from cellmodel.infer.finder import FinderConfig, find_cells
+from cellmodel.infer.finder import FinderConfig, find_cells_at_scale
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +298,20 @@ def find_batch(
     framing: str = "centre",
     train_background: tuple | None = None,
     slide_background: tuple | None = None,
+    finder_rbc_px: float | None = None,
+    archive_size: tuple | None = None,
 ) -> dict:
     """Stage 1 on a batch of slides (``slide_id``, ``uri``): one row per found cell.
 
-    Each cell is cut at the training pixel scale when ``train_rbc_px`` is given (see
-    ``SlidesConfig``): the slide's red-cell diameter is ``slide_rbc_px`` or measured.
-    With ``train_background`` (R, G, B), each window is shifted by it minus the slide's
-    background level: ``slide_background`` or measured on the slide.
-    Slides with no cell, or that failed, give one row with ``cell_index`` -1.
+    The slide's red-cell diameter is ``slide_rbc_px`` or measured on the slide. The finder
+    sees the slide resized to its own scale (``finder_rbc_px``, see ``FinderConfig``), and
+    each cell is cut at the training pixel scale when ``train_rbc_px`` is given (see
+    ``SlidesConfig``). With ``train_background`` (R, G, B), each window is shifted by it
+    minus the slide's background level: ``slide_background`` or measured on the slide.
+    ``archive_size`` (width, height): the archive's measured ``slide_rbc_px`` and
+    ``slide_background`` hold for slides of that size only; another size (another camera)
+    is measured alone. Slides with no cell, or that failed, give one row with ``cell_index``
+    -1.
     """
     from cellmodel.data.light import background_rgb, light_offset, relight
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
@@ -325,13 +331,19 @@ def find_batch(
             msg = f"{type(e).__name__}: {e}"
             dets, base = [], _slide_row(slide_id, uri, "error", "unreadable", msg)
         else:
-            dets = find_cells(img, fcfg)
+            # the archive's camera, landscape or portrait
+            of_archive = archive_size is None or sorted(img.size) == sorted(archive_size)
+            if slide_rbc_px and of_archive:
+                rbc = slide_rbc_px
+            elif train_rbc_px or finder_rbc_px:
+                rbc = estimate_rbc_diameter(img)
+            dets, _ = find_cells_at_scale(img, fcfg, rbc, finder_rbc_px)
             base = _slide_row(slide_id, uri, size=img.size)
             if train_rbc_px and dets:
-                rbc = slide_rbc_px or estimate_rbc_diameter(img)
                 window = crop_window((w, h), rbc, train_rbc_px)
             if train_background is not None and dets:
-                level = slide_background if slide_background is not None else background_rgb(img)
+                level = slide_background if slide_background is not None and of_archive else None
+                level = background_rgb(img) if level is None else level
                 offset = None if level is None else light_offset(train_background, level)
         base["rbc_diameter_px"] = float(rbc) if rbc else float("nan")
         base["crop_scale"] = window[0] / w
@@ -599,8 +611,10 @@ def run_slides(
         job["finder_weights_sha256"] = learned_weights_digest(str(cfg.finder.weights))
     train_bg, light_from = training_light(meta, cfg)
     job["light"] = {"train_background_rgb": train_bg, "from": light_from}
+    finder_rbc = finder_scale(cfg.finder)
+    job["scale"]["finder_rbc_diameter_px"] = finder_rbc
     slide_rbc, slide_bg = cfg.slide_rbc_diameter_px, cfg.slide_background_rgb
-    need_rbc = train_rbc and slide_rbc is None and cfg.slide_scale == "archive"
+    need_rbc = (train_rbc or finder_rbc) and slide_rbc is None and cfg.slide_scale == "archive"
     need_bg = train_bg and slide_bg is None and cfg.light == "archive"
     # One output, one archive scale and light: a resumed job (the input may have grown since)
     # keeps what its first run measured instead of measuring again.
@@ -609,11 +623,13 @@ def run_slides(
     if need_rbc and "slide_rbc_diameter_px" in old_scale:
         need_rbc = False
         slide_rbc = old_scale["slide_rbc_diameter_px"]
-        job["scale"].update({k: old_scale[k] for k in ("slide_rbc_diameter_px", "slide_from")})
+        keep = ("slide_rbc_diameter_px", "slide_from", "archive_size")
+        job["scale"].update({k: old_scale[k] for k in keep if k in old_scale})
     if need_bg and "slide_background_rgb" in old_light:
         need_bg = False
         slide_bg = old_light["slide_background_rgb"]
-        job["light"].update({k: old_light[k] for k in ("slide_background_rgb", "slide_from")})
+        keep = ("slide_background_rgb", "slide_from", "archive_size")
+        job["light"].update({k: old_light[k] for k in keep if k in old_light})
     if train_rbc and cfg.slide_rbc_diameter_px:
         job["scale"].update(
             slide_rbc_diameter_px=slide_rbc, slide_from="slide_rbc_diameter_px setting"
@@ -623,6 +639,12 @@ def run_slides(
             slide_background_rgb=list(slide_bg), slide_from="slide_background_rgb setting"
         )
     sample = archive_sample(slides, cfg.scale_sample) if need_rbc or need_bg else None
+    if sample is not None:
+        # One archive, one camera: measured on the slides of its commonest image size; a
+        # slide of another size is measured alone (find_batch).
+        size, sample = commonest_size(sample)
+        for part in ("scale", "light"):
+            job[part]["archive_size"] = list(size) if size else None
     if need_rbc:
         slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample, sample)
         job["scale"]["slide_rbc_diameter_px"] = slide_rbc
@@ -667,6 +689,11 @@ def run_slides(
                 "framing": cfg.framing,
                 "train_background": train_bg,
                 "slide_background": slide_bg,
+                "finder_rbc_px": finder_rbc,
+                # measured values hold for the archive's image size; set ones for every slide
+                "archive_size": None
+                if cfg.slide_rbc_diameter_px or cfg.slide_background_rgb
+                else (job["scale"].get("archive_size") or job["light"].get("archive_size")),
             },
         )
         ds = ds.map_batches(
@@ -777,6 +804,31 @@ def archive_sample(slides: list[tuple[str, str]], sample: int) -> list:
         except (ImageDecodeError, OSError):
             out.append(Image.new("RGB", (8, 8)))
     return out
+
+
+def commonest_size(images: list) -> tuple[tuple[int, int] | None, list]:
+    """The commonest image size among ``images`` (width x height with the longer side
+    first, so a portrait shot counts with its landscape twin; the unreadable ones, 8x8
+    placeholders, left out) and the images of that size; ``(None, images)`` when none is
+    readable."""
+    sizes = [tuple(sorted(im.size, reverse=True)) for im in images if im.size != (8, 8)]
+    if not sizes:
+        return None, images
+    size = max(set(sizes), key=lambda s: (sizes.count(s), s))
+    return size, [im for im in images if sorted(im.size) == sorted(size)]
+
+
+def finder_scale(finder: FinderConfig) -> float | None:
+    """The red-cell diameter (px) of the slides the finder was made for: a learned weights
+    file's own record, else ``finder.rbc_diameter_px``; None (the setting) turns it off."""
+    if finder.rbc_diameter_px is None:
+        return None
+    if finder.method == "learned":
+        from cellmodel.infer.learned_finder import read_meta
+
+        if v := read_meta(str(finder.weights)).get("rbc_diameter_px"):
+            return float(v)
+    return float(finder.rbc_diameter_px)
 
 
 def archive_rbc_diameter(
