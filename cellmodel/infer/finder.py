@@ -129,7 +129,8 @@ class FinderConfig(Section):
     # file that records its own training slides' diameter overrides it). In the slide job, a
     # slide whose red cells measure more than `scale_tolerance` (a share) away from it is
     # resized to it before finding and the boxes are mapped back: a slide from a camera with
-    # twice the pixels shows the finder cells of the size it knows. None: find as is.
+    # twice the pixels shows the finder cells of the size it knows. None (in Python; in a
+    # TOML file, a high scale_tolerance): every slide found as it is.
     rbc_diameter_px: float | None = Field(76.6, gt=0)
     scale_tolerance: float = Field(0.2, ge=0)
 
