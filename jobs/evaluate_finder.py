@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{_num(f['precision'])} at IoU >= {args.iou} ({f['true_positives']} of "
             f"{f['wbc_boxes']} WBC boxes, {f['detections']} detections)"
         )
+        sc = f.get("scale") or {}
+        if sc.get("slides_resized"):
+            print(
+                f"pixel scale: {sc['slides_resized']} slides resized to the finder's red-cell "
+                f"diameter {sc['finder_rbc_diameter_px']} px (the slides': "
+                f"{sc['archive_rbc_diameter_px']} px)"
+            )
     elif "pairs" in result:
         f = result["pairs"]
         print(

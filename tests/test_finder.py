@@ -171,6 +171,37 @@ def test_a_slide_of_another_pixel_scale_is_found_at_the_finders_own(sample_dir):
     assert as_is_differs >= 2  # the rescale is what makes the boxes right
 
 
+def test_finder_evaluation_of_an_archive_of_another_scale(sample_dir, tmp_path):
+    """The sample slides and their boxes at twice the pixels score as the originals do:
+    evaluation finds each slide at the finder's own scale, as the slide job does."""
+    import re
+    import shutil
+
+    from cellmodel.infer.finder_eval import evaluate_finder
+
+    src, dst = sample_dir / "slides", tmp_path / "x2"
+    (dst / "JPEGImages").mkdir(parents=True)
+    (dst / "Annotations").mkdir()
+    for p in sorted((src / "JPEGImages").glob("*.jpg")):
+        img = Image.open(p).convert("RGB")
+        img.resize((1280, 960), Image.BILINEAR).save(dst / "JPEGImages" / p.name, quality=95)
+    double = lambda m: f"<{m[1]}>{2 * int(m[2])}</{m[1]}>"  # noqa: E731
+    for p in sorted((src / "Annotations").glob("*.xml")):
+        xml = re.sub(r"<(xmin|ymin|xmax|ymax|width|height)>(\d+)</\1>", double, p.read_text())
+        (dst / "Annotations" / p.name).write_text(xml)
+    shutil.copy(src / "labels.csv", dst / "labels.csv")
+    stain = {"method": "stain"}
+    one, two = evaluate_finder(str(src), stain), evaluate_finder(str(dst), stain)
+    assert one["scale"]["slides_resized"] == 0 and two["scale"]["archive_size"] == [1280, 960]
+    assert two["scale"]["slides_resized"] == two["slides"] == one["slides"]
+    # the same cells (resampling may move one box across IoU 0.5), the same count
+    assert two["true_positives"] >= one["true_positives"] - 1 >= one["wbc_boxes"] - 2
+    assert abs(two["detections"] - one["detections"]) <= 1
+    off = evaluate_finder(str(dst), stain | {"scale_tolerance": 100})  # found as they are
+    assert off["scale"]["slides_resized"] == 0
+    assert off["true_positives"] <= two["true_positives"] - 3  # 16 of 24 boxes, 45 detections
+
+
 def test_evaluation_command_on_the_sample(sample_dir, tmp_path, capsys):
     from jobs.evaluate_finder import main
 

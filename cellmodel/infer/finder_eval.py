@@ -34,6 +34,7 @@ from cellmodel.infer.finder import (
     Nucleus,
     boxes_from_nuclei,
     find_cells,
+    find_cells_at_scale,
     find_nuclei,
     iou,
     match,
@@ -234,19 +235,37 @@ def evaluate_finder(
     exclude: tuple[str, ...] | list[str] = (),
     min_box: float = 0.0,
 ) -> dict:
-    """Finder recall/precision against the WBC boxes of every annotated slide."""
+    """Finder recall/precision against the WBC boxes of every annotated slide.
+
+    Each slide is found at the finder's own pixel scale, as in the slide job: the red-cell
+    diameter of the slides of the commonest size is their median over up to 64 of them, a
+    slide of another size is measured alone (see ``find_cells_at_scale``)."""
+    from cellmodel.data.scale import estimate_dataset_scale, estimate_rbc_diameter
+    from cellmodel.infer.slides import commonest_size, finder_scale
+
     cfg = finder_settings(finder)
     data = load_slides(slides, limit, exclude, min_box)
-    dets, missed, t_find = [], [], 0.0
+    finder_rbc = finder_scale(cfg)
+    size, archive_rbc = None, None
+    if finder_rbc and data:
+        size, same = commonest_size([s.image for s in data])
+        archive_rbc = estimate_dataset_scale(same, n=64)["rbc_diameter_px"]
+    dets, missed, t_find, resized = [], [], 0.0, 0
     for s in data:
+        rbc = archive_rbc if size and sorted(s.image.size) == sorted(size) else None
+        if finder_rbc and rbc is None:
+            rbc = estimate_rbc_diameter(s.image)
         t0 = time.perf_counter()
-        found = find_cells(s.image, cfg)
+        found, f = find_cells_at_scale(s.image, cfg, rbc, finder_rbc)
         t_find += time.perf_counter() - t0
+        resized += f != 1.0
         boxes = [d.as_tuple() for d in found]
         dets.append(boxes)
         if match(boxes, s.truths, iou_threshold) < len(s.truths):
             missed.append(s.name)
     out = {"slides": len(data), "iou_threshold": iou_threshold}
+    out["scale"] = {"finder_rbc_diameter_px": finder_rbc, "archive_size": list(size or []) or None,
+                    "archive_rbc_diameter_px": archive_rbc, "slides_resized": resized}  # fmt: skip
     out["seen_in_training"] = seen_in_training(cfg, [s.name for s in data])
     out |= score(dets, [s.truths for s in data], iou_threshold)
     out |= {
