@@ -643,8 +643,9 @@ def run_slides(
         # One archive, one camera: measured on the slides of its commonest image size; a
         # slide of another size is measured alone (find_batch).
         size, sample = commonest_size(sample)
-        for part in ("scale", "light"):
-            job[part]["archive_size"] = list(size) if size else None
+        for part, measured in (("scale", need_rbc), ("light", need_bg)):
+            if measured:
+                job[part]["archive_size"] = list(size) if size else None
     if need_rbc:
         slide_rbc, n_measured = archive_rbc_diameter(slides, cfg.scale_sample, sample)
         job["scale"]["slide_rbc_diameter_px"] = slide_rbc
