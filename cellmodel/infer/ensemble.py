@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cellmodel.data.transforms import stack_bytes
-from cellmodel.infer.predictor import Predictor
+from cellmodel.infer.predictor import Predictor, softmax
 
 CALIBRATION_KEY = "ensemble_calibration"
 
@@ -67,9 +67,7 @@ class Ensemble:
         p = np.mean([m.predict_arrays(x) for m in self.members], axis=0)
         if self.temperature == 1.0:
             return p
-        z = np.log(np.clip(p, 1e-30, 1.0)) / self.temperature
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return (e / e.sum(axis=1, keepdims=True)).astype(p.dtype)
+        return softmax(np.log(np.clip(p, 1e-30, 1.0)) / self.temperature)
 
     def predict_uint8(self, x: np.ndarray) -> np.ndarray:
         return self.predict_arrays(self.members[0].normalize_uint8(x))
