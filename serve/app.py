@@ -42,8 +42,13 @@ from starlette.concurrency import run_in_threadpool
 import cellmodel
 from cellmodel import storage
 from cellmodel.data.transforms import ImageDecodeError
-from cellmodel.infer.predictor import Predictor
-from cellmodel.models.checkpoint import WEIGHTS_FILE, CheckpointError, read_checkpoint_meta
+from cellmodel.infer.ensemble import combination_digest, load_predictor, member_differences
+from cellmodel.models.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    ensemble_members,
+    read_checkpoint_meta,
+)
 from serve import images as imgs
 from serve import metrics
 from serve import openapi as oa
@@ -71,7 +76,40 @@ def pinned_meta(checkpoint: str) -> dict:
     classifier replica must load, exactly these weights. A folder whose weights do not hash
     to what its checkpoint.json names (a save in progress, a file replaced by hand) is
     refused with ``CheckpointError``.
+
+    An ensemble folder: every member pinned so, and they must read and answer alike; the
+    metadata is the first member's with ``weights_sha256`` naming the combination (what the
+    replicas check and the version derives from), ``members`` listing each member, and no
+    training ``metrics`` (no one run's figures describe the ensemble).
     """
+    if members := ensemble_members(checkpoint):
+        metas = [_pinned_one(m) for m in members]
+        first = metas[0]
+        for uri, m in zip(members[1:], metas[1:]):
+            problems = member_differences(
+                first["classes"], first["preprocessing"], m["classes"], m["preprocessing"]
+            )
+            if problems:
+                raise CheckpointError(
+                    f"{uri} cannot join an ensemble with {members[0]}: " + "; ".join(problems)
+                )
+        return {
+            **first,
+            "weights_sha256": combination_digest(m["weights_sha256"] for m in metas),
+            "metrics": {},
+            "members": [
+                {
+                    "checkpoint": c,
+                    "weights_sha256": m["weights_sha256"],
+                    "created": m.get("created"),
+                }
+                for c, m in zip(members, metas)
+            ],
+        }
+    return _pinned_one(checkpoint)
+
+
+def _pinned_one(checkpoint: str) -> dict:
     meta = read_checkpoint_meta(checkpoint)
     try:
         digest = hashlib.sha256(
@@ -106,7 +144,8 @@ async def _result_of(response):
     user_config=BatchConfig().model_dump(),
 )
 class Classifier:
-    """Holds one loaded checkpoint; classifies resized uint8 images in dynamic batches."""
+    """Holds one loaded checkpoint (or an ensemble folder's members); classifies resized
+    uint8 images in dynamic batches."""
 
     def __init__(
         self,
@@ -121,7 +160,7 @@ class Classifier:
         # expected_sha256: a replica started after the folder was rewritten (a retrain into
         # the same place) refuses to load, instead of serving another model than the ingress
         # names. Redeploy to serve the new one.
-        self.predictor = Predictor(
+        self.predictor = load_predictor(
             checkpoint,
             backend=backend,
             num_threads=torch_threads or _replica_cpus(),
@@ -179,6 +218,10 @@ class Classifier:
             "lanes": self.predictor.lanes,
             "pid": os.getpid(),
             "weights_sha256": self.predictor.weights_sha256,
+            # An ensemble's own temperature (1.0: none stored, or one checkpoint).
+            "ensemble_temperature": getattr(self.predictor, "meta", {}).get(
+                "ensemble_temperature", 1.0
+            ),
             "batching": self.batch_config.model_dump(),
         }
 
@@ -511,6 +554,7 @@ class Ingress:
             "metrics": self.meta.get("metrics", {}),
             "created": self.meta.get("created"),
             "checkpoint": self.checkpoint,
+            **({"members": self.meta["members"]} if "members" in self.meta else {}),
             "limits": {
                 "max_images_per_request": a.max_images_per_request,
                 "max_body_bytes": a.max_body_bytes,

@@ -704,6 +704,12 @@ def test_an_ensemble_classifies_slides_with_the_mean_of_its_members(
     # one member alone may not write into it.
     again = run_slides(root, [b, a], out, cfg, progress=False)
     assert (again["n_new"], again["n_slides"]) == (0, s["n_slides"])
+    # An ensemble folder holding the same members is the same ensemble.
+    from cellmodel.models.checkpoint import write_ensemble
+
+    folder = write_ensemble(str(tmp_path), ["ck1", "ck0"])
+    again = run_slides(root, folder, out, cfg, progress=False)
+    assert (again["n_new"], again["n_slides"]) == (0, s["n_slides"])
     with pytest.raises(SlidesError, match="holds results of checkpoint"):
         run_slides(root, a, out, cfg, progress=False)
 

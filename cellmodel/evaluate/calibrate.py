@@ -185,18 +185,23 @@ def write_temperature(checkpoint: str | Sequence[str], temperature: float, fitte
     """Store ``temperature`` in ``checkpoint``'s ``checkpoint.json`` (the weights are not
     touched); ``fitted`` says where it came from. Returns the new ``calibration`` entry.
 
-    Several checkpoints: the temperature of their ensemble, stored in every member under the
-    ensemble's digest (``ensemble_calibration``), beside any other ensemble's and the
-    member's own temperature, which stay as they were."""
+    Several checkpoints (or an ensemble folder): the temperature of their ensemble, stored in
+    every member under the ensemble's digest (``ensemble_calibration``), beside any other
+    ensemble's and the member's own temperature, which stay as they were."""
     import hashlib
     import json
 
     from cellmodel.infer.ensemble import CALIBRATION_KEY, combination_digest
-    from cellmodel.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta
+    from cellmodel.models.checkpoint import (
+        META_FILE,
+        WEIGHTS_FILE,
+        expand_checkpoints,
+        read_checkpoint_meta,
+    )
 
     if not (T_RANGE[0] <= temperature <= T_RANGE[1]):
         raise ValueError(f"temperature must lie in {T_RANGE}, got {temperature}")
-    members = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    members = expand_checkpoints(checkpoint)  # an ensemble folder: its members
     if len(set(members)) < len(members):
         raise ValueError(f"a checkpoint is named twice in {members}")
     metas = [read_checkpoint_meta(c) for c in members]  # every member read before any write

@@ -10,6 +10,10 @@ flatten it), so an ensemble has a temperature of its own, fitted by ``jobs.calib
 the members named together and stored in every member's ``checkpoint.json`` under the
 ensemble's digest (``ensemble_calibration``): the same members, in any order, find it; any
 other combination does not.
+
+An ensemble folder (``ensemble.json`` naming member folders inside it; see
+``cellmodel.models.checkpoint``) loads as its members: ``load_predictor("models/bundled")``
+and ``load_predictor([member, member, member])`` are the same model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from cellmodel.data.transforms import stack_bytes
 from cellmodel.infer.predictor import Predictor, softmax
+from cellmodel.models.checkpoint import CheckpointError, expand_checkpoints
 
 CALIBRATION_KEY = "ensemble_calibration"
 
@@ -30,16 +35,24 @@ class EnsembleError(ValueError):
 
 
 class Ensemble:
-    """Mean softmax of ``checkpoints`` (two or more folders or URIs).
+    """Mean softmax of ``checkpoints`` (two or more folders or URIs; an ensemble folder
+    stands for its members).
 
-    Keyword arguments go to each member's ``Predictor`` (``device``, ``backend``, ``tta``...).
-    ``model``, ``cfg`` and ``meta`` are the first member's (what reports draw); ``members``
-    holds every ``Predictor``; ``weights_sha256`` names the combination (order-independent);
-    ``temperature`` is the one stored for this combination (1.0 when none is).
+    Keyword arguments go to each member's ``Predictor`` (``device``, ``backend``, ``tta``,
+    ``num_threads``, ``concurrent_batches``...). ``model``, ``cfg`` and ``meta`` are the
+    first member's (what reports draw); ``members`` holds every ``Predictor``;
+    ``weights_sha256`` names the combination (order-independent) and ``expected_sha256``, when
+    given, must equal it (``CheckpointError`` otherwise: the members changed since it was
+    read); ``temperature`` is the one stored for this combination (1.0 when none is).
+    ``device``, ``backend`` (the members' backends, "+"-joined where they differ), ``lanes``
+    (the fewest of any member) and ``backend_timings`` (the first member's) describe it as a
+    ``Predictor`` does.
     """
 
-    def __init__(self, checkpoints: Sequence[str], **kwargs) -> None:
-        checkpoints = list(checkpoints)
+    def __init__(
+        self, checkpoints: Sequence[str], *, expected_sha256: str | None = None, **kwargs
+    ) -> None:
+        checkpoints = expand_checkpoints(checkpoints)
         if len(checkpoints) < 2:
             raise EnsembleError(
                 f"an ensemble needs two or more checkpoints, got {len(checkpoints)}; "
@@ -58,19 +71,32 @@ class Ensemble:
         self.classes = list(first.classes)
         self.tta = first.tta
         self.weights_sha256 = combination_digest(m.weights_sha256 for m in self.members)
+        if expected_sha256 and expected_sha256 != self.weights_sha256:
+            raise CheckpointError(
+                f"the ensemble {checkpoints} has weights {self.weights_sha256[:12]}..., not the "
+                f"{expected_sha256[:12]}... it was named by: a member changed since it was "
+                "read; refusing to load a model other than the one named"
+            )
         self.temperature = stored_temperature(checkpoints, [m.meta for m in self.members])
         self.meta["ensemble_temperature"] = self.temperature
+        self.device = first.device
+        self.num_threads = first.num_threads
+        backends = list(dict.fromkeys(m.backend for m in self.members))
+        self.backend = "+".join(backends)
+        self.backend_timings = first.backend_timings
+        self.lanes = min(m.lanes for m in self.members)
 
-    def predict_arrays(self, x: np.ndarray) -> np.ndarray:
+    def predict_arrays(self, x: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
         """Mean of the members' probabilities for a preprocessed float32 batch, sharpened or
-        softened by the ensemble's temperature (``softmax(log p / T)``)."""
-        p = np.mean([m.predict_arrays(x) for m in self.members], axis=0)
+        softened by the ensemble's temperature (``softmax(log p / T)``). ``concurrent``: as
+        for ``Predictor`` (another batch runs beside this one)."""
+        p = np.mean([m.predict_arrays(x, concurrent=concurrent) for m in self.members], axis=0)
         if self.temperature == 1.0:
             return p
         return softmax(np.log(np.clip(p, 1e-30, 1.0)) / self.temperature)
 
-    def predict_uint8(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_arrays(self.members[0].normalize_uint8(x))
+    def predict_uint8(self, x: np.ndarray, *, concurrent: bool = False) -> np.ndarray:
+        return self.predict_arrays(self.members[0].normalize_uint8(x), concurrent=concurrent)
 
     def predict_bytes(self, images: Sequence[bytes]) -> np.ndarray:
         return self.predict_arrays(stack_bytes(images, self.cfg))
@@ -132,10 +158,9 @@ def _pixels(pre: dict) -> dict:
 
 
 def load_predictor(checkpoints: str | Sequence[str], **kwargs):
-    """A ``Predictor`` for one checkpoint, an ``Ensemble`` for several."""
-    if isinstance(checkpoints, str):
-        return Predictor(checkpoints, **kwargs)
-    checkpoints = list(checkpoints)
+    """A ``Predictor`` for one checkpoint, an ``Ensemble`` for several (an ensemble folder
+    counts as its members)."""
+    checkpoints = expand_checkpoints(checkpoints)
     if len(checkpoints) == 1:
         return Predictor(checkpoints[0], **kwargs)
     return Ensemble(checkpoints, **kwargs)

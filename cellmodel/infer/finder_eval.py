@@ -841,11 +841,11 @@ def evaluate_pair_differentials(
     ``<output>/composed`` and the job's results under ``<output>/job``."""
     from cellmodel.data.voc import read_labels_csv
     from cellmodel.infer.slides import read_results, run_slides
-    from cellmodel.models.checkpoint import read_checkpoint_meta
+    from cellmodel.models.checkpoint import expand_checkpoints, read_checkpoint_meta
 
     labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
     data = load_slides(slides, limit, exclude, min_box)
-    first = checkpoint if isinstance(checkpoint, str) else checkpoint[0]
+    first = expand_checkpoints(checkpoint)[0]  # an ensemble folder: its first member
     known = set(read_checkpoint_meta(first)["classes"])  # the job checks the others agree
 
     def label(name: str) -> str | None:

@@ -578,7 +578,8 @@ def run_slides(
     """Classify every slide under ``input_uri`` not yet committed in ``output``.
 
     ``checkpoint``: one checkpoint, or several (a seed ensemble: each cell gets the mean of
-    their probabilities; :func:`ensemble_meta` says what the members must share).
+    their probabilities; :func:`ensemble_meta` says what the members must share), or an
+    ensemble folder (its members).
     Returns the summary (also written to ``<output>/summary.json``), with ``n_new``
     (slides processed by this run), ``n_skipped`` and ``seconds``.
 
@@ -594,7 +595,9 @@ def run_slides(
 
     cfg = cfg or SlidesConfig()
     t0 = time.perf_counter()
-    members = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    from cellmodel.models.checkpoint import expand_checkpoints
+
+    members = expand_checkpoints(checkpoint)  # an ensemble folder: its members
     meta = ensemble_meta(members, cfg)
     checkpoint = members[0] if len(members) == 1 else members
     classes = list(meta["classes"])

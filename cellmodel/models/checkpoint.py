@@ -3,6 +3,11 @@
 The JSON holds the model name, its full config (so loading rebuilds the architecture
 without the registry's defaults), classes, preprocessing, metrics and versions. Loading
 never unpickles anything.
+
+An **ensemble folder** holds ``ensemble.json`` and its members, each an ordinary checkpoint
+folder inside it (``{"members": ["seed0", "seed1", "seed2"]}``): wherever a checkpoint is
+taken, the folder stands for its members named together (``expand_checkpoints``), so it
+copies, uploads and serves as one model.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import load as st_load
@@ -24,6 +30,7 @@ from cellmodel.models.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
+ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
 CHECKPOINT_ENV = "CELLMODEL_CHECKPOINT"  # the checkpoint commands use when given none
 BUNDLED = "models/bundled"  # the bundled model (models/README.md), relative to the repository
@@ -42,6 +49,74 @@ def default_checkpoint() -> str:
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder that is missing, incomplete or inconsistent."""
+
+
+def ensemble_members(uri: str) -> list[str] | None:
+    """The member checkpoints of the ensemble folder ``uri`` (its ``ensemble.json``, members
+    in its order), or None when ``uri`` is not one. A malformed ``ensemble.json`` raises
+    ``CheckpointError``."""
+    path = storage.join(uri, ENSEMBLE_FILE)
+    try:
+        raw = storage.read_bytes(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path} must hold an object with a members list")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{uri} uses ensemble format {doc['format_version']}, newer than this cellmodel "
+            f"({FORMAT_VERSION}); upgrade cellmodel"
+        )
+    names = doc.get("members")
+    check_member_names(path, names)
+    return [storage.join(uri, n) for n in names]
+
+
+def check_member_names(path: str, names) -> None:
+    """``CheckpointError`` unless ``names`` are two or more distinct folder names inside the
+    ensemble folder (``path`` is the ``ensemble.json`` the message names)."""
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+        raise CheckpointError(f"{path}: 'members' must be a list of member folder names")
+    if len(names) < 2:
+        raise CheckpointError(
+            f"{path} names {len(names)} member(s); an ensemble needs two or more (point at "
+            "the member's own folder to use one checkpoint)"
+        )
+    for n in names:
+        parts = PurePosixPath(n).parts
+        if n.startswith("/") or "\\" in n or ":" in n or ".." in parts or "." in parts:
+            raise CheckpointError(
+                f"{path}: member {n!r} must be a folder inside the ensemble folder, named "
+                "relative to it (no absolute paths, URIs or '..'), so the folder moves as one"
+            )
+    if len(set(names)) < len(names):
+        raise CheckpointError(f"{path} names a member twice: {names}")
+
+
+def expand_checkpoints(uris: str | Iterable[str]) -> list[str]:
+    """Checkpoint URIs with every ensemble folder replaced by its members, in order."""
+    out: list[str] = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        out.extend(ensemble_members(uri) or [uri])
+    return out
+
+
+def write_ensemble(uri: str, members: Iterable[str], **extra) -> str:
+    """Write ``ensemble.json`` in ``uri`` naming ``members`` (folders inside ``uri``, which
+    must already hold checkpoints); ``extra`` entries (provenance) are stored beside them.
+    Nothing is written unless every member is there and named as ``ensemble_members`` reads."""
+    names = list(members)
+    path = storage.join(uri, ENSEMBLE_FILE)
+    check_member_names(path, names)
+    for n in names:
+        read_checkpoint_meta(storage.join(uri, n))
+    doc = {"format_version": FORMAT_VERSION, "members": names, **extra}
+    storage.write_bytes(path, json.dumps(doc, indent=2).encode())
+    return uri
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -98,6 +173,12 @@ def read_checkpoint_meta(uri: str) -> dict:
     try:
         meta = json.loads(storage.read_bytes(meta_uri))
     except FileNotFoundError as e:
+        if members := ensemble_members(uri):
+            raise CheckpointError(
+                f"{uri} is an ensemble of {len(members)} checkpoints ({ENSEMBLE_FILE}), not "
+                f"one checkpoint; this step takes a single one: name a member (e.g. "
+                f"{members[0]})"
+            ) from e
         raise CheckpointError(
             f"no checkpoint at {uri}: {META_FILE} is missing (an unfinished save, or the wrong "
             "folder; point at the folder that holds model.safetensors and checkpoint.json)"

@@ -52,17 +52,25 @@ def check_teachers(cfg: TrainConfig, classes: Sequence[str]) -> list[dict]:
     not to have learned from ``cfg``'s validation split; ``ConfigError`` otherwise, naming
     the teacher and what to do. A teacher trained on another dataset cannot be checked
     against this one's cells: it is logged, and the user answers for it."""
-    from cellmodel.models.checkpoint import CheckpointError, read_checkpoint_meta
+    from cellmodel.models.checkpoint import (
+        CheckpointError,
+        expand_checkpoints,
+        read_checkpoint_meta,
+    )
 
     d = cfg.distill
-    if len(set(d.teachers)) < len(d.teachers):
-        raise ConfigError(f"distill.teachers names a checkpoint twice: {list(d.teachers)}")
+    try:
+        teachers = expand_checkpoints(d.teachers)  # an ensemble folder: its members
+    except CheckpointError as e:
+        raise ConfigError(f"distill.teachers: {e}") from e
+    if len(set(teachers)) < len(teachers):
+        raise ConfigError(f"distill.teachers names a checkpoint twice: {teachers}")
     metas, problems = [], []
     ours = _dataset_id(cfg.data.uri)
     # A final fit trains on its validation split itself: its validation is in-sample already
     # (the run says so), and teachers fitted the same way are what it should learn from.
     in_sample = cfg.data.val_split in cfg.data.train_split.split("+")
-    for uri in d.teachers:
+    for uri in teachers:
         try:
             meta = read_checkpoint_meta(uri)
         except CheckpointError as e:
@@ -116,12 +124,12 @@ class Teachers(nn.Module):
     """
 
     def __init__(self, uris: Sequence[str], student_pre: dict, device: torch.device) -> None:
-        from cellmodel.models.checkpoint import load_checkpoint
+        from cellmodel.models.checkpoint import expand_checkpoints, load_checkpoint
 
         super().__init__()
         self.members = nn.ModuleList()
         self._pre: list[dict] = []
-        for uri in uris:
+        for uri in expand_checkpoints(uris):
             # Building a network draws its random initial weights: drawn here from a forked
             # generator, they leave the student's random stream (augmentation, mixing) as it
             # would be without teachers.
