@@ -743,3 +743,26 @@ def test_an_ensemble_refuses_members_that_read_slides_differently(tmp_path, caps
     assert classify_slides.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "cannot join an ensemble" in err[0] and darker in err[0]
+
+
+def test_a_grayscale_slide_is_reported_as_such_not_as_without_white_cells(tmp_path):
+    """A slide saved in grey levels cannot be read by stain colour: it gets its own reason
+    and flag instead of a silent "no white cell"; its colour original is found as usual."""
+    from cellmodel.infer.slides import find_batch, has_colour, summarize_slide
+
+    src = SAMPLE / "slides" / "JPEGImages" / "BloodImage_00021.jpg"
+    grey = tmp_path / "grey.jpg"
+    Image.open(src).convert("L").convert("RGB").save(grey, quality=90)
+    assert all(has_colour(Image.open(p)) for p in (SAMPLE / "slides" / "JPEGImages").glob("*"))
+    assert not has_colour(Image.open(grey))
+    batch = {"slide_id": np.array(["colour", "grey"]), "uri": np.array([str(src), str(grey)])}
+    rows = find_batch(batch, {}, (320, 240))
+    by = {s: [i for i, x in enumerate(rows["slide_id"]) if x == s] for s in ("colour", "grey")}
+    assert len(by["grey"]) == 1 and rows["cell_index"][by["grey"][0]] == -1
+    assert rows["status"][by["grey"][0]] == "error" and rows["reason"][by["grey"][0]] == "grayscale"
+    assert "scan or export the slide in colour" in rows["message"][by["grey"][0]]
+    assert (rows["cell_index"][by["colour"]] >= 0).all() and set(rows["status"][by["colour"]]) == {
+        "ok"
+    }
+    first = {k: rows[k][by["grey"][0]] for k in rows if k != "crop"}
+    assert summarize_slide(first, [], list(CLASSES), 0.5)["flags"] == ["grayscale"]

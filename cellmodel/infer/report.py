@@ -182,7 +182,8 @@ def write_report(
         f"- {summary.get('n_slides', 0)} slides, {summary.get('n_cells', 0)} white cells; "
         f"{summary.get('n_no_white_cell', 0)} slides without a white cell, "
         f"{summary.get('n_low_confidence', 0)} with low-confidence cells "
-        f"(top probability < {low_confidence}), {summary.get('n_errors', 0)} unreadable",
+        f"(top probability < {low_confidence}), {summary.get('n_errors', 0)} "
+        "unreadable or without colour",
     ]
     if summary.get("train_rbc_diameter_px"):
         scale = summary.get("scale") or {}

@@ -225,6 +225,20 @@ def check_job(output: str, job: dict) -> None:
 # ---------------------------------------------------------------- stage 1: finder
 
 
+GRAYSCALE = (
+    "the slide has no colour (grey levels only): the finder and the classifier read the "
+    "stain's colours; scan or export the slide in colour"
+)
+
+
+def has_colour(img, min_spread: float = 4.0) -> bool:
+    """Whether a slide holds colour: the 95th percentile of each pixel's channel spread
+    (max - min of R, G, B, on a 4x reduced copy) is at least ``min_spread``. A grey image
+    saved as RGB (or as a colour JPEG) measures 0-2; BCCD's stained slides measure 28-60."""
+    a = np.asarray(img.convert("RGB").reduce(4), dtype=np.int16)
+    return float(np.percentile(a.max(axis=2) - a.min(axis=2), 95)) >= min_spread
+
+
 def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -> dict:
     row = dict(slide_id=slide_id, uri=uri, status=status, reason=reason, message=message)
     return row | dict(width=size[0], height=size[1])
@@ -331,20 +345,26 @@ def find_batch(
             msg = f"{type(e).__name__}: {e}"
             dets, base = [], _slide_row(slide_id, uri, "error", "unreadable", msg)
         else:
-            # the archive's camera, landscape or portrait
-            of_archive = archive_size is None or sorted(img.size) == sorted(archive_size)
-            if slide_rbc_px and of_archive:
-                rbc = slide_rbc_px
-            elif train_rbc_px or finder_rbc_px:
-                rbc = estimate_rbc_diameter(img)
-            dets, _ = find_cells_at_scale(img, fcfg, rbc, finder_rbc_px)
-            base = _slide_row(slide_id, uri, size=img.size)
-            if train_rbc_px and dets:
-                window = crop_window((w, h), rbc, train_rbc_px)
-            if train_background is not None and dets:
-                level = slide_background if slide_background is not None and of_archive else None
-                level = background_rgb(img) if level is None else level
-                offset = None if level is None else light_offset(train_background, level)
+            if not has_colour(img):
+                base = _slide_row(slide_id, uri, "error", "grayscale", GRAYSCALE, img.size)
+                dets = []
+            else:
+                # the archive's camera, landscape or portrait
+                of_archive = archive_size is None or sorted(img.size) == sorted(archive_size)
+                if slide_rbc_px and of_archive:
+                    rbc = slide_rbc_px
+                elif train_rbc_px or finder_rbc_px:
+                    rbc = estimate_rbc_diameter(img)
+                dets, _ = find_cells_at_scale(img, fcfg, rbc, finder_rbc_px)
+                base = _slide_row(slide_id, uri, size=img.size)
+                if train_rbc_px and dets:
+                    window = crop_window((w, h), rbc, train_rbc_px)
+                if train_background is not None and dets:
+                    level = (
+                        slide_background if slide_background is not None and of_archive else None
+                    )
+                    level = background_rgb(img) if level is None else level
+                    offset = None if level is None else light_offset(train_background, level)
         base["rbc_diameter_px"] = float(rbc) if rbc else float("nan")
         base["crop_scale"] = window[0] / w
         base["light_offset"] = float(np.mean(offset)) if offset is not None else float("nan")
@@ -455,7 +475,7 @@ def summarize_slide(first: dict, cells: list[dict], classes: list[str], low: flo
     row["n_low_confidence"] = int((conf < low).sum())
     flags = []
     if first["status"] != "ok":
-        flags.append("unreadable")
+        flags.append("grayscale" if first["reason"] == "grayscale" else "unreadable")
     elif n == 0:
         flags.append("no_white_cell")
     if row["n_low_confidence"]:
