@@ -80,11 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--fault-mode", choices=("raise", "hang"), default="raise",
                     help=argparse.SUPPRESS)  # fmt: skip
     args = ap.parse_args(argv)
-    if not args.checkpoint:
-        from cellmodel.models.checkpoint import default_checkpoint
+    from cellmodel.models.checkpoint import checkpoints_or_default
 
-        args.checkpoint = [default_checkpoint()]
-        print(f"checkpoint: {args.checkpoint[0]} (none given)", file=sys.stderr)
+    args.checkpoint = checkpoints_or_default(args.checkpoint)
     return args
 
 

@@ -41,11 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if not args.checkpoint:
-        from cellmodel.models.checkpoint import default_checkpoint
+    from cellmodel.models.checkpoint import checkpoints_or_default
 
-        args.checkpoint = [default_checkpoint()]
-        print(f"checkpoint: {args.checkpoint[0]} (none given)", file=sys.stderr)
+    args.checkpoint = checkpoints_or_default(args.checkpoint)
     return args
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -45,6 +46,16 @@ def default_checkpoint() -> str:
     return str(
         (here if here.exists() else Path(__file__).resolve().parents[2] / BUNDLED).absolute()
     )
+
+
+def checkpoints_or_default(given: list[str] | None) -> list[str]:
+    """A command's ``--checkpoint`` list, or ``[default_checkpoint()]`` when it named none
+    (said on stderr, so a user sees which model answered)."""
+    if given:
+        return given
+    uri = default_checkpoint()
+    print(f"checkpoint: {uri} (none given)", file=sys.stderr)
+    return [uri]
 
 
 class CheckpointError(RuntimeError):
