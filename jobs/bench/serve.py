@@ -17,7 +17,11 @@ Parts (``--parts``; the default runs the first three):
 7. int8: accuracy of ONNX Runtime int8 against fp32 on held-out images (``--int8-data``: a
    shard dataset, whose val split is scored and train split calibrates, or a class-folder
    tree calibrated on ``--int8-calibration``; ``--checkpoint``), with a 95 % interval of the
-   difference over source cells.
+   difference over source cells;
+8. ensemble: an ensemble folder (``--ensemble``, default the bundled model when it is one)
+   against its first member alone, in the same run: the raw forward (backend auto, every
+   core) at batch 1 and 16, then the endpoint (split layout, one classifier replica) at
+   each ``--concurrency``: requests/s and p50/p99, with the ensemble/member ratios.
 """
 
 from __future__ import annotations
@@ -291,6 +295,49 @@ def bench_http(
                 f"{p95:.1f} | {p99:.1f} | {p50 / t_raw:.2f}x |",
                 flush=True,
             )
+
+
+def bench_ensemble(
+    url: str, folder: str, levels: list[int], requests: int, threads: int = 1
+) -> None:
+    """An ensemble folder against its first member, raw and through the endpoint, measured
+    alternately in this run (see the module's docstring, part 8)."""
+    from cellmodel.infer.ensemble import load_predictor
+    from cellmodel.models.checkpoint import ensemble_members
+
+    members = ensemble_members(folder)
+    if not members:
+        raise SystemExit(f"--ensemble {folder} is not an ensemble folder (no ensemble.json)")
+    images = _images(32)
+    cores = os.cpu_count() or 1
+    models = {"member": members[0], "ensemble": folder}
+    raw = {k: load_predictor(c, device="cpu", backend="auto", num_threads=cores)
+           for k, c in models.items()}  # fmt: skip
+    name = raw["member"].cfg.name
+    print(f"\n## ensemble  ({folder}: {len(members)} x {name}; backend "
+          f"{raw['ensemble'].backend}, {cores} thread(s); endpoint: split layout, one "
+          f"classifier replica x {threads} thread(s), max_batch_size 16)")  # fmt: skip
+    print("| what | member | ensemble | ensemble / member |")
+    print("|---|---|---|---|")
+    for b in (1, 16):
+        x = stack_bytes((images * 2)[:b], raw["member"].cfg)
+        ms = {k: _per_image_ms(p.predict_arrays, x, 2.0) for k, p in raw.items()}
+        print(f"| raw forward, batch {b}, ms/img | {ms['member']:.2f} | {ms['ensemble']:.2f} | "
+              f"{ms['ensemble'] / ms['member']:.2f}x |", flush=True)  # fmt: skip
+    got: dict[str, dict[int, tuple]] = {}
+    for k, c in models.items():
+        _deploy(c, user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+                threads=threads)  # fmt: skip
+        asyncio.run(_load(f"{url}/v1/classify", images, 4, 16))  # warm-up
+        got[k] = {}
+        for n in levels:
+            wall, lat = asyncio.run(_load(f"{url}/v1/classify", images, n, max(requests, 2 * n)))
+            got[k][n] = (len(lat) / wall, *np.percentile(lat, [50, 99]))
+    for n in levels:
+        (rm, pm, qm), (re, pe, qe) = got["member"][n], got["ensemble"][n]
+        print(f"| endpoint, concurrency {n}: req/s | {rm:.1f} | {re:.1f} | {re / rm:.2f}x |")
+        print(f"| endpoint, concurrency {n}: p50 / p99 ms | {pm:.1f} / {qm:.1f} | "
+              f"{pe:.1f} / {qe:.1f} | {pe / pm:.2f}x / {qe / qm:.2f}x |")  # fmt: skip
 
 
 def bench_autoscaling(url: str, ckpt: str, out: Path, load_s: float, idle_s: float) -> None:
@@ -803,6 +850,10 @@ def main(argv: list[str]) -> int:
         help="int8 part: a shard dataset (its val split) or a held-out class-folder tree",
     )
     ap.add_argument("--int8-calibration", type=Path, help="int8 part: calibration images")
+    ap.add_argument(
+        "--ensemble",
+        help="ensemble part: an ensemble folder (default: the bundled model, when it is one)",
+    )
     a = ap.parse_args(argv)
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')} {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -814,7 +865,7 @@ def main(argv: list[str]) -> int:
         bench_ort(a.models, sorted({1, a.threads}), a.seconds)
     if "int8" in a.parts:
         bench_int8(a.checkpoint, a.int8_data, a.int8_calibration, a.threads)
-    if not {"http", "autoscaling", "load", "chaos"} & set(a.parts):
+    if not {"http", "autoscaling", "load", "chaos", "ensemble"} & set(a.parts):
         return 0
     import ray
     from ray import serve
@@ -856,6 +907,11 @@ def main(argv: list[str]) -> int:
                     logging_config=logging_config,
                     layout=a.http_layout,
                 )
+            if "ensemble" in a.parts:
+                from cellmodel.models.checkpoint import default_checkpoint
+
+                folder = a.ensemble or default_checkpoint()
+                bench_ensemble(url, folder, a.concurrency, a.requests, a.http_threads)
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
             if "load" in a.parts:
