@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 import cellmodel
 from cellmodel import storage
+from cellmodel.data.light import has_colour
 from cellmodel.data.transforms import ImageDecodeError
 from cellmodel.infer.ensemble import combination_digest, load_predictor, member_differences
 from cellmodel.models.checkpoint import (
@@ -124,6 +125,12 @@ def _pinned_one(checkpoint: str) -> dict:
             f"names {named[:12]}...; refusing to serve a model other than the one named"
         )
     return {**meta, "weights_sha256": digest}
+
+
+def image_warnings(image: np.ndarray) -> list[str]:
+    """What makes an answer for this resized RGB image unreliable, as codes (empty: none):
+    ``grayscale``: the image has no colour, and the model reads the stain's colours."""
+    return [] if has_colour(image) else ["grayscale"]
 
 
 def _replica_cpus() -> int:
@@ -424,13 +431,14 @@ class Ingress:
                 t.cancel()
             raise
 
-    def _result(self, p: np.ndarray) -> dict:
+    def _result(self, p: np.ndarray, image: np.ndarray) -> dict:
         k = int(p.argmax())
         return {
             "class": self.classes[k],
             "class_index": k,
             "probability": float(p[k]),
             "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+            "warnings": image_warnings(image),
         }
 
     async def _info(self, timeout: float = 2.0) -> dict:
@@ -459,7 +467,7 @@ class Ingress:
         with self._admit(1):
             arrays = await run_in_threadpool(self._decode, images)
             (p,) = await self._classify(arrays)
-        return {**self._result(p), "model": self.model}
+        return {**self._result(p, arrays[0]), "model": self.model}
 
     @api.post(
         "/v1/classify/batch",
@@ -487,8 +495,8 @@ class Ingress:
             arrays = await run_in_threadpool(self._decode, images)
             probs = await self._classify(arrays)
         results = [
-            {"index": i, "filename": im.filename, **self._result(p)}
-            for i, (im, p) in enumerate(zip(images, probs))
+            {"index": i, "filename": im.filename, **self._result(p, a)}
+            for i, (im, p, a) in enumerate(zip(images, probs, arrays))
         ]
         return {"results": results, "model": self.model}
 

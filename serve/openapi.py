@@ -26,6 +26,11 @@ class Prediction(BaseModel):
     class_index: int = Field(ge=0)
     probability: float = Field(ge=0, le=1, description="probability of that class")
     probabilities: dict[str, float] = Field(description="probability per class")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="why this answer may be unreliable, as codes (empty: nothing noticed): "
+        "grayscale (the image has no colour; the model reads the stain's colours)",
+    )
 
 
 class ClassifyResult(Prediction):

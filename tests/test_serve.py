@@ -189,6 +189,27 @@ def test_batch_keeps_order(client, direct):
         _check(res, expected[n])
 
 
+def test_a_grayscale_image_is_answered_with_a_warning(client, direct):
+    """An image without colour is classified (the caller decides) but marked: the model reads
+    the stain's colours. Colour crops carry no warning, alone or beside it in a batch."""
+    import io
+
+    from PIL import Image
+
+    items, _ = direct
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(items[0][1])).convert("L").save(grey, "JPEG", quality=90)
+    r = client.post("/v1/classify", content=grey.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == ["grayscale"]
+    files = [("files", ("colour.jpg", items[1][1], "image/jpeg")),
+             ("files", ("grey.jpg", grey.getvalue(), "image/jpeg"))]  # fmt: skip
+    results = client.post("/v1/classify/batch", files=files).json()["results"]
+    assert [x["warnings"] for x in results] == [[], ["grayscale"]]
+    for item in items:  # every sample crop has colour
+        assert client.post("/v1/classify", **_jpeg(item)).json()["warnings"] == []
+
+
 def test_64_concurrent_requests(url, direct):
     """64 clients at once: every answer is a 200 or a 503 (the ingress's bounded queue),
     and a client that retries as told gets every answer right."""

@@ -748,7 +748,8 @@ def test_an_ensemble_refuses_members_that_read_slides_differently(tmp_path, caps
 def test_a_grayscale_slide_is_reported_as_such_not_as_without_white_cells(tmp_path):
     """A slide saved in grey levels cannot be read by stain colour: it gets its own reason
     and flag instead of a silent "no white cell"; its colour original is found as usual."""
-    from cellmodel.infer.slides import find_batch, has_colour, summarize_slide
+    from cellmodel.data.light import has_colour
+    from cellmodel.infer.slides import find_batch, summarize_slide
 
     src = SAMPLE / "slides" / "JPEGImages" / "BloodImage_00021.jpg"
     grey = tmp_path / "grey.jpg"

@@ -231,14 +231,6 @@ GRAYSCALE = (
 )
 
 
-def has_colour(img, min_spread: float = 4.0) -> bool:
-    """Whether a slide holds colour: the 95th percentile of each pixel's channel spread
-    (max - min of R, G, B, on a 4x reduced copy) is at least ``min_spread``. A grey image
-    saved as RGB (or as a colour JPEG) measures 0-2; BCCD's stained slides measure 28-60."""
-    a = np.asarray(img.convert("RGB").reduce(4), dtype=np.int16)
-    return float(np.percentile(a.max(axis=2) - a.min(axis=2), 95)) >= min_spread
-
-
 def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -> dict:
     row = dict(slide_id=slide_id, uri=uri, status=status, reason=reason, message=message)
     return row | dict(width=size[0], height=size[1])
@@ -327,7 +319,7 @@ def find_batch(
     is measured alone. Slides with no cell, or that failed, give one row with ``cell_index``
     -1.
     """
-    from cellmodel.data.light import background_rgb, light_offset, relight
+    from cellmodel.data.light import background_rgb, has_colour, light_offset, relight
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
