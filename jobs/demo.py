@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     print(f"({time.perf_counter() - t0:.0f} s)")
 
-    model = BUNDLED if (BUNDLED / "checkpoint.json").exists() else run_dir / "model"
+    bundled = any((BUNDLED / f).exists() for f in ("checkpoint.json", "ensemble.json"))
+    model = BUNDLED if bundled else run_dir / "model"
     if model != BUNDLED:
         print(f"no bundled model at {BUNDLED}: the steps below use the tiny pipeline check")
     out = ROOT / "runs" / "demo"
