@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{a['mean_confidence']:.3f} (accuracy {b['accuracy']:.3f}); under "
                 f"{args.low}: {b['low_confidence_share']:.3f} -> {a['low_confidence_share']:.3f}"
             )
+            if a["nll"] > b["nll"] and a["ece"] > b["ece"]:
+                print(
+                    "note: cross-fitted, the fitted temperature scores worse than none (log loss "
+                    "and ECE): the probabilities are as calibrated as these folds can tell; "
+                    "consider not writing it (or store --temperature 1)",
+                    file=sys.stderr,
+                )
             fitted = {
                 "from": f"fitted on {args.data} split {args.split} ({out['n']} images, "
                 f"{out['groups']} {out['grouped_by']}s)",
