@@ -4,8 +4,8 @@
 2. train the tiny two-branch model in two phases on 2 local Ray workers
    (``jobs/configs/quickstart.toml``; a second demo resumes the finished run): a check that
    the training pipeline runs, not a classifier;
-3. evaluate the bundled model (``models/bundled``, trained by the CPU recipe on the public
-   data) on the sample crops (report, metrics, pictures);
+3. evaluate the bundled model (``models/bundled``: a seed ensemble of three networks trained
+   by the CPU recipe on the public data) on the sample crops (report, metrics, pictures);
 4. serve the bundled model with Ray Serve and classify a sample crop over HTTP;
 5. find and classify every white cell on the sample slides with the bundled model, count
    the differential per slide, and draw an overlay per slide.
