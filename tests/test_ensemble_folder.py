@@ -80,6 +80,7 @@ def test_an_ensemble_folder_loads_as_its_members(tmp_path):
         (json.dumps({"members": "seed0,seed1"}), "must be a list"),
         (json.dumps({"members": ["seed0", "seed0"]}), "names a member twice"),
         (json.dumps({"members": ["seed0", "../elsewhere"]}), "inside the ensemble folder"),
+        (json.dumps({"members": ["seed0", "."]}), "inside the ensemble folder"),
         (json.dumps({"members": ["seed0", "/abs/seed1"]}), "inside the ensemble folder"),
         (json.dumps({"members": ["seed0", "s3://b/seed1"]}), "inside the ensemble folder"),
         (json.dumps({"format_version": 99, "members": ["a", "b"]}), "upgrade cellmodel"),

@@ -99,7 +99,7 @@ def check_member_names(path: str, names) -> None:
         )
     for n in names:
         parts = PurePosixPath(n).parts
-        if n.startswith("/") or "\\" in n or ":" in n or ".." in parts or "." in parts:
+        if not parts or n.startswith("/") or "\\" in n or ":" in n or ".." in parts:
             raise CheckpointError(
                 f"{path}: member {n!r} must be a folder inside the ensemble folder, named "
                 "relative to it (no absolute paths, URIs or '..'), so the folder moves as one"
