@@ -226,9 +226,7 @@ class Classifier:
             "pid": os.getpid(),
             "weights_sha256": self.predictor.weights_sha256,
             # An ensemble's own temperature (1.0: none stored, or one checkpoint).
-            "ensemble_temperature": getattr(self.predictor, "meta", {}).get(
-                "ensemble_temperature", 1.0
-            ),
+            "ensemble_temperature": self.predictor.meta.get("ensemble_temperature", 1.0),
             "batching": self.batch_config.model_dump(),
         }
 

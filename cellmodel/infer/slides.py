@@ -604,11 +604,10 @@ def run_slides(
 
     from cellmodel.data.light import light_offset
     from cellmodel.data.voc import CROP_SIZE
+    from cellmodel.models.checkpoint import expand_checkpoints
 
     cfg = cfg or SlidesConfig()
     t0 = time.perf_counter()
-    from cellmodel.models.checkpoint import expand_checkpoints
-
     members = expand_checkpoints(checkpoint)  # an ensemble folder: its members
     meta = ensemble_meta(members, cfg)
     checkpoint = members[0] if len(members) == 1 else members

@@ -320,7 +320,7 @@ def bench_ensemble(
     print("| what | member | ensemble | ensemble / member |")
     print("|---|---|---|---|")
     for b in (1, 16):
-        x = stack_bytes((images * 2)[:b], raw["member"].cfg)
+        x = stack_bytes(images[:b], raw["member"].cfg)
         ms = {k: _per_image_ms(p.predict_arrays, x, 2.0) for k, p in raw.items()}
         print(f"| raw forward, batch {b}, ms/img | {ms['member']:.2f} | {ms['ensemble']:.2f} | "
               f"{ms['ensemble'] / ms['member']:.2f}x |", flush=True)  # fmt: skip
