@@ -735,6 +735,19 @@ def test_an_ensemble_refuses_members_that_read_slides_differently(tmp_path, caps
 
     meta = ensemble_meta([a, darker], SlidesConfig(**CFG, light="off"))
     assert [m["checkpoint"] for m in meta["ensemble"]] == [a, darker]
+    # Two measurements of the same crops differ a little (half a level, a percent of scale):
+    # such members join, and the job reads slides at their mean.
+    near = scaled_checkpoint(
+        tmp_path / "near", seed=3, background_rgb=[218.5, 219.5, 213.0], rbc_diameter_px=38.5
+    )
+    meta = ensemble_meta([a, near], SlidesConfig(**CFG))
+    assert meta["data"]["background_rgb"] == [218.25, 219.25, 213.25]
+    assert meta["data"]["rbc_diameter_px"] == 38.25
+    # 4 levels or 4 % apart is another ingest's data: refused.
+    for far in ({"background_rgb": [222.0, 219.0, 213.5]}, {"rbc_diameter_px": 39.6}):
+        apart = scaled_checkpoint(tmp_path / f"far{len(far)}{list(far)[0]}", seed=4, **far)
+        with pytest.raises(SlidesError, match="cannot join an ensemble"):
+            ensemble_meta([a, apart], SlidesConfig(**CFG))
     assert not Path(out).exists()
     with pytest.raises(SlidesError, match="named twice"):
         ensemble_meta([a, a], SlidesConfig(**CFG))

@@ -773,7 +773,9 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
         got = reads(m)
         diff = member_differences(first["classes"], first["preprocessing"], m["classes"],
                                   m["preprocessing"])  # fmt: skip
-        diff += [f"{k} {got[k]} instead of {want[k]}" for k in want if got[k] != want[k]]
+        diff += [
+            f"{k} {got[k]} instead of {want[k]}" for k in want if not _measured_alike(got[k], want[k], k)
+        ]
         if diff:
             raise SlidesError(
                 f"{uri} cannot join an ensemble with {checkpoints[0]}: {'; '.join(diff)}. "
@@ -786,7 +788,31 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
         {"checkpoint": c, "model": m.get("model_name"), "weights_sha256": m.get("weights_sha256")}
         for c, m in zip(checkpoints, metas)
     ]
-    return first | {"ensemble": members}
+    # Members measured alike (within the tolerances) read slides at their mean level and scale.
+    data = dict(first.get("data") or {})
+    for key in ("background_rgb", "rbc_diameter_px"):
+        got = [(m.get("data") or {}).get(key) for m in metas]
+        if all(v is not None for v in got) and any(v != got[0] for v in got):
+            mean = np.mean(np.asarray(got, dtype=float), axis=0)
+            data[key] = [round(float(v), 2) for v in mean] if mean.ndim else round(float(mean), 2)
+    return first | {"data": data, "ensemble": members}
+
+
+# How far apart two members' recorded training measurements may be and still read slides
+# alike: the background level is the median of a sample of crops (two ingests of the same
+# crops differ by about half a level) and the red-cell diameter an estimate from a sample of
+# slides. 3 levels of 255 is about 1 % brightness, 3 % of scale is within the training's
+# own zoom jitter; members further apart were trained on different data.
+BACKGROUND_TOLERANCE = 3.0  # grey levels, per channel
+DIAMETER_TOLERANCE = 0.03  # relative
+
+
+def _measured_alike(a, b, what: str) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if what == "training background level":
+        return max(abs(float(x) - float(y)) for x, y in zip(a, b)) <= BACKGROUND_TOLERANCE
+    return abs(float(a) - float(b)) <= DIAMETER_TOLERANCE * max(float(a), float(b))
 
 
 def learned_weights_digest(uri: str) -> str:
