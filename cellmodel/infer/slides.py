@@ -774,7 +774,9 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
         diff = member_differences(first["classes"], first["preprocessing"], m["classes"],
                                   m["preprocessing"])  # fmt: skip
         diff += [
-            f"{k} {got[k]} instead of {want[k]}" for k in want if not _measured_alike(got[k], want[k], k)
+            f"{k} {got[k]} instead of {want[k]}"
+            for k in want
+            if not _measured_alike(got[k], want[k], k)
         ]
         if diff:
             raise SlidesError(
