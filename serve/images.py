@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cellmodel.data.transforms import ImageDecodeError
+from cellmodel.data.transforms import ImageDecodeError, to_rgb
 
 # Formats a client may send, by Pillow's name. Microscopes and lab systems write JPEG, PNG or
 # TIFF; BMP and WebP are common exports. GIF (palette, animation), ICO, PSD, PDF and the rest
@@ -124,9 +124,7 @@ def load(p: Probed, input_size: tuple[int, int], interpolation: str = "bilinear"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette transparency notes and the like
             img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("truncated", f"the image is truncated or corrupt: {e}") from e
     if img.size != tuple(input_size):

@@ -103,3 +103,35 @@ def test_bad_image_and_bad_backend(ckpt):
     assert e.value.reason == "not_an_image"
     with pytest.raises(ValueError, match="unknown backend"):
         Predictor(ckpt, device="cpu", backend="tensorrt")
+
+
+def test_grey_images_deeper_than_8_bits_read_as_the_same_picture(images):
+    """16-bit (full range or a 12-bit camera's) and float grey images decode to the 8-bit
+    grey picture they hold, where Pillow's own conversion clips them to white or black."""
+    import io
+
+    from PIL import Image
+
+    from cellmodel.data.transforms import decode_image
+
+    level = np.asarray(Image.open(io.BytesIO(images[0])).convert("L"), dtype=np.uint16)
+    want = np.repeat(level[..., None], 3, axis=2)
+    for name, a, fmt in (
+        ("16-bit PNG", level * 257, "PNG"),
+        (
+            "12 bits in a 16-bit TIFF",
+            ((level.astype(int) * 4095 + 127) // 255).astype(np.uint16),
+            "TIFF",
+        ),
+        ("float TIFF in [0, 1]", (level / 255.0).astype(np.float32), "TIFF"),
+        ("float TIFF in [0, 255]", level.astype(np.float32), "TIFF"),
+    ):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, fmt)
+        got = np.asarray(decode_image(buf.getvalue()))
+        assert got.shape == want.shape, name
+        assert np.abs(got.astype(int) - want).max() <= 1, name
+    # A flat 16-bit image of zeros stays black (nothing to scale), not an error.
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(buf, "PNG")
+    assert np.asarray(decode_image(buf.getvalue())).max() == 0

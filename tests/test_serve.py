@@ -208,6 +208,25 @@ def test_a_grayscale_image_is_answered_with_a_warning(client, direct):
     assert [x["warnings"] for x in results] == [[], ["grayscale"]]
     for item in items:  # every sample crop has colour
         assert client.post("/v1/classify", **_jpeg(item)).json()["warnings"] == []
+    # A scientific camera's 16-bit grey PNG (full range, or 12 bits in 16) is read as the same
+    # picture in 8 bits, not clipped to white: the same answer as the 8-bit grey PNG.
+    level = np.asarray(Image.open(grey).convert("L"), dtype=np.uint16)
+    answers = []
+    twelve = ((level.astype(int) * 4095 + 127) // 255).astype(np.uint16)
+    for a in (level.astype(np.uint8), level * 257, twelve):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        r = client.post(
+            "/v1/classify", content=buf.getvalue(), headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert all(x["warnings"] == ["grayscale"] for x in answers)
+    first = np.array([answers[0]["probabilities"][c] for c in CLASSES])
+    for other in answers[1:]:
+        assert other["class"] == answers[0]["class"]
+        got = np.array([other["probabilities"][c] for c in CLASSES])
+        np.testing.assert_allclose(got, first, atol=0.02)
 
 
 def test_64_concurrent_requests(url, direct):

@@ -57,9 +57,36 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("truncated", f"the image is truncated or corrupt: {e}") from e
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    return to_rgb(img)
+
+
+# Bit depths cameras write into 16-bit containers; a grey image is scaled by the smallest
+# that holds its brightest pixel (a 12-bit camera's 4095 becomes 255), and an image
+# brighter than 16 bits by its brightest pixel.
+_CAMERA_BITS = (8, 10, 12, 14, 16)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. Pillow's own conversion clips grey images of more than 8 bits
+    (16-bit PNG or TIFF from a scientific camera, 32-bit integer or float TIFF) to white or
+    black; those are scaled to 0-255 instead: integers by the camera bit depth (8, 10, 12,
+    14 or 16) that holds their brightest pixel, floats by 1 when they lie in [0, 1] and as
+    integers otherwise."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        a = a - min(float(a.min()), 0.0)  # signed data: its floor at 0
+        top = float(a.max())
+        if img.mode == "F" and top <= 1.0:
+            full = 1.0
+        else:
+            full = next((2.0**b - 1 for b in _CAMERA_BITS if top <= 2.0**b - 1), top)
+        grey = np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def _pre(cfg) -> Mapping:
