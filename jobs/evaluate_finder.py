@@ -10,8 +10,8 @@
    k-1 folds (grid search, box margins by least squares) and scored on the held fold,
    with touching pairs composed from real cells inside each fold; prints the per-fold
    table with the mean and the worst fold, and the setting chosen on all slides.
-   With ``--learned``: the learned centre finder instead, one network trained from random
-   weights per fold on the other folds' slides, scored beside the stain finder on the held
+   With ``--learned``: the learned centre finder instead, trained from random weights per
+   fold on the other folds' slides (``--members`` networks, 3 as shipped), scored beside the stain finder on the held
    fold's slides, its composed pairs and fresh pairs (``--fresh-seeds``); ``--suppress``
    candidates of the learned finder's peak suppression and ``--flips`` (the heat map also
    averaged over the slide's flips), each fold's chosen on the others.
@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--epochs", type=int, help="--learned: training epochs per fold")
     ap.add_argument(
+        "--members",
+        type=int,
+        help="--learned: networks per fold (seeds 0, 1, ...), averaged at detection "
+        "(default 3, as jobs.train_finder; 1 trains a third as long)",
+    )
+    ap.add_argument(
         "--skip-empty",
         action="store_true",
         help="--learned: train without the slides that have no WBC box (still scored on them)",
@@ -144,14 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
-        if (args.suppress or args.flips or args.save_networks) and not args.learned:
-            raise ValueError("--suppress, --flips and --save-networks are for --cv K --learned")
+        if (args.suppress or args.flips or args.save_networks or args.members) and not args.learned:
+            raise ValueError(
+                "--suppress, --flips, --members and --save-networks are for --cv K --learned"
+            )
         if args.cv and args.learned:
             from cellmodel.infer.learned_finder import LearnedFinderConfig
 
             lcfg = LearnedFinderConfig()
             if args.epochs:
                 lcfg.epochs = args.epochs
+            if args.members is not None:
+                if args.members < 1:
+                    raise ValueError(f"--members must be at least 1, got {args.members}")
+                lcfg.members = args.members
             result = {"learned_cross_validation": finder_eval.cross_validate_learned(
                 args.slides,
                 args.cv,

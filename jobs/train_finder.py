@@ -1,14 +1,16 @@
 """Train the learned white-cell finder on annotated slides (BCCD / Pascal VOC layout).
 
     python -m jobs.train_finder --slides ../shared/data/bccd --out runs/finder/centre.pt
-        [--epochs 60] [--seed 0] [--exclude NAMES] [--suppress S] [--flips] [--threads N]
+        [--epochs 60] [--seed 0] [--members N] [--exclude NAMES] [--suppress S] [--flips]
+        [--threads N]
 
-A small centre-heat-map network (``cellmodel.infer.learned_finder``) learns the ``WBC``
-boxes from random weights, on the CPU in a few minutes. Use the weights in the slide job
+Small centre-heat-map networks (``cellmodel.infer.learned_finder``; three by default,
+seeds SEED to SEED+2, averaged at detection) learn the ``WBC`` boxes from random weights,
+on the CPU in a few minutes each. Use the weights in the slide job
 with ``finder.method=learned finder.weights=runs/finder/centre.pt`` (or the same keys in
 the ``[finder]`` section of its TOML). Before trusting them on new slides, measure the
 method with ``python -m jobs.evaluate_finder --slides DIR --cv 5 --learned``, which trains
-one network per fold and scores it on slides it never saw.
+the same networks per fold and scores them on slides they never saw.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="weights file to write (path or s3:// URI)")
     ap.add_argument("--epochs", type=int, help="passes over the slides (default 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--members",
+        type=int,
+        default=None,
+        help="networks to train (seeds SEED, SEED+1, ...) and average at detection; their "
+        "training time and the finder's compute add up (default 3, as the shipped weights; "
+        "chosen by jobs.evaluate_finder --cv 5 --learned --members N)",
+    )
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
     ap.add_argument(
         "--skip-empty",
@@ -63,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = lf.LearnedFinderConfig(seed=args.seed, threads=args.threads, flips=args.flips)
         if args.epochs:
             cfg.epochs = args.epochs
+        if args.members is not None:
+            if args.members < 1:
+                raise ValueError(f"--members must be at least 1, got {args.members}")
+            cfg.members = args.members
         if args.suppress is not None:
             if not 0 <= args.suppress <= 1:
                 raise ValueError(f"--suppress must lie in [0, 1], got {args.suppress}")

@@ -27,7 +27,9 @@ def sample_slides(sample_dir):
 @pytest.fixture(scope="module")
 def trained(sample_slides, tmp_path_factory):
     """A network fitted to the sample's slides (its own training data) and its file."""
-    cfg = lf.LearnedFinderConfig(epochs=80, batch_size=8, lr=5e-3, paste=0.8, seed=0, threads=2)
+    cfg = lf.LearnedFinderConfig(
+        epochs=80, batch_size=8, lr=5e-3, paste=0.8, seed=0, threads=2, members=1
+    )
     torch.manual_seed(0)
     model = lf.train_finder(
         [s.image for s in sample_slides], [s.truths for s in sample_slides], cfg
@@ -190,6 +192,47 @@ def test_touching_pair_seen_as_two_centres(sample_dir, trained):
     assert both >= 6, f"{both} of {len(made)} pairs found as two cells"
 
 
+def test_members_are_the_seeds_networks_averaged_and_travel_in_the_file(sample_slides, tmp_path):
+    """``members`` trains one network per seed, each the network its seed gives alone; they
+    answer as the mean probability and mean regressions, and load back as such."""
+    images, boxes = [s.image for s in sample_slides], [s.truths for s in sample_slides]
+    cfg = lf.LearnedFinderConfig(epochs=2, batch_size=8, seed=3, threads=2, members=2)
+    ens = lf.train_finder(images, boxes, cfg)
+    assert isinstance(ens, lf.CentreEnsemble) and len(ens.nets) == 2
+    for i, net in enumerate(ens.nets):
+        alone = lf.train_finder(images, boxes, lf.LearnedFinderConfig(
+            epochs=2, batch_size=8, seed=3 + i, threads=2, members=1))  # fmt: skip
+        for (k, a), b in zip(net.state_dict().items(), alone.state_dict().values()):
+            assert torch.equal(a, b), (i, k)
+    x = torch.stack([lf.slide_tensor(im, cfg.downsample) for im in images[:2]])
+    with torch.no_grad():
+        ys = [net(x) for net in ens.nets]
+        y = ens(x)
+    heat = (torch.sigmoid(ys[0][:, :1]) + torch.sigmoid(ys[1][:, :1])) / 2
+    torch.testing.assert_close(torch.sigmoid(y[:, :1]), heat, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(y[:, 1:], (ys[0][:, 1:] + ys[1][:, 1:]) / 2)
+    path = str(tmp_path / "pair.pt")
+    lf.save(ens, cfg, path)
+    back, back_cfg = lf.load(path)
+    assert back_cfg.members == 2 and isinstance(back, lf.CentreEnsemble)
+    assert lf.detect(back, images, back_cfg) == lf.detect(ens, images, cfg)
+    with pytest.raises(ValueError, match="members must be at least 1"):
+        lf.train_finder(images, boxes, lf.LearnedFinderConfig(members=0))
+    # A file written before `members` existed (no such key) is one network, as it was.
+    import io
+
+    one = ens.nets[0]
+    blob = {"format": lf.FORMAT, "config": {k: v for k, v in cfg.to_dict().items()
+                                            if k != "members"},
+            "state_dict": one.state_dict(), "meta": {}}  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    (tmp_path / "old.pt").write_bytes(buf.getvalue())
+    old, old_cfg = lf.load(str(tmp_path / "old.pt"))
+    assert old_cfg.members == 1 and isinstance(old, lf.CentreNet)
+    assert lf.detect(old, images, old_cfg) == lf.detect(one, images, old_cfg)
+
+
 def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     from jobs.evaluate_finder import main as evaluate
     from jobs.train_finder import main as train
@@ -199,11 +242,17 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert train(["--slides", slides, "--out", str(out), "--epochs", "2", "--threads", "2"]) == 0
     assert "finder.method=learned" in capsys.readouterr().out
     assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.6
-    assert lf.load(str(out))[1].flips is False
+    assert lf.load(str(out))[1].flips is False and lf.load(str(out))[1].members == 3  # default
     assert 60 < lf.read_meta(str(out))["rbc_diameter_px"] < 95  # BCCD's scale, measured
     flipped = tmp_path / "flipped.pt"
-    assert train(["--slides", slides, "--out", str(flipped), "--epochs", "1", "--flips"]) == 0
+    one = ["--epochs", "1", "--members", "1"]
+    assert train(["--slides", slides, "--out", str(flipped), *one, "--flips"]) == 0
     assert lf.load(str(flipped))[1].flips is True  # the setting travels with the weights
+    pair = tmp_path / "pair.pt"
+    assert train(["--slides", slides, "--out", str(pair), "--epochs", "1", "--members", "2"]) == 0
+    assert lf.load(str(pair))[1].members == 2 and lf.load(str(flipped))[1].members == 1
+    assert train(["--slides", slides, "--out", str(pair), "--members", "0", "--overwrite"]) == 2
+    assert "--members must be at least 1" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--suppress", "1.5", "--overwrite"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--epochs", "1"]) == 2
@@ -218,7 +267,8 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert evaluate(["--slides", slides, "--learned"]) == 2
     assert "--cv" in capsys.readouterr().err
     # Cross-validation trains one network per fold and scores both finders on held slides.
-    cv = ["--slides", slides, "--cv", "2", "--learned", "--epochs", "1", "--fresh-seeds", "5"]
+    cv = ["--slides", slides, "--cv", "2", "--learned", "--members", "1", "--epochs", "1",
+          "--fresh-seeds", "5"]  # fmt: skip
     assert evaluate([*cv, "--json", str(res)]) == 0
     r = json.loads(res.read_text())["learned_cross_validation"]
     assert [f["real_slides"] for f in r["folds"]] == [12, 12]

@@ -27,6 +27,7 @@ may favour it. Training and detection use only torch and PIL.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -70,6 +71,11 @@ class LearnedFinderConfig:
     # compute; training flips slides the same ways). Off: the 5-fold CV over BCCD did not
     # choose it (one false box fewer, one or two touching pairs more merged; BENCHMARKS.md).
     flips: bool = False
+    # Networks trained with seeds seed, seed + 1, ... and averaged (heat map as the mean
+    # probability, centre offsets and box sizes as the means). One network's touching-pair
+    # counts swing by a few percent with its seed; 3 averaged beat the mean network in
+    # 5-fold CV over BCCD at 3x the compute (BENCHMARKS.md).
+    members: int = 3
     seed: int = 0
     threads: int | None = None
 
@@ -135,6 +141,24 @@ class CentreNet(nn.Module):
         if self.stride == 2:
             y = self.fuse0(torch.cat([x0, _up(self.up1(y), x0)], 1))
         return self.head(y)
+
+
+class CentreEnsemble(nn.Module):
+    """Several :class:`CentreNet` of one shape answering as one: the mean probability of a
+    centre (returned as a logit, like one network's) and the mean offsets and box sizes."""
+
+    def __init__(self, nets: list[CentreNet]):
+        super().__init__()
+        if not nets:
+            raise ValueError("a CentreEnsemble needs at least one network")
+        self.nets = nn.ModuleList(nets)
+        self.stride = nets[0].stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = torch.stack([net(x) for net in self.nets])
+        y = ys.mean(0)
+        heat = torch.sigmoid(ys[:, :, :1]).mean(0)
+        return torch.cat([torch.logit(heat.clamp(1e-6, 1 - 1e-6)), y[:, 1:]], 1)
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -266,9 +290,21 @@ def train_finder(
     boxes: list[list[Box]],
     cfg: LearnedFinderConfig | None = None,
     progress: bool = False,
-) -> CentreNet:
-    """Train a :class:`CentreNet` from random weights on slides and their WBC boxes."""
+) -> CentreNet | CentreEnsemble:
+    """Train a :class:`CentreNet` from random weights on slides and their WBC boxes; with
+    ``cfg.members`` > 1, that many (seeds ``cfg.seed``, ``cfg.seed + 1``, ...: each the
+    network one would get with its seed alone) as a :class:`CentreEnsemble`."""
     cfg = cfg or LearnedFinderConfig()
+    if cfg.members < 1:
+        raise ValueError(f"members must be at least 1, got {cfg.members}")
+    if cfg.members > 1:
+        nets = []
+        for i in range(cfg.members):
+            if progress:
+                print(f"network {i + 1} of {cfg.members} (seed {cfg.seed + i})", flush=True)
+            one = dataclasses.replace(cfg, members=1, seed=cfg.seed + i)
+            nets.append(train_finder(images, boxes, one, progress))
+        return CentreEnsemble(nets).eval()
     if not images:
         raise ValueError("train_finder needs at least one annotated slide")
     if len(boxes) != len(images):
@@ -363,7 +399,7 @@ def decode(
     return out
 
 
-def forward(model: CentreNet, x: torch.Tensor, flips: bool = False) -> torch.Tensor:
+def forward(model: nn.Module, x: torch.Tensor, flips: bool = False) -> torch.Tensor:
     """The network's maps for ``x`` (N, 5, gh, gw). With ``flips``: the heat map is the mean
     probability over ``x`` and its horizontal, vertical and double flips, each mapped back
     onto ``x``'s grid (returned as a logit, as the network's own), and the box's log width
@@ -404,7 +440,7 @@ def suppress_inner(dets: list[Detection], share: float) -> list[Detection]:
 
 @torch.no_grad()
 def detect(
-    model: CentreNet, images: list[Image.Image], cfg: LearnedFinderConfig, batch: int = 16
+    model: nn.Module, images: list[Image.Image], cfg: LearnedFinderConfig, batch: int = 16
 ) -> list[list[Detection]]:
     """White cells on each slide, best score first (boxes in slide pixels, clipped).
 
@@ -424,7 +460,7 @@ def detect(
     return out
 
 
-def save(model: CentreNet, cfg: LearnedFinderConfig, uri: str, meta: dict | None = None) -> None:
+def save(model: nn.Module, cfg: LearnedFinderConfig, uri: str, meta: dict | None = None) -> None:
     """Write the weights with the settings that built them (a path or s3:// URI)."""
     import io
 
@@ -438,12 +474,12 @@ def save(model: CentreNet, cfg: LearnedFinderConfig, uri: str, meta: dict | None
 
 
 @functools.lru_cache(maxsize=4)
-def load_cached(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
+def load_cached(uri: str) -> tuple[nn.Module, LearnedFinderConfig]:
     """:func:`load`, once per process and URI (the slide job's finder tasks call it per slide)."""
     return load(uri)
 
 
-def load(uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
+def load(uri: str) -> tuple[nn.Module, LearnedFinderConfig]:
     """Read weights written by :func:`save`; a clear error for anything else."""
     return _build(_parse(_read_bytes(uri), uri), uri)
 
@@ -456,15 +492,19 @@ def check(uri: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _build(blob: dict, uri: str) -> tuple[CentreNet, LearnedFinderConfig]:
+def _build(blob: dict, uri: str) -> tuple[nn.Module, LearnedFinderConfig]:
     unknown = set(blob["config"]) - set(LearnedFinderConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(
             f"{uri} holds settings this version does not know ({', '.join(sorted(unknown))}): "
             "it was written by another version of cellmodel; retrain it with jobs.train_finder"
         )
-    cfg = LearnedFinderConfig(**blob["config"])
-    model = CentreNet(cfg.width, cfg.stride)
+    # Files written before `members` existed hold one network.
+    cfg = LearnedFinderConfig(**({"members": 1} | blob["config"]))
+    if cfg.members > 1:
+        model = CentreEnsemble([CentreNet(cfg.width, cfg.stride) for _ in range(cfg.members)])
+    else:
+        model = CentreNet(cfg.width, cfg.stride)
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, cfg
