@@ -155,7 +155,8 @@ def batch_body(max_images: int) -> dict:
         "requestBody": {
             "required": True,
             "description": f"1 to {max_images} images: multipart file parts (any field name; "
-            'results in part order), or JSON {"images": [base64, ...]}',
+            'results in part order), or JSON {"images": [base64, ...]} (also accepted: a data '
+            "URL data:image/...;base64,..., line breaks, the URL-safe alphabet, no padding)",
             "content": {
                 "multipart/form-data": {
                     "schema": {

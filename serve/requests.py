@@ -165,7 +165,27 @@ def _json_images(body: bytes) -> list[Image]:
     out = []
     for i, s in enumerate(items):
         try:
-            out.append(Image(base64.b64decode(s, validate=True), f"images[{i}]"))
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
+            out.append(Image(decode_base64(s), f"images[{i}]"))
+        except (binascii.Error, ValueError) as e:
+            why = str(e) if isinstance(e, DataUrlError) else "not valid base64"
+            raise ApiError(400, "bad_base64", f"images[{i}] is {why}", index=i) from None
     return out
+
+
+class DataUrlError(ValueError):
+    """A ``data:`` URL that does not carry base64 data."""
+
+
+def decode_base64(s: str) -> bytes:
+    """The bytes of a base64 image string as clients write it: standard or URL-safe
+    alphabet, with or without padding, wrapped in lines (the ``base64`` command wraps at 76
+    characters), or a browser's data URL (``data:image/png;base64,...``). Any other
+    character is an error (``binascii.Error``)."""
+    if s[:5].lower() == "data:":
+        head, comma, s = s.partition(",")
+        if not comma or not head.lower().endswith(";base64"):
+            raise DataUrlError(
+                "a data URL without base64 data; send data:image/...;base64,<base64>"
+            )
+    s = "".join(s.split()).replace("-", "+").replace("_", "/").rstrip("=")
+    return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)

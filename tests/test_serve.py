@@ -187,6 +187,16 @@ def test_batch_keeps_order(client, direct):
     assert r.status_code == 200, r.text
     for res, (n, _) in zip(r.json()["results"], chosen[:3]):
         _check(res, expected[n])
+    # As clients write base64: a browser's data URL, the `base64` command's 76-column lines,
+    # the URL-safe alphabet without padding: the same answers.
+    b64 = base64.b64encode(chosen[0][1]).decode()
+    forms = ["data:image/jpeg;base64," + b64,
+             "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)) + "\n",
+             base64.urlsafe_b64encode(chosen[0][1]).decode().rstrip("=")]  # fmt: skip
+    r = client.post("/v1/classify/batch", json={"images": forms})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        _check(res, expected[chosen[0][0]])
 
 
 def test_a_grayscale_image_is_answered_with_a_warning(client, direct):
@@ -332,6 +342,12 @@ def _bad_requests(good: bytes) -> dict:
             "not_an_image",
         ),
         "bad_base64": ("/v1/classify/batch", {"json": {"images": ["%%%"]}}, 400, "bad_base64"),
+        "data_url_without_base64": (
+            "/v1/classify/batch",
+            {"json": {"images": ["data:image/jpeg,%FF%D8"]}},
+            400,
+            "bad_base64",
+        ),
         "bad_json": (
             "/v1/classify/batch",
             {"content": b"{", "headers": {"content-type": "application/json"}},
