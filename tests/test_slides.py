@@ -780,3 +780,14 @@ def test_a_grayscale_slide_is_reported_as_such_not_as_without_white_cells(tmp_pa
     }
     first = {k: rows[k][by["grey"][0]] for k in rows if k != "crop"}
     assert summarize_slide(first, [], list(CLASSES), 0.5)["flags"] == ["grayscale"]
+    # Grey slides do not measure the archive's illumination and scale, nor set its image
+    # size, however many there are (two grey copies at another size against one colour).
+    from cellmodel.infer.slides import archive_sample, commonest_size
+
+    big = tmp_path / "grey_big.png"
+    Image.open(grey).resize((800, 600)).save(big)
+    archive = [("colour", str(src)), ("grey", str(grey)), ("grey_big", str(big)),
+               ("grey_big2", str(big))]  # fmt: skip
+    sample = archive_sample(archive, 10)
+    assert [im.size for im in sample[1:]] == [(8, 8)] * 3
+    assert commonest_size(sample) == (Image.open(src).size, [sample[0]])

@@ -831,10 +831,12 @@ def learned_weights_digest(uri: str) -> str:
 def archive_sample(slides: list[tuple[str, str]], sample: int) -> list:
     """Up to ``sample`` of ``slides`` (``(slide_id, uri)``), drawn by a fixed seed (the same
     slides on a rerun) and decoded once: what the archive's pixel scale and illumination are
-    measured on. An unreadable slide is an all-black image, which neither measures (the job
-    reports the slide itself)."""
+    measured on. An unreadable slide, and a grey one (its plasma has no stain colour to
+    measure the archive's by), is an 8x8 black placeholder, which neither measures nor
+    counts towards the archive's image size (the job reports the slide itself)."""
     from PIL import Image
 
+    from cellmodel.data.light import has_colour
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
     idx = np.arange(len(slides))
@@ -843,9 +845,10 @@ def archive_sample(slides: list[tuple[str, str]], sample: int) -> list:
     out = []
     for i in idx:
         try:
-            out.append(decode_image(storage.read_bytes(slides[i][1])))
+            img = decode_image(storage.read_bytes(slides[i][1]))
         except (ImageDecodeError, OSError):
-            out.append(Image.new("RGB", (8, 8)))
+            img = None
+        out.append(img if img is not None and has_colour(img) else Image.new("RGB", (8, 8)))
     return out
 
 
