@@ -127,10 +127,22 @@ def _pinned_one(checkpoint: str) -> dict:
     return {**meta, "weights_sha256": digest}
 
 
-def image_warnings(image: np.ndarray) -> list[str]:
-    """What makes an answer for this resized RGB image unreliable, as codes (empty: none):
-    ``grayscale``: the image has no colour, and the model reads the stain's colours."""
-    return [] if has_colour(image) else ["grayscale"]
+def image_warnings(
+    image: np.ndarray,
+    size: tuple[int, int] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> list[str]:
+    """What makes an answer for this resized RGB image unreliable, as codes (empty: none).
+    ``grayscale``: the image has no colour, and the model reads the stain's colours.
+    ``low_resolution``: the image as sent (``size``, width x height) has under half the
+    model's input (``input_size``) on a side, either way round, so the model sees it
+    enlarged more than twice: its granules and nucleus edges are not there to read."""
+    out = [] if has_colour(image) else ["grayscale"]
+    if size is not None and input_size is not None:
+        (short, long), (in_short, in_long) = sorted(size), sorted(input_size)
+        if 2 * short < in_short or 2 * long < in_long:
+            out.append("low_resolution")
+    return out
 
 
 def _replica_cpus() -> int:
@@ -335,8 +347,9 @@ class Ingress:
             self._inflight -= n
 
     # -- decoding -----------------------------------------------------------------------------
-    def _decode(self, images: list[Image]) -> list[np.ndarray]:
-        """Probe every image (format, size), check the request's pixel budget, then decode."""
+    def _decode(self, images: list[Image]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """Probe every image (format, size), check the request's pixel budget, then decode:
+        each image as the model's input and its size as sent."""
         many = len(images) > 1
         probed = []
         for i, im in enumerate(images):
@@ -364,7 +377,8 @@ class Ingress:
         out = []
         for i, (im, p) in enumerate(zip(images, probed)):
             try:
-                out.append(imgs.load(p, self.size, self.pre.get("interpolation", "bilinear")))
+                x = imgs.load(p, self.size, self.pre.get("interpolation", "bilinear"))
+                out.append((x, p.size))
             except ImageDecodeError as e:
                 raise decode_error(e, i if many else None, im.filename) from e
         return out
@@ -429,14 +443,15 @@ class Ingress:
                 t.cancel()
             raise
 
-    def _result(self, p: np.ndarray, image: np.ndarray) -> dict:
+    def _result(self, p: np.ndarray, decoded: tuple[np.ndarray, tuple[int, int]]) -> dict:
         k = int(p.argmax())
+        image, size = decoded
         return {
             "class": self.classes[k],
             "class_index": k,
             "probability": float(p[k]),
             "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
-            "warnings": image_warnings(image),
+            "warnings": image_warnings(image, size, self.size),
         }
 
     async def _info(self, timeout: float = 2.0) -> dict:
@@ -463,9 +478,9 @@ class Ingress:
                 f"expected exactly one image, got {len(images)}; post several to /v1/classify/batch",
             )
         with self._admit(1):
-            arrays = await run_in_threadpool(self._decode, images)
-            (p,) = await self._classify(arrays)
-        return {**self._result(p, arrays[0]), "model": self.model}
+            decoded = await run_in_threadpool(self._decode, images)
+            (p,) = await self._classify([x for x, _ in decoded])
+        return {**self._result(p, decoded[0]), "model": self.model}
 
     @api.post(
         "/v1/classify/batch",
@@ -490,11 +505,11 @@ class Ingress:
                 limit=limit,
             )
         with self._admit(n):
-            arrays = await run_in_threadpool(self._decode, images)
-            probs = await self._classify(arrays)
+            decoded = await run_in_threadpool(self._decode, images)
+            probs = await self._classify([x for x, _ in decoded])
         results = [
-            {"index": i, "filename": im.filename, **self._result(p, a)}
-            for i, (im, p, a) in enumerate(zip(images, probs, arrays))
+            {"index": i, "filename": im.filename, **self._result(p, d)}
+            for i, (im, p, d) in enumerate(zip(images, probs, decoded))
         ]
         return {"results": results, "model": self.model}
 

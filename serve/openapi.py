@@ -29,7 +29,8 @@ class Prediction(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="why this answer may be unreliable, as codes (empty: nothing noticed): "
-        "grayscale (the image has no colour; the model reads the stain's colours)",
+        "grayscale (the image has no colour; the model reads the stain's colours), "
+        "low_resolution (under half the model's input on a side: enlarged more than twice)",
     )
 
 

@@ -239,6 +239,33 @@ def test_a_grayscale_image_is_answered_with_a_warning(client, direct):
         np.testing.assert_allclose(got, first, atol=0.02)
 
 
+def test_an_image_under_half_the_model_input_is_answered_with_a_warning(client, direct):
+    """A crop the model must enlarge more than twice (either way round) is classified but
+    marked ``low_resolution``; half the input exactly, or a portrait crop, is not."""
+    import io
+
+    from PIL import Image
+
+    items, _ = direct
+    _, h, w = client.get("/v1/model").json()["input_size"]
+    colour = Image.open(io.BytesIO(items[0][1])).convert("RGB")
+    cases = {(w // 2, h // 2): [], (h // 2, w // 2): [], (w // 2 - 1, h // 2): ["low_resolution"],
+             (w // 2, h // 2 - 1): ["low_resolution"], (w, h): []}  # fmt: skip
+    files = []
+    for cw, ch in cases:
+        buf = io.BytesIO()
+        colour.resize((cw, ch)).save(buf, "PNG")
+        files.append(("files", (f"{cw}x{ch}.png", buf.getvalue(), "image/png")))
+    r = client.post("/v1/classify/batch", files=files)
+    assert r.status_code == 200, r.text
+    got = {x["filename"]: x["warnings"] for x in r.json()["results"]}
+    assert got == {f"{cw}x{ch}.png": want for (cw, ch), want in cases.items()}
+    one = io.BytesIO()
+    colour.resize((1, 1)).save(one, "PNG")
+    r = client.post("/v1/classify", content=one.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and "low_resolution" in r.json()["warnings"], r.text
+
+
 def test_64_concurrent_requests(url, direct):
     """64 clients at once: every answer is a 200 or a 503 (the ingress's bounded queue),
     and a client that retries as told gets every answer right."""
