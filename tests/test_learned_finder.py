@@ -250,7 +250,16 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert lf.load(str(flipped))[1].flips is True  # the setting travels with the weights
     pair = tmp_path / "pair.pt"
     assert train(["--slides", slides, "--out", str(pair), "--epochs", "1", "--members", "2"]) == 0
-    assert lf.load(str(pair))[1].members == 2 and lf.load(str(flipped))[1].members == 1
+    assert lf.load(str(pair))[1].members == 2
+    # --half stores float16: about half the file, read back as float32.
+    small = tmp_path / "pair-half.pt"
+    argv = ["--slides", slides, "--out", str(small), "--epochs", "1", "--members", "2", "--half"]
+    assert train(argv) == 0
+    assert small.stat().st_size < 0.6 * pair.stat().st_size
+    assert (
+        next(lf.load(str(small))[0].parameters()).dtype == torch.float32
+        and lf.load(str(flipped))[1].members == 1
+    )
     assert train(["--slides", slides, "--out", str(pair), "--members", "0", "--overwrite"]) == 2
     assert "--members must be at least 1" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--suppress", "1.5", "--overwrite"]) == 2

@@ -460,16 +460,26 @@ def detect(
     return out
 
 
-def save(model: nn.Module, cfg: LearnedFinderConfig, uri: str, meta: dict | None = None) -> None:
-    """Write the weights with the settings that built them (a path or s3:// URI)."""
+def save(
+    model: nn.Module,
+    cfg: LearnedFinderConfig,
+    uri: str,
+    meta: dict | None = None,
+    half: bool = False,
+) -> None:
+    """Write the weights with the settings that built them (a path or s3:// URI). ``half``:
+    floating-point weights stored in float16 (half the file; :func:`load` reads them back
+    into float32, the network computes as before)."""
     import io
 
+    state = model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     buf = io.BytesIO()
     torch.save(
-        {"format": FORMAT, "config": cfg.to_dict(), "state_dict": model.state_dict(),
-         "meta": meta or {}},
+        {"format": FORMAT, "config": cfg.to_dict(), "state_dict": state, "meta": meta or {}},
         buf,
-    )  # fmt: skip
+    )
     storage.write_bytes(uri, buf.getvalue())
 
 
