@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
-        if (args.suppress or args.flips or args.save_networks or args.members) and not args.learned:
+        learned_only = (args.suppress, args.flips, args.save_networks, args.members is not None)
+        if any(learned_only) and not args.learned:
             raise ValueError(
                 "--suppress, --flips, --members and --save-networks are for --cv K --learned"
             )

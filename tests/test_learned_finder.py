@@ -317,6 +317,8 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert "2 of 2 reused" in out and "`flips` off and on" in out
     assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
     assert "--learned" in capsys.readouterr().err
+    assert evaluate(["--slides", slides, "--members", "0"]) == 2
+    assert "--learned" in capsys.readouterr().err
     assert evaluate([*cv, "--suppress", "0.5,2"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
 

@@ -776,7 +776,7 @@ def ensemble_meta(checkpoints: list[str], cfg: SlidesConfig) -> dict:
         diff += [
             f"{k} {got[k]} instead of {want[k]}"
             for k in want
-            if not _measured_alike(got[k], want[k], k)
+            if not _measured_alike(got[k], want[k])
         ]
         if diff:
             raise SlidesError(
@@ -809,10 +809,12 @@ BACKGROUND_TOLERANCE = 3.0  # grey levels, per channel
 DIAMETER_TOLERANCE = 0.03  # relative
 
 
-def _measured_alike(a, b, what: str) -> bool:
+def _measured_alike(a, b) -> bool:
+    """Two recorded measurements within tolerance: background levels (R, G, B) or
+    red-cell diameters (px); neither recorded also counts as alike."""
     if a is None or b is None:
         return a is None and b is None
-    if what == "training background level":
+    if isinstance(a, (list, tuple)):
         return max(abs(float(x) - float(y)) for x, y in zip(a, b)) <= BACKGROUND_TOLERANCE
     return abs(float(a) - float(b)) <= DIAMETER_TOLERANCE * max(float(a), float(b))
 
