@@ -58,6 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true", help="train in-process, without Ray")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (with --local)")
     p.add_argument("--tta", action="store_true", help="score with test-time augmentation too")
+    p.add_argument(
+        "--epoch",
+        choices=("best", "last"),
+        default="best",
+        help="score each run's epoch of lowest validation loss (chosen on the validation "
+        "split, so optimistic when that split is also what is scored) or its last epoch "
+        "(nothing chosen on any split)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     p.add_argument(
         "--ensemble",
@@ -109,10 +117,14 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))
         model_uri, best = summary["model_uri"], summary["best_metrics"]
+        last_uri = summary["last_checkpoint"]
         print(f"[{name}] already trained; reusing {model_uri}")
     else:
         result = run_local(cfg) if args.local else run_training(cfg)
-        model_uri, best = result.model_uri, result.metrics
+        model_uri, best, last_uri = result.model_uri, result.metrics, result.last_checkpoint
+    history = _history(cfg.run_dir)
+    if args.epoch == "last":
+        model_uri = last_uri
     data = args.eval_data or cfg.data.uri
     split = args.split or cfg.data.val_split
     m = evaluate_checkpoint(model_uri, data, storage.join(args.out, name), split=split)
@@ -128,8 +140,10 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         "checkpoint": model_uri,
         "eval_data": data,
         "eval_split": split,
+        "scored_epoch": args.epoch,
         "best_epoch": best.get("epoch"),
         "best_phase": best.get("phase"),
+        "last_epoch": history[-1].get("epoch") if history else None,
         "val_loss": best.get("val_loss"),
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
@@ -140,7 +154,7 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         "n_sources": per_source.get("n_sources"),
         "tta_accuracy": tta["accuracy"] if tta else None,
         "tta_source_accuracy": (tta.get("per_source") or {}).get("vote_accuracy") if tta else None,
-        "train_s": sum(r.get("epoch_s", 0) for r in _history(cfg.run_dir)),
+        "train_s": sum(r.get("epoch_s", 0) for r in history),
     }
 
 
@@ -298,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     names = list(todo)
     header = f"# Comparison under `{args.config}`" + (
         f" {' '.join(args.overrides)}" if args.overrides else ""
+    )
+    header += (
+        "\n\nScored: each run's last epoch (nothing chosen on any split)."
+        if args.epoch == "last"
+        else "\n\nScored: each run's epoch of lowest validation loss (chosen on the validation "
+        "split: optimistic where that split is also the one scored)."
     )
     # Seed-major: every variant's first seed runs before any second seed, so a run cut short
     # still compares every variant.

@@ -91,3 +91,31 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
     assert set(ens) == {"base", "ema"} and all(r["seeds"] == [0, 1] for r in ens.values())
     assert all(0 <= r["accuracy"] <= 1 and r["tta_accuracy"] is not None for r in ens.values())
     assert "## Seed ensembles" in (out / "comparison.md").read_text()
+
+
+def test_compare_scores_the_last_epoch_when_asked(tmp_path):
+    """``--epoch last`` scores each run's final weights (nothing chosen on the split); the same
+    finished runs scored with the default are scored at their epoch of lowest validation loss."""
+    shards = str(tmp_path / "shards")
+    ingest(str(ROOT / "data/sample/crops"), shards, target_per_class=16, progress=False,
+           workers=1, group="file")  # fmt: skip
+    common = [
+        "--config", str(ROOT / "jobs/configs/quickstart.toml"), "--variant", "base=", "--local",
+        f"run.storage={tmp_path / 'runs'}", f"data.uri={shards}",
+        "phase1.epochs=2", "phase2.epochs=1",
+    ]  # fmt: skip
+    assert compare.main([*common, "--epoch", "last", "--out", str(tmp_path / "last")]) == 0
+    (run,) = json.loads((tmp_path / "last" / "comparison.json").read_text())["runs"]
+    summary = json.loads((tmp_path / "runs" / run["run"] / "summary.json").read_text())
+    assert run["scored_epoch"] == "last" and run["last_epoch"] == 2
+    assert run["checkpoint"] == summary["last_checkpoint"]
+    assert run["checkpoint"].rstrip("/").endswith("epoch-0002")
+    _, meta = load_checkpoint(run["checkpoint"])
+    assert meta["metrics"]["epoch"] == 2
+    assert "last epoch (nothing chosen" in (tmp_path / "last" / "comparison.md").read_text()
+
+    assert compare.main([*common, "--out", str(tmp_path / "best")]) == 0  # reused, not retrained
+    (best,) = json.loads((tmp_path / "best" / "comparison.json").read_text())["runs"]
+    assert best["scored_epoch"] == "best" and best["checkpoint"] == summary["model_uri"]
+    assert best["best_epoch"] == summary["best_metrics"]["epoch"]
+    assert "lowest validation loss" in (tmp_path / "best" / "comparison.md").read_text()
