@@ -22,7 +22,7 @@ from cellmodel.infer.finder import (
     match,
     otsu_threshold,
 )
-from cellmodel.infer.finder_eval import Slide, compose_pair, load_slides
+from cellmodel.infer.finder_eval import Slide, compose_pair, cut_by_frame, load_slides
 
 # BCCD labels a few platelets as WBC (e.g. a 31x27 box on slide 113); a white cell is
 # never that small, so boxes under this side are not counted as cells to find.
@@ -336,6 +336,25 @@ def test_composed_pair_is_a_real_cell_beside_another(sample_dir):
     assert min(gap_x, gap_y) <= 1 and max(gap_x, gap_y) <= 0
     assert p.image.size == (640, 480) and 0 <= bx0 and bx1 <= 640 and 0 <= by0 and by1 <= 480
     assert p.meta["base"] != p.meta["pasted"]
+
+
+def test_a_cell_cut_by_the_frame_is_never_pasted(sample_dir):
+    """Part of a cell (a narrow box on the slide's edge) is no donor: pasted mid-slide it is
+    no cell a slide shows, and its box is not the cell's extent. Whole cells, on the frame
+    or not, still are."""
+    size = (640, 480)
+    assert cut_by_frame((0, 100, 60, 250), size)  # half a cell on the left edge
+    assert cut_by_frame((600, 380, 640, 480), size)  # a sliver in a corner
+    assert not cut_by_frame((0, 100, 140, 250), size)  # round, touching the edge
+    assert not cut_by_frame((100, 100, 160, 250), size)  # narrow, clear of the frame
+    singles = [s for s in load_slides(str(sample_dir / "slides")) if len(s.truths) == 1]
+    base, donor = singles[0], singles[1]
+    (x0, y0, x1, y1) = donor.truths[0]
+    cut = Slide("cut", donor.image, [(0.0, y0, (x1 - x0) / 2, y1)])  # its left half, on the frame
+    assert cut_by_frame(cut.truths[0], cut.image.size)
+    rngs = [np.random.default_rng(s) for s in range(20)]
+    assert all(compose_pair(base, cut, r) is None for r in rngs)
+    assert any(compose_pair(base, donor, np.random.default_rng(s)) for s in range(20))
 
 
 def test_distance_transform_of_a_disc_and_a_square():
