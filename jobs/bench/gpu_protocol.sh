@@ -8,8 +8,8 @@
 #       (every variant's seed 0 first), so a run cut short by the budget still compares them;
 # each scored on the dataset's validation split (split by source cell) per image, per cell and
 # cell-balanced, with and without test-time augmentation, at each run's last epoch (nothing
-# chosen on the split). Checkpoints go to $RUNS (default a
-# RAM disk); the figures, histories and reports are packed into OUTDIR/results.tar.gz.
+# chosen on the split). Checkpoints go to $RUNS (default a RAM disk); the figures, histories
+# and reports are packed into OUTDIR/results.tar.gz.
 # `timeout` signals its whole process group, the pool workers of `jobs.compare` included.
 #   bash jobs/bench/gpu_protocol.sh SHARDS OUTDIR [SECONDS]
 # SHARDS: crops stored at 0.6 scale (192x144), e.g. `python -m jobs.ingest ... --scale 0.6`.
@@ -32,7 +32,8 @@ paper+=" phase2.epochs=5 phase2.optimizer=adam phase2.lr=1e-3 phase2.weight_deca
 paper+=" phase2.ema_decay=0 $off_colour $off_geom"
 start=$(date +%s)
 timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/gpu_scratch.toml --local \
-  --parallel "${GPU_PARALLEL:-3}" --seeds 0 1 2 --tta --epoch last --out "$RUNS/gpu" --variant gpu_scratch= \
+  --parallel "${GPU_PARALLEL:-3}" --seeds 0 1 2 --tta --epoch last --out "$RUNS/gpu" \
+  --variant gpu_scratch= \
   scaling.use_gpu=true "${common[@]}" ${GPU_EXTRA:-} > "$OUTDIR/gpu.log" 2>&1 &
 G=$!
 timeout -k 10 "$BUDGET" python3 -m jobs.compare --config jobs/configs/cpu_proxy.toml --local \
