@@ -293,7 +293,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cellmodel import storage
-    from cellmodel.config import ConfigError
+    from cellmodel.config import ConfigError, load_config
     from cellmodel.data.dataset import DatasetNotFoundError
     from cellmodel.evaluate.data import EvalDataError
 
@@ -310,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = list(todo)
+    for name in names:  # every variant's model checked before any of them trains
+        try:
+            load_config(args.config, [*args.overrides, *todo[name]]).build_model_config()
+        except ConfigError as e:
+            print(f"error: variant {name!r}: {e}", file=sys.stderr)
+            return 2
     header = f"# Comparison under `{args.config}`" + (
         f" {' '.join(args.overrides)}" if args.overrides else ""
     )

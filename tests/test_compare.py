@@ -55,6 +55,22 @@ def test_compare_rejects_unknown_models(capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+def test_compare_checks_every_variant_before_training_any(tmp_path, capsys):
+    """Table 1 at proxy scale (96x72) would train the models that fit, then fail on
+    InceptionV3, which needs 75 pixels a side: refused up front, naming the variant and the
+    size to give, with nothing trained."""
+    argv = [
+        "--config", str(ROOT / "jobs/configs/cpu_proxy.toml"), "--local",
+        "--models", "xception_bilstm", "inception_v3_bilstm",
+        "--out", str(tmp_path / "compare"), f"run.storage={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "variant 'inception_v3_bilstm'" in err and "at least 75x75" in err
+    assert "input_size=[3, 75, 96]" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "compare").exists()
+
+
 def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
     """A recipe ablation: two named override sets x two seeds, trained in-process, two at a
     time; each row has the mean and spread over its seeds, per image and per source."""

@@ -235,6 +235,17 @@ def test_unknown_model_and_override_errors():
         build_model("tiny_bilstm", rnn_size=3)
 
 
+def test_an_input_too_small_for_a_branch_is_refused_with_the_size_it_needs():
+    """InceptionV3 cannot take an input under 75 pixels a side (its forward fails deep in a
+    convolution); the model's config says so, with the size to give, before anything runs."""
+    with pytest.raises(ValueError, match=r"inception_v3 branch needs at least 75x75.*72 high"):
+        model_config("inception_v3_bilstm", input_size=(3, 72, 96))
+    net = build_model("inception_v3_bilstm", input_size=(3, 75, 96)).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 75, 96)).shape == (1, len(CLASSES))
+    assert model_config("xception_bilstm", input_size=(3, 72, 96)).height == 72
+
+
 def test_flop_count_includes_lstm():
     m = build_model("tiny_bilstm")
     assert lstm_flops(m.rnn, 60) == 2 * 60 * 2 * 4 * 16 * (80 + 16)

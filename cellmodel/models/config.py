@@ -17,6 +17,10 @@ PREPROCESSING = {
     "inception": {"mean": INCEPTION_MEAN, "std": INCEPTION_STD},
 }
 
+# The smallest input side a CNN backbone can take: InceptionV3's stem and its unpadded
+# reductions leave nothing to convolve below 75 pixels. The others here run down to 8.
+MIN_INPUT_SIDE = {"inception_v3": 75}
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -74,6 +78,15 @@ class ModelConfig:
             )
         if not self.cnn and not self.rnn_hidden:
             raise ValueError(f"model {self.name!r} has neither a CNN nor an RNN branch")
+        for branch in self.cnn:
+            side = MIN_INPUT_SIDE.get(branch, 0)
+            if min(self.input_size[1:]) < side:
+                _, h, w = self.input_size
+                raise ValueError(
+                    f"model {self.name!r}: its {branch} branch needs at least {side}x{side} "
+                    f"pixels, and input_size is {h} high and {w} wide; raise input_size "
+                    f"(e.g. model.overrides.input_size=[3, {max(h, side)}, {max(w, side)}])"
+                )
         if self.rnn_downsample < 1:
             raise ValueError("rnn_downsample must be >= 1")
 
