@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "--suppress",
         type=float,
         help="central share of a box in which a weaker peak counts as the same cell "
-        "(default 0.6, chosen by jobs.evaluate_finder --cv 5 --learned --suppress ...; 0: off)",
+        "(default 0.7, chosen by jobs.evaluate_finder --cv 5 --learned --suppress ...; 0: off)",
     )
     ap.add_argument(
         "--flips",

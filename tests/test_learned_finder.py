@@ -132,6 +132,35 @@ def test_paste_adds_a_box_around_the_pasted_cell(sample_slides):
     assert torch.equal(x[:, 0, 0], xa[:, 0, 0]) or x0 == 0  # the rest is the slide's own
 
 
+def test_training_paste_cuts_at_the_frame_as_slides_do_and_never_pastes_a_cut_cell(sample_slides):
+    """A cell pasted beside one on the slide's edge may fall partly outside: the frame cuts
+    it (at least half of each side kept) and its box is the visible part, as a cut cell is
+    annotated. A donor the frame had already cut is not pasted at all."""
+    a, b = sample_slides[0], sample_slides[1]
+    xa, xb = lf.slide_tensor(a.image, 4), lf.slide_tensor(b.image, 4)
+    bx0, by0, bx1, by1 = b.truths[0]
+    bw, bh = bx1 - bx0, by1 - by0
+    on_edge = [(640 - bw, 0.0, 640.0, bh)]  # a whole cell in the top right corner
+    rng = np.random.default_rng(0)
+    clipped = 0
+    for _ in range(200):
+        x, boxes = lf._paste(xa, on_edge, xb, b.truths[0], 4.0, rng)
+        if len(boxes) == 1:
+            assert torch.equal(x, xa)  # nothing pasted, nothing changed
+            continue
+        x0, y0, x1, y1 = boxes[1]
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+        assert x1 - x0 >= bw / 2 - 4 and y1 - y0 >= bh / 2 - 4  # at least half of each side
+        if x1 - x0 < bw - 4 or y1 - y0 < bh - 4:
+            clipped += 1
+            assert x0 <= 2 or y0 <= 2 or x1 >= 638 or y1 >= 478  # cut only by the frame
+    assert clipped > 0
+    half = (0.0, by0, bw / 2, by1)  # the donor's left half, on its slide's frame
+    for _ in range(50):
+        x, boxes = lf._paste(xa, a.truths, xb, half, 4.0, rng)
+        assert boxes == a.truths and torch.equal(x, xa)
+
+
 def test_weights_travel_with_their_settings_and_the_slide_finder_uses_them(trained, sample_slides):
     model, cfg, path = trained
     loaded, lcfg = lf.load(str(path))
@@ -241,7 +270,7 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     out = tmp_path / "centre.pt"
     assert train(["--slides", slides, "--out", str(out), "--epochs", "2", "--threads", "2"]) == 0
     assert "finder.method=learned" in capsys.readouterr().out
-    assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.6
+    assert lf.load(str(out))[1].epochs == 2 and lf.load(str(out))[1].suppress == 0.7
     assert lf.load(str(out))[1].flips is False and lf.load(str(out))[1].members == 3  # default
     assert 60 < lf.read_meta(str(out))["rbc_diameter_px"] < 95  # BCCD's scale, measured
     flipped = tmp_path / "flipped.pt"
