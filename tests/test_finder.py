@@ -13,6 +13,7 @@ from cellmodel.data.voc import parse_voc
 from cellmodel.infer.finder import (
     FinderConfig,
     _join_without_neck,
+    cut_by_frame,
     distance_transform,
     fill_holes,
     find_cells,
@@ -22,7 +23,7 @@ from cellmodel.infer.finder import (
     match,
     otsu_threshold,
 )
-from cellmodel.infer.finder_eval import Slide, compose_pair, cut_by_frame, load_slides
+from cellmodel.infer.finder_eval import Slide, compose_pair, load_slides
 
 # BCCD labels a few platelets as WBC (e.g. a 31x27 box on slide 113); a white cell is
 # never that small, so boxes under this side are not counted as cells to find.

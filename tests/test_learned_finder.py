@@ -408,7 +408,7 @@ def test_shipped_finder_counts_a_cell_touching_one_the_frame_cut(sample_dir, shi
     beside it (three placements each) must make two boxes, one on each cell. Weights
     trained while pasted cells were never cut by the frame merged or missed 7 of these 81
     (and 23 of 1,512 over BCCD's 20 such slides); the shipped ones miss 2 (6)."""
-    from cellmodel.infer.finder_eval import cut_by_frame
+    from cellmodel.infer.finder import cut_by_frame
 
     base = {s.name: s for s in load_slides(str(sample_dir / "slides" / "extra"))}[
         "BloodImage_00046"

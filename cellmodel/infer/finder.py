@@ -754,3 +754,21 @@ def match(preds: list[tuple[float, ...]], truths: list[tuple[float, ...]], thr: 
             used.add(best_j)
             tp += 1
     return tp
+
+
+# A white cell is about round: of BCCD's single-cell slides, 99 % of the boxes clear of the
+# frame have their short side at 0.68 or more of their long side. A box on the frame that is
+# narrower than this holds the part of a cell the frame left.
+CUT_ASPECT = 2 / 3
+
+
+def cut_by_frame(
+    box: tuple[float, float, float, float], size: tuple[int, int], margin: float = 2.0
+) -> bool:
+    """Whether ``box`` (in a ``size`` = (width, height) slide) is a cell the frame cut: it
+    touches an edge and its short side is under :data:`CUT_ASPECT` of its long side."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    on_frame = x0 <= margin or y0 <= margin or x1 >= w - margin or y1 >= h - margin
+    bw, bh = x1 - x0, y1 - y0
+    return on_frame and min(bw, bh) < CUT_ASPECT * max(bw, bh)

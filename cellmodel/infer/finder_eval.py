@@ -33,6 +33,7 @@ from cellmodel.infer.finder import (
     FinderConfig,
     Nucleus,
     boxes_from_nuclei,
+    cut_by_frame,
     find_cells,
     find_cells_at_scale,
     find_nuclei,
@@ -105,22 +106,6 @@ def load_slides(
 
 
 # ---------------------------------------------------------------- composed pairs
-
-
-# A white cell is about round: of BCCD's single-cell slides, 99 % of the boxes clear of the
-# frame have their short side at 0.68 or more of their long side. A box on the frame that is
-# narrower than this holds the part of a cell the frame left.
-CUT_ASPECT = 2 / 3
-
-
-def cut_by_frame(box: Box, size: tuple[int, int], margin: float = 2.0) -> bool:
-    """Whether ``box`` (in a ``size`` = (width, height) slide) is a cell the frame cut: it
-    touches an edge and its short side is under :data:`CUT_ASPECT` of its long side."""
-    x0, y0, x1, y1 = box
-    w, h = size
-    on_frame = x0 <= margin or y0 <= margin or x1 >= w - margin or y1 >= h - margin
-    bw, bh = x1 - x0, y1 - y0
-    return on_frame and min(bw, bh) < CUT_ASPECT * max(bw, bh)
 
 
 def compose_pair(a: Slide, b: Slide, rng: np.random.Generator) -> Slide | None:

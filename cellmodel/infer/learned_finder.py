@@ -42,8 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cellmodel import storage
-from cellmodel.infer.finder import Detection
-from cellmodel.infer.finder_eval import cut_by_frame
+from cellmodel.infer.finder import Detection, cut_by_frame
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,7 @@ def _paste(
     BCCD slides almost never hold two touching white cells, so without this the network
     never learns to see two centres in one stained blob. The cell is cut with a soft
     ellipse of random size and edge, so that no one seam becomes a cue. A donor cell cut by
-    its own slide's frame (:func:`~cellmodel.infer.finder_eval.cut_by_frame`) is not
+    its own slide's frame (:func:`~cellmodel.infer.finder.cut_by_frame`) is not
     pasted: part of a cell, mid-slide, is no cell a slide shows. A cell placed beside one
     on the frame may fall partly outside it: the frame then cuts it as it cuts real cells
     (at least half of each side kept), and its box is the visible part, as annotated.
