@@ -45,15 +45,17 @@ from cellmodel import storage
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "slides.toml"
 
 
-def _values(text: str) -> list[float]:
+def _values(text: str, flag: str = "--suppress", low_open: bool = False) -> list[float]:
+    """Comma-separated numbers in [0, 1] (``low_open``: above 0) for ``flag``."""
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(
-            f"--suppress takes comma-separated numbers, e.g. 0,0.5,0.7; got {text!r}"
+            f"{flag} takes comma-separated numbers, e.g. 0.3,0.5,0.7; got {text!r}"
         ) from None
-    if not vals or any(not 0 <= v <= 1 for v in vals):
-        raise ValueError(f"--suppress values must lie in [0, 1]; got {text!r}")
+    if not vals or any(not 0 <= v <= 1 or (low_open and v == 0) for v in vals):
+        span = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{flag} values must lie in {span}; got {text!r}")
     return vals
 
 
@@ -101,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default 3, as jobs.train_finder; 1 trains a third as long)",
     )
     ap.add_argument(
+        "--train-seed",
+        type=int,
+        help="--learned: the first network's seed (default 0; the members take N, N+1, ...), "
+        "to check a result on networks trained with other seeds",
+    )
+    ap.add_argument(
         "--skip-empty",
         action="store_true",
         help="--learned: train without the slides that have no WBC box (still scored on them)",
@@ -122,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--learned: also try each candidate with the heat map averaged over the slide's "
         "flips (4x the finder's compute); chosen per fold on the other folds, with --suppress",
+    )
+    ap.add_argument(
+        "--min-score",
+        metavar="VALUES",
+        help="--learned: candidate detection thresholds on the heat map (comma-separated, "
+        "e.g. 0.25,0.3,0.35,0.4), chosen per fold on the other folds with --suppress",
     )
     ap.add_argument("--save-networks", metavar="DIR", help="--learned: save each fold's network")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
@@ -151,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
-        learned_only = (args.suppress, args.flips, args.save_networks, args.members is not None)
+        learned_only = (
+            args.suppress, args.flips, args.min_score, args.save_networks,
+            args.members is not None, args.train_seed is not None,
+        )  # fmt: skip
         if any(learned_only) and not args.learned:
             raise ValueError(
-                "--suppress, --flips, --members and --save-networks are for --cv K --learned"
+                "--suppress, --min-score, --flips, --members, --train-seed and --save-networks "
+                "are for --cv K --learned"
             )
         if args.cv and args.learned:
             from cellmodel.infer.learned_finder import LearnedFinderConfig
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.members < 1:
                     raise ValueError(f"--members must be at least 1, got {args.members}")
                 lcfg.members = args.members
+            if args.train_seed is not None:
+                lcfg.seed = args.train_seed
             result = {"learned_cross_validation": finder_eval.cross_validate_learned(
                 args.slides,
                 args.cv,
@@ -180,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 skip_empty=args.skip_empty,
                 suppress=_values(args.suppress) if args.suppress else None,
                 flips=[False, True] if args.flips else None,
+                min_score=_values(args.min_score, "--min-score", True) if args.min_score else None,
                 networks_out=args.save_networks,
                 progress=True,
             )}  # fmt: skip

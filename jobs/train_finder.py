@@ -1,7 +1,8 @@
 """Train the learned white-cell finder on annotated slides (BCCD / Pascal VOC layout).
 
     python -m jobs.train_finder --slides ../shared/data/bccd --out runs/finder/centre.pt
-        [--epochs 60] [--seed 0] [--members N] [--exclude NAMES] [--suppress S] [--flips]
+        [--epochs 60] [--seed 0] [--members N] [--exclude NAMES] [--suppress S] [--min-score T]
+        [--flips]
         [--half] [--threads N]
 
 Small centre-heat-map networks (``cellmodel.infer.learned_finder``; three by default,
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default 0.7, chosen by jobs.evaluate_finder --cv 5 --learned --suppress ...; 0: off)",
     )
     ap.add_argument(
+        "--min-score",
+        type=float,
+        help="detection threshold on the heat map (default 0.35, chosen by "
+        "jobs.evaluate_finder --cv 5 --learned --min-score ...)",
+    )
+    ap.add_argument(
         "--flips",
         action="store_true",
         help="detect with the heat map averaged over each slide's flips (4x the finder's "
@@ -87,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.suppress <= 1:
                 raise ValueError(f"--suppress must lie in [0, 1], got {args.suppress}")
             cfg.suppress = args.suppress
+        if args.min_score is not None:
+            if not 0 < args.min_score <= 1:
+                raise ValueError(f"--min-score must lie in (0, 1], got {args.min_score}")
+            cfg.min_score = args.min_score
         slides = load_slides(
             args.slides, args.limit, [x for x in args.exclude.split(",") if x]
         )  # fmt: skip

@@ -26,9 +26,11 @@ def sample_slides(sample_dir):
 
 @pytest.fixture(scope="module")
 def trained(sample_slides, tmp_path_factory):
-    """A network fitted to the sample's slides (its own training data) and its file."""
+    """A network fitted to the sample's slides (its own training data) and its file. One
+    network on 24 slides, so its threshold is not the one the CV chose for the shipped three
+    averaged over 278 (0.35): 0.3, where its weaker peaks were first measured."""
     cfg = lf.LearnedFinderConfig(
-        epochs=80, batch_size=8, lr=5e-3, paste=0.8, seed=0, threads=2, members=1
+        epochs=80, batch_size=8, lr=5e-3, paste=0.8, seed=0, threads=2, members=1, min_score=0.3
     )
     torch.manual_seed(0)
     model = lf.train_finder(
@@ -277,6 +279,10 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     one = ["--epochs", "1", "--members", "1"]
     assert train(["--slides", slides, "--out", str(flipped), *one, "--flips"]) == 0
     assert lf.load(str(flipped))[1].flips is True  # the setting travels with the weights
+    assert lf.load(str(out))[1].min_score == 0.35  # the default, chosen by the CV
+    assert train(["--slides", slides, "--out", str(flipped), *one, "--min-score", "0.5",
+                  "--overwrite"]) == 0  # fmt: skip
+    assert lf.load(str(flipped))[1].min_score == 0.5
     pair = tmp_path / "pair.pt"
     assert train(["--slides", slides, "--out", str(pair), "--epochs", "1", "--members", "2"]) == 0
     assert lf.load(str(pair))[1].members == 2
@@ -293,6 +299,8 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert "--members must be at least 1" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--suppress", "1.5", "--overwrite"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+    assert train(["--slides", slides, "--out", str(out), "--min-score", "0", "--overwrite"]) == 2
+    assert "--min-score must lie in (0, 1]" in capsys.readouterr().err
     assert train(["--slides", slides, "--out", str(out), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     res = tmp_path / "eval.json"
@@ -324,8 +332,10 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     assert r["suppress_grid"] == [0.0, 0.5, 1.0] and r["suppress_final"] in r["suppress_grid"]
     for f, other in zip(r["folds"], r["folds"][::-1], strict=True):
         assert set(f["grid"]) == {"0", "0.5", "1"}
-        assert (f["suppress"], f["flips"]) == _choose_suppress([other], r["suppress_grid"])
+        chosen = _choose_suppress([other], r["suppress_grid"])
+        assert (f["suppress"], f["flips"], chosen[2]) == (*chosen[:2], None)
         assert f["flips"] is False and r["flips_grid"] == [False]  # not asked: not tried
+        assert f["min_score"] == 0.35 and r["min_score_grid"] is None  # the default, as used
         assert f["learned_real"] == f["grid"][f"{f['suppress']:g}"]["real"]
         meta = lf.read_meta(str(nets / f"fold-{f['fold']}.pt"))
         assert meta["fold"] == f["fold"] and len(meta["trained_on"]) == f["train_slides"]
@@ -344,12 +354,43 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
         assert f["learned_fresh"] == f["grid"][key]["fresh"]
     out = capsys.readouterr().out
     assert "2 of 2 reused" in out and "`flips` off and on" in out
+    # Detection thresholds too, on the same saved networks (the threshold plays no part in
+    # training): each candidate keeps the peaks at or above it, then suppresses; the lowest
+    # finds at least what the highest does, and each fold's choice is the other fold's.
+    ths = ["--min-score", "0.35,0.2,0.6"]
+    assert evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, *ths, "--json", str(res)]) == 0
+    r = json.loads(res.read_text())["learned_cross_validation"]
+    assert r["networks_reused"] == 2 and r["min_score_grid"] == [0.2, 0.35, 0.6]
+    for f, other, old in zip(r["folds"], r["folds"][::-1], before["folds"], strict=True):
+        assert len(f["grid"]) == 9 and f["min_score"] in r["min_score_grid"]
+        assert (f["suppress"], f["flips"], f["min_score"]) == _choose_suppress(
+            [other], r["suppress_grid"], [False], r["min_score_grid"]
+        )
+        for v in ("0", "0.5", "1"):  # the default threshold scores as the grid without one
+            assert f["grid"][f"{v} score 0.35"] == old["grid"][v]
+            low, high = (f["grid"][f"{v} score {c}"]["real"] for c in ("0.2", "0.6"))
+            assert low["detections"] >= high["detections"]
+            assert low["true_positives"] >= high["true_positives"]
+        key = f"{f['suppress']:g} score {f['min_score']:g}"
+        assert f["learned_real"] == f["grid"][key]["real"]
+    assert "`min_score` among [0.2, 0.35, 0.6]" in capsys.readouterr().out
+    # what decides reuse: the training, not the settings that act on the network's output
+    from cellmodel.infer.finder_eval import _same_training
+
+    saved = lf.read_meta(str(nets / "fold-0.pt"))
+    other = saved | {"settings": saved["settings"] | {"min_score": 0.9, "suppress": 0.1}}
+    assert _same_training(saved, other)
+    assert not _same_training(saved, saved | {"settings": saved["settings"] | {"seed": 7}})
     assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
     assert "--learned" in capsys.readouterr().err
     assert evaluate(["--slides", slides, "--members", "0"]) == 2
     assert "--learned" in capsys.readouterr().err
     assert evaluate([*cv, "--suppress", "0.5,2"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+    assert evaluate([*cv, "--min-score", "0,0.3"]) == 2
+    assert "--min-score values must lie in (0, 1]" in capsys.readouterr().err
+    assert evaluate(["--slides", slides, "--min-score", "0.3"]) == 2
+    assert "--learned" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the shipped weights

@@ -567,6 +567,7 @@ def cross_validate_learned(
     skip_empty: bool = False,
     suppress: list[float] | tuple[float, ...] | None = None,
     flips: list[bool] | tuple[bool, ...] | None = None,
+    min_score: list[float] | tuple[float, ...] | None = None,
     networks_out: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -590,6 +591,8 @@ def cross_validate_learned(
     the value chosen on all folds, the one to train the shipped weights with. ``flips``:
     candidates of the ``flips`` setting (heat map averaged over the slide's flips), chosen
     with ``suppress`` the same way (each pair of values a candidate; ties go to no flips).
+    ``min_score``: candidates of the detection threshold on the heat map, chosen with the
+    others the same way (every combination a candidate; ties to the smaller threshold).
     ``networks_out``: a folder to save each fold's network in (``fold-N.pt``); a network
     found there that was trained on the same slides with the same settings is reused, so the
     same command run again (another ``suppress`` grid, say) trains nothing.
@@ -604,10 +607,14 @@ def cross_validate_learned(
     fold_of = assign_folds(len(real), k, seed)
     grid = sorted({float(v) for v in suppress}) if suppress else None
     flip_grid = sorted({bool(v) for v in flips}) if flips else None
-    if flip_grid and not grid:
+    score_grid = sorted({float(v) for v in min_score}) if min_score else None
+    if (flip_grid or score_grid) and not grid:
         grid = [lcfg.suppress]
     if grid and not flip_grid:
         flip_grid = [lcfg.flips]
+    keyed = score_grid is not None  # the threshold named in the grid's keys
+    if grid and not score_grid:
+        score_grid = [lcfg.min_score]
     rows = []
     t_train, reused = 0.0, 0
     for f in range(k):
@@ -624,7 +631,7 @@ def cross_validate_learned(
         saved = storage.join(networks_out, f"fold-{f}.pt") if networks_out else None
         meta = {"trained_on": [s.name for s in train], "fold": f, "k": k, "seed": seed,
                 "settings": lcfg.to_dict() | {"suppress": 0.0, "flips": False}}  # fmt: skip
-        if saved and storage.exists(saved) and lf.read_meta(saved) == meta:
+        if saved and storage.exists(saved) and _same_training(lf.read_meta(saved), meta):
             model = lf.load(saved)[0]  # this fold's network from an earlier run: reused
             reused += 1
         else:
@@ -640,20 +647,23 @@ def cross_validate_learned(
                 return score(dets, [s.truths for s in ss], iou_threshold)
             return pair_counts(dets, ss, iou_threshold)[0]
 
-        if grid:  # the network runs once per set and flip setting; suppress filters its peaks
+        if grid:  # the network runs once per set and flip setting; the others filter its peaks
             row["grid"] = {}
             for fl in flip_grid:
-                raw = {name: lf.detect(model, [s.image for s in ss],
-                                       dataclasses.replace(lcfg, suppress=0.0, flips=fl))
+                low = dataclasses.replace(lcfg, suppress=0.0, flips=fl, min_score=score_grid[0])
+                raw = {name: lf.detect(model, [s.image for s in ss], low)
                        for name, ss in sets.items()}  # fmt: skip
-                row["grid"] |= {
-                    _grid_key(v, fl): {
-                        name: scored(name, ss, [lf.suppress_inner(d, v) if v > 0 else d
-                                                for d in raw[name]])
-                        for name, ss in sets.items()
-                    }
-                    for v in grid
-                }  # fmt: skip
+                for c in score_grid:  # as decode: the threshold first, then suppression
+                    above = {n: [[d for d in dd if d.score >= c] for dd in found]
+                             for n, found in raw.items()}  # fmt: skip
+                    row["grid"] |= {
+                        _grid_key(v, fl, c if keyed else None): {
+                            name: scored(name, ss, [lf.suppress_inner(d, v) if v > 0 else d
+                                                    for d in above[name]])
+                            for name, ss in sets.items()
+                        }
+                        for v in grid
+                    }  # fmt: skip
         for name, ss in sets.items():
             if not grid:
                 row[f"learned_{name}"] = scored(
@@ -670,14 +680,17 @@ def cross_validate_learned(
                 ),
                 flush=True,
             )  # fmt: skip
-    final = final_flips = None
+    final = final_flips = final_score = None
     if grid:
+        scores = score_grid if keyed else None
         for r in rows:  # each fold's values chosen on the other folds
             others = [o for o in rows if o is not r] or [r]
-            r["suppress"], r["flips"] = _choose_suppress(others, grid, flip_grid)
+            r["suppress"], r["flips"], c = _choose_suppress(others, grid, flip_grid, scores)
+            r["min_score"] = lcfg.min_score if c is None else c
             for name in ("real", "composed", "fresh"):
-                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"], r["flips"])][name]
-        final, final_flips = _choose_suppress(rows, grid, flip_grid)
+                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"], r["flips"], c)][name]
+        final, final_flips, c = _choose_suppress(rows, grid, flip_grid, scores)
+        final_score = lcfg.min_score if c is None else c
 
     def summary(key: str) -> dict:
         out = {}
@@ -709,32 +722,53 @@ def cross_validate_learned(
         "suppress_final": final,
         "flips_grid": flip_grid,
         "flips_final": final_flips,
+        "min_score_grid": score_grid if keyed else None,
+        "min_score_final": final_score,
     }
 
 
-def _grid_key(v: float, flips: bool = False) -> str:
-    return f"{v:g}" + (" flips" if flips else "")
+# Settings that act on the trained network's output only: a saved fold network trained with
+# other values of these is the same network.
+_DETECTION_ONLY = ("suppress", "flips", "min_score")
+
+
+def _same_training(saved: dict, meta: dict) -> bool:
+    def strip(m: dict) -> dict:
+        settings = {k: v for k, v in (m.get("settings") or {}).items() if k not in _DETECTION_ONLY}
+        return m | {"settings": settings}
+
+    return strip(saved) == strip(meta)
+
+
+def _grid_key(v: float, flips: bool = False, min_score: float | None = None) -> str:
+    score = f" score {min_score:g}" if min_score is not None else ""
+    return f"{v:g}" + score + (" flips" if flips else "")
 
 
 def _choose_suppress(
-    rows: list[dict], grid: list[float], flips: list[bool] | None = None
-) -> tuple[float, bool]:
-    """The (suppress, flips) candidate with the best mean F1 over real slides, composed and
-    fresh pairs, each pooled over ``rows``; ties go to no flips (a quarter of the compute),
-    then to the smaller value (less suppression)."""
-    cands = [(v, fl) for fl in sorted(flips or [False]) for v in grid]
+    rows: list[dict],
+    grid: list[float],
+    flips: list[bool] | None = None,
+    min_score: list[float] | None = None,
+) -> tuple[float, bool, float | None]:
+    """The (suppress, flips, min_score) candidate with the best mean F1 over real slides,
+    composed and fresh pairs, each pooled over ``rows``; ties go to no flips (a quarter of
+    the compute), then to the smaller ``suppress`` (less suppression), then to the smaller
+    threshold. ``min_score`` None: the grid's keys name no threshold (one was used)."""
+    cands = [(v, fl, c) for fl in sorted(flips or [False]) for v in grid
+             for c in (sorted(min_score) if min_score else [None])]  # fmt: skip
     best, best_f1 = cands[0], -1.0
-    for v, fl in cands:
+    for v, fl, c in cands:
         f1s = []
         for name in ("real", "composed", "fresh"):
-            scores = [r["grid"][_grid_key(v, fl)][name] for r in rows]
+            scores = [r["grid"][_grid_key(v, fl, c)][name] for r in rows]
             tp, n_pred, n_true = (sum(sc[k] for sc in scores)
                                   for k in ("true_positives", "detections", "wbc_boxes"))  # fmt: skip
             f1s.append(_f1({"recall": tp / n_true if n_true else None,
                             "precision": tp / n_pred if n_pred else None}))  # fmt: skip
         f1 = float(np.mean(f1s))
         if f1 > best_f1 + 1e-12:
-            best, best_f1 = (v, fl), f1
+            best, best_f1 = (v, fl, c), f1
     return best
 
 
@@ -770,17 +804,21 @@ def format_learned_cv_table(res: dict) -> str:
             lines.append(f"| **{what}** | {m} | " + " | ".join(vals) + f" | {two} |")
     if res.get("suppress_grid"):
         flips = len(res.get("flips_grid") or []) > 1
+        scores = res.get("min_score_grid")
 
-        def pick(v: float, fl: bool) -> str:
-            return f"{v:g}" + ((" with flips" if fl else " without") if flips else "")
+        def pick(r: dict, prefix: str = "") -> str:
+            v, fl, c = (r[f"{prefix}{k}"] for k in ("suppress", "flips", "min_score"))
+            return (f"{v:g}" + (f" at min_score {c:g}" if scores else "")
+                    + ((" with flips" if fl else " without") if flips else ""))  # fmt: skip
 
-        chosen = ", ".join(f"fold {r['fold']} {pick(r['suppress'], r['flips'])}"
-                           for r in res["folds"])  # fmt: skip
+        chosen = ", ".join(f"fold {r['fold']} {pick(r)}" for r in res["folds"])
+        final = {k: res[f"{k}_final"] for k in ("suppress", "flips", "min_score")}
         lines.append(
             f"\nlearned `suppress` among {[float(v) for v in res['suppress_grid']]}"
+            + (f", `min_score` among {[float(v) for v in scores]}" if scores else "")
             + (", `flips` off and on" if flips else "")
             + f", each fold's chosen on the other folds: {chosen}; chosen on all folds: "
-            + pick(res["suppress_final"], res["flips_final"])
+            + pick(final)
         )
     return "\n".join(lines)
 
