@@ -56,7 +56,7 @@ class Probed:
     pixels: int  # pixels the decode produces (after JPEG draft reduction)
 
 
-def _identify(data: bytes) -> str | None:
+def identify(data: bytes) -> str | None:
     """Pillow's name for the format of ``data`` with every reader enabled, or None."""
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -102,7 +102,7 @@ def probe(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError("too_large", f"the image is too large to decode safely: {e}") from e
     except UnidentifiedImageError as e:
-        fmt = _identify(data)
+        fmt = identify(data)
         if fmt is not None:
             raise UnsupportedFormat(fmt, formats) from e
         raise ImageDecodeError(

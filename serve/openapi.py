@@ -125,7 +125,8 @@ _PART_TYPES = ", ".join(MEDIA_TYPES.values())
 
 
 def _raw_images() -> dict:
-    return {mt: {"schema": _BINARY} for mt in MEDIA_TYPES.values()}
+    raw = {mt: {"schema": _BINARY} for mt in MEDIA_TYPES.values()}
+    return raw | {"application/octet-stream": {"schema": _BINARY}}
 
 
 def single_body() -> dict:
@@ -133,8 +134,10 @@ def single_body() -> dict:
     return {
         "requestBody": {
             "required": True,
-            "description": "one image: a raw body (any image/* type; the bytes must be JPEG, "
-            "PNG, TIFF, BMP or WebP), or a multipart form with exactly one file part",
+            "description": "one image: a raw body (any image/* type or "
+            "application/octet-stream; also read without a Content-Type, or under a form's "
+            "type when its bytes are an image; the bytes must be JPEG, PNG, TIFF, BMP or "
+            "WebP), or a multipart form with exactly one file part",
             "content": {
                 **_raw_images(),
                 "multipart/form-data": {

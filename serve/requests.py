@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cellmodel.data.transforms import ImageDecodeError
-from serve.images import UnsupportedFormat
+from serve.images import UnsupportedFormat, identify
 
 
 class ApiError(Exception):
@@ -109,26 +109,52 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+# Raw bodies sent without saying they are images: no Content-Type (Python's requests with
+# data=bytes), a generic binary type (SDKs, object-store clients). The bytes decide, as for
+# image/*: an image in an accepted format is classified, anything else is refused by the
+# decoder (422 not_an_image).
+_RAW_BINARY = ("", "application/octet-stream", "binary/octet-stream")
+# curl --data-binary and wget --post-file label any body this way unless told otherwise: an
+# image body is taken by its bytes; a real form is refused (415) with what to send instead.
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _unsupported(mt: str, allow_json: bool, hint: str = "") -> ApiError:
+    accepted = "an image/* body (e.g. image/jpeg) or multipart/form-data"
+    if allow_json:
+        accepted += ', or application/json {"images": [base64, ...]}'
+    return ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {mt or '(none)'!r} is not accepted; send {accepted}{hint}",
+    )
+
+
 async def read_images(request: Request, limit: int, *, allow_json: bool) -> list[Image]:
     """The images of a request: a raw ``image/*`` body, multipart file parts (in order), or
-    (when ``allow_json``) ``{"images": [base64, ...]}``."""
+    (when ``allow_json``) ``{"images": [base64, ...]}``. A raw body without a Content-Type,
+    as ``application/octet-stream``, or as a form (curl's default) whose bytes are an image
+    is read as one raw image."""
     mt = media_type(request)
     if not (
         mt.startswith("image/")
+        or mt in _RAW_BINARY
+        or mt == _FORM
         or mt == "multipart/form-data"
         or (allow_json and mt == "application/json")
     ):
-        accepted = "an image/* body (e.g. image/jpeg) or multipart/form-data"
-        if allow_json:
-            accepted += ', or application/json {"images": [base64, ...]}'
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type {mt or '(none)'!r} is not accepted; send {accepted}",
-        )
+        raise _unsupported(mt, allow_json)
     body = await read_body(request, limit)
-    if mt.startswith("image/"):
+    if allow_json and not mt and body.lstrip()[:1] == b"{":  # JSON sent without its type
+        return _json_images(body)
+    if mt.startswith("image/") or mt in _RAW_BINARY:
         return [Image(body)]
+    if mt == _FORM:
+        if body and identify(body) is not None:  # any format: the decoder applies the list
+            return [Image(body)]
+        raise _unsupported(
+            mt, allow_json, " (with curl: --data-binary @cell.jpg -H 'Content-Type: image/jpeg')"
+        )
     if mt == "application/json":
         return _json_images(body)
     return await _multipart_images(request, body)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 import socket
 import struct
 import time
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image as PILImage
 
 from cellmodel import CLASSES
 from cellmodel.data.transforms import stack_bytes
@@ -168,6 +171,33 @@ def test_single_matches_direct_model(client, direct):
     r = client.post("/v1/classify", files={"file": (items[0][0], items[0][1], "image/jpeg")})
     assert r.status_code == 200, r.text
     _check(r.json(), expected[items[0][0]])
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def test_raw_image_bodies_as_common_clients_send_them(client, direct):
+    """A JPEG body sent the way everyday clients send bytes is classified as if sent as
+    image/jpeg: no Content-Type (Python's requests with data=bytes), application/octet-stream
+    (SDKs), and a form's type (curl --data-binary, wget --post-file)."""
+    items, expected = direct
+    name, data = items[1]
+    for headers in ({}, {"content-type": "application/octet-stream"},
+                    {"content-type": _FORM}):  # fmt: skip
+        for route in ("/v1/classify", "/v1/classify/batch"):
+            r = client.post(route, content=data, headers=headers)
+            assert r.status_code == 200, (headers, route, r.text)
+            _check(r.json()["results"][0] if route.endswith("batch") else r.json(), expected[name])
+    # JSON without its type, on the route that reads JSON
+    body = json.dumps({"images": [base64.b64encode(data).decode()]}).encode()
+    r = client.post("/v1/classify/batch", content=body)
+    assert r.status_code == 200, r.text
+    _check(r.json()["results"][0], expected[name])
+    # a GIF keeps its own answer whichever way it comes: the bytes decide the format
+    gif = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(gif, "GIF")
+    r = client.post("/v1/classify", content=gif.getvalue(), headers={"content-type": _FORM})
+    assert r.status_code == 415 and r.json()["error"]["reason"] == "unsupported_format", r.text
 
 
 def test_batch_keeps_order(client, direct):
@@ -338,7 +368,19 @@ def _bad_requests(good: bytes) -> dict:
             415,
             "unsupported_media_type",
         ),
-        "no_content_type": ("/v1/classify", {"content": good}, 415, "unsupported_media_type"),
+        # Without a Content-Type or as a form (curl --data-binary), the bytes decide.
+        "no_content_type_not_an_image": (
+            "/v1/classify",
+            {"content": b"hello"},
+            422,
+            "not_an_image",
+        ),
+        "form_that_is_a_form": (
+            "/v1/classify",
+            {"content": b"a=1&b=2", "headers": {"content-type": _FORM}},
+            415,
+            "unsupported_media_type",
+        ),
         "two_images_single_route": (
             "/v1/classify",
             {"files": [("f", ("a.jpeg", good, "image/jpeg"))] * 2},
@@ -410,6 +452,8 @@ def test_bad_input_is_a_4xx_and_service_keeps_serving(client, direct, case):
     assert err["reason"] == reason and err["message"]
     if case == "bad_item_in_batch":
         assert err["index"] == 1 and err["filename"] == "b.jpeg"
+    if case == "form_that_is_a_form":  # what to send instead, for the client that sent it
+        assert "--data-binary @cell.jpg -H 'Content-Type: image/jpeg'" in err["message"]
     _assert_still_serving(client, items[0])
 
 
