@@ -468,9 +468,10 @@ class Ingress:
         openapi_extra=oa.single_body(),
     )
     async def classify(self, request: Request):
-        """One image as a raw ``image/*`` body, or one file part of a multipart form."""
+        """One image as a raw ``image/*`` body, one file part of a multipart form, or JSON
+        ``{"image": base64}``."""
         self._check_room()
-        images = await read_images(request, self.args.max_body_bytes, allow_json=False)
+        images = await read_images(request, self.args.max_body_bytes)
         if len(images) != 1:
             raise ApiError(
                 400,
@@ -492,7 +493,7 @@ class Ingress:
     async def classify_batch(self, request: Request):
         """Multipart file parts, or JSON ``{"images": [base64, ...]}``; one result per image."""
         self._check_room()
-        images = await read_images(request, self.args.max_body_bytes, allow_json=True)
+        images = await read_images(request, self.args.max_body_bytes)
         n, limit = len(images), self.args.max_images_per_request
         if n == 0:
             raise ApiError(400, "no_images", "the request holds no images; attach file parts")

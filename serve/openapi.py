@@ -121,6 +121,7 @@ _BINARY = {"type": "string", "format": "binary", "minLength": 1}
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
+_BASE64 = {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN, "minLength": 4}
 _PART_TYPES = ", ".join(MEDIA_TYPES.values())
 
 
@@ -130,14 +131,15 @@ def _raw_images() -> dict:
 
 
 def single_body() -> dict:
-    """``/v1/classify``: one raw image, or a multipart form with one file part."""
+    """``/v1/classify``: one raw image, a multipart form with one file part, or JSON."""
     return {
         "requestBody": {
             "required": True,
             "description": "one image: a raw body (any image/* type or "
             "application/octet-stream; also read without a Content-Type, or under a form's "
             "type when its bytes are an image; the bytes must be JPEG, PNG, TIFF, BMP or "
-            "WebP), or a multipart form with exactly one file part",
+            "WebP), a multipart form with exactly one file part, or JSON "
+            '{"image": base64} (base64 as the batch route reads it)',
             "content": {
                 **_raw_images(),
                 "multipart/form-data": {
@@ -147,6 +149,13 @@ def single_body() -> dict:
                         "required": ["file"],
                     },
                     "encoding": {"file": {"contentType": _PART_TYPES}},
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": _BASE64},
+                        "required": ["image"],
+                    }
                 },
             },
         }
@@ -183,12 +192,7 @@ def batch_body(max_images: int) -> dict:
                         "properties": {
                             "images": {
                                 "type": "array",
-                                "items": {
-                                    "type": "string",
-                                    "contentEncoding": "base64",
-                                    "pattern": BASE64_PATTERN,
-                                    "minLength": 4,
-                                },
+                                "items": _BASE64,
                                 "minItems": 1,
                                 "maxItems": max_images,
                             }

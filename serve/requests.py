@@ -119,10 +119,11 @@ _RAW_BINARY = ("", "application/octet-stream", "binary/octet-stream")
 _FORM = "application/x-www-form-urlencoded"
 
 
-def _unsupported(mt: str, allow_json: bool, hint: str = "") -> ApiError:
-    accepted = "an image/* body (e.g. image/jpeg) or multipart/form-data"
-    if allow_json:
-        accepted += ', or application/json {"images": [base64, ...]}'
+def _unsupported(mt: str, hint: str = "") -> ApiError:
+    accepted = (
+        'an image/* body (e.g. image/jpeg), multipart/form-data, or application/json {"image": '
+        'base64} / {"images": [base64, ...]}'
+    )
     return ApiError(
         415,
         "unsupported_media_type",
@@ -130,9 +131,9 @@ def _unsupported(mt: str, allow_json: bool, hint: str = "") -> ApiError:
     )
 
 
-async def read_images(request: Request, limit: int, *, allow_json: bool) -> list[Image]:
+async def read_images(request: Request, limit: int) -> list[Image]:
     """The images of a request: a raw ``image/*`` body, multipart file parts (in order), or
-    (when ``allow_json``) ``{"images": [base64, ...]}``. A raw body without a Content-Type,
+    JSON ``{"images": [base64, ...]}`` / ``{"image": base64}``. A raw body without a Content-Type,
     as ``application/octet-stream``, or as a form (curl's default) whose bytes are an image
     is read as one raw image."""
     mt = media_type(request)
@@ -141,11 +142,11 @@ async def read_images(request: Request, limit: int, *, allow_json: bool) -> list
         or mt in _RAW_BINARY
         or mt == _FORM
         or mt == "multipart/form-data"
-        or (allow_json and mt == "application/json")
+        or mt == "application/json"
     ):
-        raise _unsupported(mt, allow_json)
+        raise _unsupported(mt)
     body = await read_body(request, limit)
-    if allow_json and not mt and body.lstrip()[:1] == b"{":  # JSON sent without its type
+    if not mt and body.lstrip()[:1] == b"{":  # JSON sent without its type
         return _json_images(body)
     if mt.startswith("image/") or mt in _RAW_BINARY:
         return [Image(body)]
@@ -153,7 +154,7 @@ async def read_images(request: Request, limit: int, *, allow_json: bool) -> list
         if body and identify(body) is not None:  # any format: the decoder applies the list
             return [Image(body)]
         raise _unsupported(
-            mt, allow_json, " (with curl: --data-binary @cell.jpg -H 'Content-Type: image/jpeg')"
+            mt, " (with curl: --data-binary @cell.jpg -H 'Content-Type: image/jpeg')"
         )
     if mt == "application/json":
         return _json_images(body)
@@ -186,15 +187,22 @@ def _json_images(body: bytes) -> list[Image]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from e
     items = doc.get("images") if isinstance(doc, dict) else None
+    names = [f"images[{i}]" for i in range(len(items))] if isinstance(items, list) else []
+    if items is None and isinstance(doc, dict) and isinstance(doc.get("image"), str):
+        items, names = [doc["image"]], ["image"]  # one image, as most JSON APIs take it
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise ApiError(400, "bad_json", 'expected a JSON object {"images": [base64 string, ...]}')
+        raise ApiError(
+            400,
+            "bad_json",
+            'expected a JSON object {"images": [base64 string, ...]} or {"image": base64 string}',
+        )
     out = []
-    for i, s in enumerate(items):
+    for i, (s, name) in enumerate(zip(items, names, strict=True)):
         try:
-            out.append(Image(decode_base64(s), f"images[{i}]"))
+            out.append(Image(decode_base64(s), name))
         except (binascii.Error, ValueError) as e:
             why = str(e) if isinstance(e, DataUrlError) else "not valid base64"
-            raise ApiError(400, "bad_base64", f"images[{i}] is {why}", index=i) from None
+            raise ApiError(400, "bad_base64", f"{name} is {why}", index=i) from None
     return out
 
 
