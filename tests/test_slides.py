@@ -165,6 +165,12 @@ def test_killed_run_resumes_without_duplicates(ray_session, bucket):
         assert pq.read_table(papath, filesystem=pafs).num_rows == len(df)
     summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert summary["n_slides"] == N_SAMPLE + 2
+    # The report on the bucket: no overlays were asked for, so slide names link to nothing;
+    # the unreadable slide has no top class ("-", not a missing value printed as nan).
+    report = storage.read_bytes(f"{out}/report.md").decode()
+    assert "](overlays/" not in report and "## Overlays" not in report
+    assert "| broken/corrupt.jpg | 0 | 0 | 0 | 0 | 0 | - | - | unreadable |" in report
+    assert "nan" not in report
 
     # A third run has nothing to do and changes nothing.
     s3 = run_slides(IN.format(bucket=bucket), f"{bucket}/ckpt", out, cfg, progress=False)
@@ -791,3 +797,28 @@ def test_a_grayscale_slide_is_reported_as_such_not_as_without_white_cells(tmp_pa
     sample = archive_sample(archive, 10)
     assert [im.size for im in sample[1:]] == [(8, 8)] * 3
     assert commonest_size(sample) == (Image.open(src).size, [sample[0]])
+
+
+def test_files_that_are_not_slide_images_are_left_out_and_said(tmp_path, caplog):
+    from cellmodel.infer.slides import list_slides
+
+    jpg = next((SAMPLE / "slides" / "JPEGImages").glob("*.jpg"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.JPG").write_bytes(jpg.read_bytes())
+    Image.open(jpg).save(tmp_path / "b.gif")
+    Image.open(jpg).save(tmp_path / "c.gif")
+    (tmp_path / "notes.txt").write_text("scanned 2024")
+    (tmp_path / "README").write_text("")
+    with caplog.at_level("WARNING", logger="cellmodel"):
+        assert [sid for sid, _ in list_slides(str(tmp_path))] == ["sub/a.JPG"]
+    (msg,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert msg.startswith("4 files under ") and ".gif 2, " in msg and "(none) 1" in msg
+    assert ".txt 1" in msg and ".jpg" in msg  # what it reads instead
+    caplog.clear()
+    (tmp_path / "b.gif").unlink()
+    (tmp_path / "c.gif").unlink()
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "README").unlink()
+    with caplog.at_level("WARNING", logger="cellmodel"):
+        list_slides(str(tmp_path))
+    assert not [r for r in caplog.records if "left out" in r.getMessage()]  # nothing to say

@@ -221,6 +221,11 @@ def write_report(
         return _save(output, lines)
     classes = [c.removeprefix("count_") for c in slides.columns if c.startswith("count_")]
     slides = slides.sort_values("slide_id").reset_index(drop=True)
+    drawn = _overlays_written(output)  # a slide's name links to its picture where there is one
+
+    def name(slide_id: str) -> str:
+        return _link(slide_id) if slide_id in drawn else slide_id
+
     flagged = slides[[len(f) > 0 for f in slides["flags"]]]
     lines += ["", f"## Flagged slides ({len(flagged)})", ""]
     if len(flagged):
@@ -231,7 +236,7 @@ def write_report(
         for r in flagged.head(max_rows).itertuples():
             note = (r.message or r.reason or "").replace("|", "/")[:80]
             lines.append(
-                f"| {_link(output, r.slide_id)} | {', '.join(r.flags)} | {r.n_cells} | "
+                f"| {name(r.slide_id)} | {', '.join(r.flags)} | {r.n_cells} | "
                 f"{r.n_low_confidence} | {note} |"
             )
         if len(flagged) > max_rows:
@@ -250,9 +255,9 @@ def write_report(
             if r.mean_confidence != r.mean_confidence or r.mean_confidence is None
             else (f"{r.mean_confidence:.2f}")
         )
+        top = r.top_class if isinstance(r.top_class, str) and r.top_class else "-"
         lines.append(
-            f"| {_link(output, r.slide_id)} | {r.n_cells} | {cnt} | {r.top_class or '-'} | "
-            f"{conf} | {', '.join(r.flags)} |"
+            f"| {name(r.slide_id)} | {r.n_cells} | {cnt} | {top} | {conf} | {', '.join(r.flags)} |"
         )
     if len(slides) > max_rows:
         lines.append(f"\n{len(slides) - max_rows} more slides: see `slides/*.parquet`.")
@@ -261,7 +266,7 @@ def write_report(
     order = list(flagged[flagged.status == "ok"].slide_id) + [
         s for s in ok.slide_id if s not in set(flagged.slide_id)
     ]
-    shown = [s for s in order if storage.exists(overlay_path(output, s))][:max_grid]
+    shown = [s for s in order if s in drawn][:max_grid]
     if shown:
         lines += ["", f"## Overlays ({len(shown)} of {len(ok)} slides; flagged first)", ""]
         lines.append("| " + " | ".join([" "] * columns) + " |")
@@ -276,8 +281,22 @@ def write_report(
     return _save(output, lines)
 
 
-def _link(output: str, slide_id: str) -> str:
+def _link(slide_id: str) -> str:
     return f"[{slide_id}]({quote(OVERLAYS + '/' + slide_id + '.png')})"
+
+
+def _overlays_written(output: str) -> set[str]:
+    """The slide ids with an overlay under ``<output>/overlays`` (one listing, not a request
+    per slide: an output on object storage may hold thousands)."""
+    fs, root = storage.get_fs(storage.join(output, OVERLAYS))
+    if not fs.exists(root):
+        return set()
+    root = root.rstrip("/") + "/"
+    return {
+        p.removeprefix(root).removesuffix(".png")
+        for p in fs.find(root)
+        if p.startswith(root) and p.endswith(".png")
+    }
 
 
 def _save(output: str, lines: list[str]) -> str:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -151,12 +152,24 @@ def list_slides(input_uri: str) -> list[tuple[str, str]]:
     if fs.isfile(path):
         return [(os.path.basename(path), proto + path)]
     root = path.rstrip("/") + "/"
-    found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    every = fs.find(path)
+    found = [p for p in every if p.lower().endswith(IMAGE_EXTENSIONS)]
     out = sorted((p[len(root) :] if p.startswith(root) else p, proto + p) for p in found)
     if not out:
         raise SlidesError(
             f"no slide images ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri}; "
             "check the input folder or prefix"
+        )
+    kept = set(found)
+    others = Counter(os.path.splitext(p)[1].lower() or "(none)" for p in every if p not in kept)
+    if others:  # said, so that a folder of another format is not taken for an empty one
+        log.warning(
+            "%d files under %s are not slide images by their names and were left out (%s); "
+            "the job reads %s",
+            sum(others.values()),
+            input_uri,
+            ", ".join(f"{ext} {n}" for ext, n in others.most_common(8)),
+            " ".join(IMAGE_EXTENSIONS),
         )
     return out
 
