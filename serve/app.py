@@ -38,6 +38,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cellmodel
 from cellmodel import storage
@@ -264,6 +265,32 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         _rejected = metrics.rejected_counter()
     _rejected.inc(tags={"reason": e.reason})
     return e.response()
+
+
+_ROUTES = ("POST /v1/classify", "POST /v1/classify/batch", "GET /v1/model", "GET /healthz",
+           "GET /readyz", "GET /docs")  # fmt: skip
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such path, a method the route does not take) in the same
+    JSON as every other refusal, saying what the service does take."""
+    path, prefix = request.url.path, request.scope.get("root_path", "").rstrip("/")
+    if e.status_code == 404:
+        routes = ", ".join(m + " " + prefix + r for m, r in (x.split(" ") for x in _ROUTES))
+        err = ApiError(404, "not_found", f"no route {path}; this service answers {routes}")
+    elif e.status_code == 405:
+        allow = (e.headers or {}).get("allow") or (e.headers or {}).get("Allow") or ""
+        err = ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not accepted on {path}; use {allow or 'another method'} "
+            "(see /docs)",
+            headers={"Allow": allow} if allow else None,
+        )
+    else:
+        err = ApiError(e.status_code, "http_error", str(e.detail), headers=e.headers)
+    return await _api_error(request, err)
 
 
 @serve.deployment(

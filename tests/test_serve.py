@@ -467,6 +467,18 @@ def test_bad_input_is_a_4xx_and_service_keeps_serving(client, direct, case):
     _assert_still_serving(client, items[0])
 
 
+def test_wrong_path_or_method_gets_the_same_json_error_and_what_to_use(client, direct):
+    r = client.get("/v1/classify")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+    err = r.json()["error"]
+    assert err["reason"] == "method_not_allowed"
+    assert err["message"] == "GET is not accepted on /v1/classify; use POST (see /docs)"
+    r = client.post("/v1/clasify", content=b"x", headers={"content-type": "image/jpeg"})
+    assert r.status_code == 404 and r.json()["error"]["reason"] == "not_found", r.text
+    assert "POST /v1/classify, POST /v1/classify/batch" in r.json()["error"]["message"]
+    _assert_still_serving(client, direct[0][0])
+
+
 # -- metrics ----------------------------------------------------------------------------------
 
 
