@@ -59,6 +59,19 @@ def _values(text: str, flag: str = "--suppress", low_open: bool = False) -> list
     return vals
 
 
+def _groups(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 3 for n in counts):
+        raise ValueError(
+            f"--groups takes cell counts of 3 or more, comma-separated (pairs are scored "
+            f"already), e.g. 3,4; got {text!r}"
+        )
+    return counts
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -137,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         help="--learned: candidate detection thresholds on the heat map (comma-separated, "
         "e.g. 0.25,0.3,0.35,0.4), chosen per fold on the other folds with --suppress",
     )
+    ap.add_argument(
+        "--groups",
+        metavar="COUNTS",
+        help="--learned: also score slides of that many cells composed inside each held fold "
+        "(comma-separated, e.g. 3,4; touching chains and scattered cells), at each fold's "
+        "chosen settings",
+    )
     ap.add_argument("--save-networks", metavar="DIR", help="--learned: save each fold's network")
     ap.add_argument("--limit", type=int, help="only the first N annotated slides")
     ap.add_argument("--exclude", default="", help="slide names left out, comma-separated")
@@ -166,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.learned and not args.cv:
             raise ValueError("--learned cross-validates: give --cv K too (e.g. --cv 5)")
         learned_only = (
-            args.suppress, args.flips, args.min_score, args.save_networks,
+            args.suppress, args.flips, args.min_score, args.save_networks, args.groups,
             args.members is not None, args.train_seed is not None,
         )  # fmt: skip
         if any(learned_only) and not args.learned:
             raise ValueError(
-                "--suppress, --min-score, --flips, --members, --train-seed and --save-networks "
-                "are for --cv K --learned"
+                "--suppress, --min-score, --flips, --members, --train-seed, --groups and "
+                "--save-networks are for --cv K --learned"
             )
         if args.cv and args.learned:
             from cellmodel.infer.learned_finder import LearnedFinderConfig
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 suppress=_values(args.suppress) if args.suppress else None,
                 flips=[False, True] if args.flips else None,
                 min_score=_values(args.min_score, "--min-score", True) if args.min_score else None,
+                groups=_groups(args.groups) if args.groups else (),
                 networks_out=args.save_networks,
                 progress=True,
             )}  # fmt: skip

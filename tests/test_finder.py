@@ -339,6 +339,49 @@ def test_composed_pair_is_a_real_cell_beside_another(sample_dir):
     assert p.meta["base"] != p.meta["pasted"]
 
 
+def test_composed_groups_of_cells_are_real_cells_apart_or_touching(sample_dir):
+    """Slides of 3 and 4 cells from the sample: every box is a real cell pasted inside the
+    slide, each new one touching a cell already there (touching) or clear of all (scattered),
+    none covering another's centre; the slide's own cell stays where it was."""
+    from cellmodel.infer.finder import iou
+    from cellmodel.infer.finder_eval import composed_groups
+
+    slides = load_slides(str(sample_dir / "slides"))
+    for k in (3, 4):
+        for touching in (True, False):
+            made = composed_groups(slides, k, seed=1, touching=touching)
+            assert len(made) >= 15, (k, touching, len(made))
+            for m in made:
+                assert len(m.truths) == k and m.composed and m.image.size == (640, 480)
+                own = next(s for s in slides if s.name == m.name.split("+")[0])
+                assert m.truths[0] == own.truths[0]
+                for i, b in enumerate(m.truths):
+                    assert 0 <= b[0] < b[2] <= 640 and 0 <= b[1] < b[3] <= 480
+                    others = [o for j, o in enumerate(m.truths) if j != i]
+                    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+                    assert not any(o[0] <= cx <= o[2] and o[1] <= cy <= o[3] for o in others)
+                    if touching:  # beside its anchor as compose_pair places it; apart otherwise
+                        assert all(iou(b, o) <= 0.25 for o in others)
+                    else:
+                        assert all(iou(b, o) == 0 for o in others)
+                if touching:  # each pasted cell touches or overlaps one before it
+                    for i in range(1, k):
+                        b = m.truths[i]
+                        assert any(
+                            max(b[0], o[0]) - min(b[2], o[2]) <= 1
+                            and max(b[1], o[1]) - min(b[3], o[3]) <= 1
+                            for o in m.truths[:i]
+                        ), (m.name, i)
+            # the pasted pixels are the donor's: the slide changed inside the new boxes only
+            m = made[0]
+            own = next(s for s in slides if s.name == m.name.split("+")[0])
+            a, b = np.asarray(own.image, dtype=int), np.asarray(m.image, dtype=int)
+            outside = np.ones(a.shape[:2], bool)
+            for x0, y0, x1, y1 in m.truths[1:]:
+                outside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = False
+            assert (a != b).any() and (a[outside] == b[outside]).all()
+
+
 def test_a_cell_cut_by_the_frame_is_never_pasted(sample_dir):
     """Part of a cell (a narrow box on the slide's edge) is no donor: pasted mid-slide it is
     no cell a slide shows, and its box is not the cell's extent. Whole cells, on the frame

@@ -374,6 +374,23 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
         key = f"{f['suppress']:g} score {f['min_score']:g}"
         assert f["learned_real"] == f["grid"][key]["real"]
     assert "`min_score` among [0.2, 0.35, 0.6]" in capsys.readouterr().out
+    # Slides of three cells composed inside each held fold, scored at the fold's settings.
+    assert (
+        evaluate([*cv[:-2], "--fresh-seeds", "5", *grid, "--groups", "3", "--json", str(res)]) == 0
+    )
+    r = json.loads(res.read_text())["learned_cross_validation"]
+    assert r["groups"] == ["cells3 touching", "cells3 scattered"]
+    for name in r["groups"]:
+        for m in ("learned", "stain"):
+            folds = [f[f"{m}_{name}"] for f in r["folds"]]
+            assert all(g["slides"] > 0 and g["wbc_boxes"] == 3 * g["slides"] for g in folds)
+            assert all(g["counted"] <= g["right_count"] <= g["slides"] for g in folds)
+            assert r["summary"][f"{m}_{name}"]["counted"] == sum(g["counted"] for g in folds)
+    for f, old in zip(r["folds"], before["folds"], strict=True):  # the choice is as before
+        assert (f["suppress"], f["learned_real"]) == (old["suppress"], old["learned_real"])
+    assert "composed slides of 3 cells (touching): counted right" in capsys.readouterr().out
+    assert evaluate([*cv, "--groups", "2"]) == 2
+    assert "--groups takes cell counts of 3 or more" in capsys.readouterr().err
     # what decides reuse: the training, not the settings that act on the network's output
     from cellmodel.infer.finder_eval import _same_training
 

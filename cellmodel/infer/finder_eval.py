@@ -142,15 +142,89 @@ def compose_pair(a: Slide, b: Slide, rng: np.random.Generator) -> Slide | None:
     if not fits:
         return None
     x, y = fits[int(rng.integers(len(fits)))]
-    patch = b.image.crop((bx0, by0, bx1, by1))
+    img, box = _paste_cell(a.image, b, x, y)
+    meta = {"base": a.name, "pasted": b.name, "at": (x, y), "overlap": round(over, 3)}
+    return Slide(f"{a.name}+{b.name}", img, [a.truths[0], box], composed=True, meta=meta)
+
+
+def _paste_cell(image: Image.Image, donor: Slide, x: int, y: int) -> tuple[Image.Image, Box]:
+    """A copy of ``image`` with ``donor``'s white cell pasted at (x, y) through a soft
+    elliptical mask (the cell, not its box's corners), and the pasted cell's box."""
+    bx0, by0, bx1, by1 = (int(round(v)) for v in donor.truths[0])
+    bw, bh = bx1 - bx0, by1 - by0
+    patch = donor.image.crop((bx0, by0, bx1, by1))
     mask = Image.new("L", (bw, bh), 0)
     ImageDraw.Draw(mask).ellipse((1, 1, bw - 2, bh - 2), fill=255)
     mask = mask.filter(ImageFilter.GaussianBlur(2))
-    img = a.image.copy()
+    img = image.copy()
     img.paste(patch, (x, y), mask)
-    truths = [a.truths[0], (float(x), float(y), float(x + bw), float(y + bh))]
-    meta = {"base": a.name, "pasted": b.name, "at": (x, y), "overlap": round(over, 3)}
-    return Slide(f"{a.name}+{b.name}", img, truths, composed=True, meta=meta)
+    return img, (float(x), float(y), float(x + bw), float(y + bh))
+
+
+def _apart(box: Box, others: list[Box]) -> bool:
+    """``box`` makes no one cell with any of ``others``: IoU at most 0.1 and neither holds
+    the other's centre (a pasted cell may touch or overlap a neighbour, not cover it)."""
+
+    def holds(a: Box, b: Box) -> bool:
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        return a[0] <= cx <= a[2] and a[1] <= cy <= a[3]
+
+    return all(iou(box, o) <= 0.1 and not holds(box, o) and not holds(o, box) for o in others)
+
+
+def add_cell(s: Slide, donor: Slide, rng: np.random.Generator, touching: bool) -> Slide | None:
+    """``s`` with ``donor``'s white cell pasted: ``touching`` beside one of ``s``'s cells as
+    :func:`compose_pair` places it (apart from the others), else anywhere on the slide,
+    overlapping no cell's box. None when no place was found in 20 draws or the donor's cell
+    is cut by its frame."""
+    if len(donor.truths) != 1 or cut_by_frame(donor.truths[0], donor.image.size):
+        return None
+    bx0, by0, bx1, by1 = (int(round(v)) for v in donor.truths[0])
+    bw, bh = bx1 - bx0, by1 - by0
+    iw, ih = s.image.size
+    for _ in range(20):
+        if touching:
+            i = int(rng.integers(len(s.truths)))
+            pair = compose_pair(Slide(s.name, s.image, [s.truths[i]]), donor, rng)
+            if pair is None:
+                continue
+            box = pair.truths[1]
+            if _apart(box, [t for j, t in enumerate(s.truths) if j != i]):
+                return Slide(f"{s.name}+{donor.name}", pair.image, [*s.truths, box], True)
+        elif iw > bw and ih > bh:
+            x, y = int(rng.integers(0, iw - bw)), int(rng.integers(0, ih - bh))
+            if all(iou((x, y, x + bw, y + bh), t) == 0 for t in s.truths):
+                img, box = _paste_cell(s.image, donor, x, y)
+                return Slide(f"{s.name}+{donor.name}", img, [*s.truths, box], True)
+    return None
+
+
+def composed_groups(
+    slides: list[Slide], k: int, seed: int = 0, touching: bool = True
+) -> list[Slide]:
+    """Slides of ``k`` white cells: each single-cell slide of ``slides`` (not cut by its
+    frame) with ``k`` - 1 cells of the others pasted, one by one, by :func:`add_cell`
+    (``touching``: a chain or clump of touching cells; else scattered over the slide)."""
+    rng = np.random.default_rng(seed)
+    single = [s for s in slides if len(s.truths) == 1 and not s.composed
+              and not cut_by_frame(s.truths[0], s.image.size)]  # fmt: skip
+    out = []
+    for s in single:
+        cur: Slide | None = s
+        for _ in range(k - 1):
+            nxt = None
+            for _ in range(5):  # a few donors, until one finds a place
+                donor = single[int(rng.integers(len(single)))]
+                if donor is not s:
+                    nxt = add_cell(cur, donor, rng, touching)
+                    if nxt is not None:
+                        break
+            cur = nxt
+            if cur is None:
+                break
+        if cur is not None:
+            out.append(cur)
+    return out
 
 
 def composed_pairs(slides: list[Slide], seed: int = 0) -> list[Slide]:
@@ -204,6 +278,21 @@ def pair_counts(
         "both_lost": sum(h == 0 for h in hits),
     }
     return out, hits
+
+
+def group_counts(dets: list[list[Box]], made: list[Slide], iou_threshold: float = 0.5) -> dict:
+    """Composed slides of several cells: how many were counted right (as many boxes as
+    cells, each cell found) and how many got the right number of boxes, with :func:`score`."""
+    hits = [match(d, s.truths, iou_threshold) for d, s in zip(dets, made, strict=True)]
+    right = [len(d) == len(s.truths) for d, s in zip(dets, made, strict=True)]
+    return (
+        {"slides": len(made)}
+        | score(dets, [s.truths for s in made], iou_threshold)
+        | {
+            "counted": sum(r and h == len(s.truths) for r, h, s in zip(right, hits, made)),
+            "right_count": sum(right),
+        }
+    )
 
 
 def _f1(s: dict) -> float:
@@ -568,6 +657,7 @@ def cross_validate_learned(
     suppress: list[float] | tuple[float, ...] | None = None,
     flips: list[bool] | tuple[bool, ...] | None = None,
     min_score: list[float] | tuple[float, ...] | None = None,
+    groups: Sequence[int] = (),
     networks_out: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -593,6 +683,9 @@ def cross_validate_learned(
     with ``suppress`` the same way (each pair of values a candidate; ties go to no flips).
     ``min_score``: candidates of the detection threshold on the heat map, chosen with the
     others the same way (every combination a candidate; ties to the smaller threshold).
+    ``groups``: also score composed slides of that many cells (e.g. 3, 4), from the held
+    fold's slides only (:func:`composed_groups`, touching chains and scattered cells, seed
+    ``seed`` + 40 + fold), at each fold's chosen settings; they play no part in choosing.
     ``networks_out``: a folder to save each fold's network in (``fold-N.pt``); a network
     found there that was trained on the same slides with the same settings is reused, so the
     same command run again (another ``suppress`` grid, say) trains nothing.
@@ -627,6 +720,9 @@ def cross_validate_learned(
             "composed": composed_pairs(held, seed + f),
             "fresh": [p for sd in pair_seeds for p in composed_pairs(held, sd)],
         }
+        for n in groups:
+            for touching in (True, False):
+                sets[_group_name(n, touching)] = composed_groups(held, n, seed + 40 + f, touching)
         t0 = time.perf_counter()
         saved = storage.join(networks_out, f"fold-{f}.pt") if networks_out else None
         meta = {"trained_on": [s.name for s in train], "fold": f, "k": k, "seed": seed,
@@ -645,6 +741,8 @@ def cross_validate_learned(
             dets = [[d.as_tuple() for d in dd] for dd in found]
             if name == "real":
                 return score(dets, [s.truths for s in ss], iou_threshold)
+            if name.startswith("cells"):
+                return group_counts(dets, ss, iou_threshold)
             return pair_counts(dets, ss, iou_threshold)[0]
 
         if grid:  # the network runs once per set and flip setting; the others filter its peaks
@@ -687,7 +785,7 @@ def cross_validate_learned(
             others = [o for o in rows if o is not r] or [r]
             r["suppress"], r["flips"], c = _choose_suppress(others, grid, flip_grid, scores)
             r["min_score"] = lcfg.min_score if c is None else c
-            for name in ("real", "composed", "fresh"):
+            for name in r["grid"][_grid_key(r["suppress"], r["flips"], c)]:
                 r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"], r["flips"], c)][name]
         final, final_flips, c = _choose_suppress(rows, grid, flip_grid, scores)
         final_score = lcfg.min_score if c is None else c
@@ -697,18 +795,21 @@ def cross_validate_learned(
         for m in ("recall", "precision"):
             vals = [r[key][m] for r in rows if r[key][m] is not None]
             out[m] = {"mean": float(np.mean(vals)), "worst": float(np.min(vals))} if vals else {}
-        if "pairs" in rows[0][key]:
-            out["counted_two"] = sum(r[key]["counted_two"] for r in rows)
-            out["two_boxes"] = sum(r[key]["two_boxes"] for r in rows)
-            out["pairs"] = sum(r[key]["pairs"] for r in rows)
+        for count in ("counted_two", "two_boxes", "pairs", "counted", "right_count", "slides"):
+            if count in rows[0][key]:
+                out[count] = sum(r[key][count] for r in rows)
         return out
 
-    keys = [f"{m}_{n}" for n in ("real", "composed", "fresh") for m in ("learned", "stain")]
+    names = ["real", "composed", "fresh"] + [
+        _group_name(n, t) for n in groups for t in (True, False)
+    ]
+    keys = [f"{m}_{n}" for n in names for m in ("learned", "stain")]
     return {
         "slides": slides,
         "k": k,
         "seed": seed,
         "pair_seeds": list(pair_seeds),
+        "groups": [_group_name(n, t) for n in groups for t in (True, False)],
         "skip_empty": skip_empty,
         "iou_threshold": iou_threshold,
         "real_slides": len(real),
@@ -738,6 +839,10 @@ def _same_training(saved: dict, meta: dict) -> bool:
         return m | {"settings": settings}
 
     return strip(saved) == strip(meta)
+
+
+def _group_name(n: int, touching: bool) -> str:
+    return f"cells{n} {'touching' if touching else 'scattered'}"
 
 
 def _grid_key(v: float, flips: bool = False, min_score: float | None = None) -> str:
@@ -802,6 +907,16 @@ def format_learned_cv_table(res: dict) -> str:
             if what == "mean":
                 two = f"{s[f'{m}_fresh']['counted_two']} of {s[f'{m}_fresh']['pairs']}"
             lines.append(f"| **{what}** | {m} | " + " | ".join(vals) + f" | {two} |")
+    for name in res.get("groups") or []:
+        n, how = name.removeprefix("cells").split(" ")
+        got = {m: s[f"{m}_{name}"] for m in ("learned", "stain")}
+        lines.append(
+            f"\ncomposed slides of {n} cells ({how}): counted right (one box on each cell, no "
+            "other) " + ", ".join(
+                f"{m} {g['counted']} of {g['slides']} (right count {g['right_count']})"
+                for m, g in got.items()
+            )
+        )  # fmt: skip
     if res.get("suppress_grid"):
         flips = len(res.get("flips_grid") or []) > 1
         scores = res.get("min_score_grid")
