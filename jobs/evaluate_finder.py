@@ -13,9 +13,10 @@
    With ``--learned``: the learned centre finder instead, trained from random weights per
    fold on the other folds' slides (``--members`` networks, 3 as shipped), scored beside
    the stain finder on the held fold's slides, its composed pairs and fresh pairs
-   (``--fresh-seeds``); ``--suppress`` candidates of the learned finder's peak suppression
-   and ``--flips`` (the heat map also averaged over the slide's flips), each fold's chosen
-   on the others.
+   (``--fresh-seeds``); ``--suppress`` candidates of the learned finder's peak suppression,
+   ``--min-score`` candidates of its detection threshold and ``--flips`` (the heat map also
+   averaged over the slide's flips), each fold's chosen on the others; ``--groups 3,4``
+   also scores slides of three and four cells composed inside each held fold.
 3. ``--pairs 10,11,12,13``: the finder with the settings of ``--config`` on touching pairs
    composed from every single-cell slide (one per slide and seed, as in ``--cv``, but
    fresh ones): recall, precision, and how many pairs were counted as exactly two cells.
