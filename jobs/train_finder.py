@@ -1,9 +1,8 @@
 """Train the learned white-cell finder on annotated slides (BCCD / Pascal VOC layout).
 
     python -m jobs.train_finder --slides ../shared/data/bccd --out runs/finder/centre.pt
-        [--epochs 60] [--seed 0] [--members N] [--exclude NAMES] [--suppress S] [--min-score T]
-        [--flips]
-        [--half] [--threads N]
+        [--epochs 60] [--seed 0] [--members N] [--exclude NAMES] [--suppress S]
+        [--min-score T] [--flips] [--half] [--threads N]
 
 Small centre-heat-map networks (``cellmodel.infer.learned_finder``; three by default,
 seeds SEED to SEED+2, averaged at detection) learn the ``WBC`` boxes from random weights,
