@@ -786,6 +786,24 @@ def test_a_grayscale_slide_is_reported_as_such_not_as_without_white_cells(tmp_pa
     }
     first = {k: rows[k][by["grey"][0]] for k in rows if k != "crop"}
     assert summarize_slide(first, [], list(CLASSES), 0.5)["flags"] == ["grayscale"]
+    # A flat frame (an empty scan, a black or white image) is no grey scan: said as blank.
+    from cellmodel.data.light import is_blank
+
+    assert not is_blank(Image.open(grey)) and not is_blank(Image.open(src))
+    frames = {}
+    for name, colour in (("white", (255, 255, 255)), ("black", (0, 0, 0)), ("grey", (128,) * 3)):
+        frames[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (640, 480), colour).save(frames[name])
+    noisy = np.clip(np.random.default_rng(0).normal(235, 2, (480, 640, 3)), 0, 255)
+    frames["noisy"] = tmp_path / "noisy.jpg"
+    Image.fromarray(noisy.astype(np.uint8)).convert("L").convert("RGB").save(frames["noisy"])
+    batch = {"slide_id": np.array(list(frames)), "uri": np.array([str(p) for p in frames.values()])}
+    rows = find_batch(batch, {}, (320, 240))
+    for i, sid in enumerate(rows["slide_id"]):
+        assert (rows["status"][i], rows["reason"][i]) == ("error", "blank"), sid
+        assert "blank" in rows["message"][i] and rows["cell_index"][i] == -1
+        first = {k: rows[k][i] for k in rows if k != "crop"}
+        assert summarize_slide(first, [], list(CLASSES), 0.5)["flags"] == ["blank"]
     # Grey slides do not measure the archive's illumination and scale, nor set its image
     # size, however many there are (two grey copies at another size against one colour).
     from cellmodel.infer.slides import archive_sample, commonest_size

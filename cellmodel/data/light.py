@@ -79,6 +79,19 @@ def has_colour(img: Image.Image | np.ndarray, min_spread: float = 4.0) -> bool:
     return float(np.percentile(spread, 95)) >= min_spread
 
 
+def is_blank(img: Image.Image | np.ndarray, max_range: float = 10.0) -> bool:
+    """Whether an image is one flat level (an empty scan, a black or white frame): its grey
+    levels span at most ``max_range`` between the 1st and 99th percentiles (measured as
+    :func:`has_colour` measures). A slide with cells on it spans well over 100."""
+    if isinstance(img, Image.Image):
+        img = img.convert("L").reduce(4)
+    a = np.asarray(img, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., :3].mean(axis=2)
+    lo, hi = np.percentile(a, (1, 99))
+    return float(hi - lo) <= max_range
+
+
 def light_offset(train_rgb, slide_rgb) -> np.ndarray:
     """What to add to a slide's pixels (per channel) so that its background matches the
     training data's: ``train_rgb - slide_rgb``."""

@@ -242,6 +242,10 @@ GRAYSCALE = (
     "the slide has no colour (grey levels only): the finder and the classifier read the "
     "stain's colours; scan or export the slide in colour"
 )
+BLANK = (
+    "the image is blank (one flat level, no cells or background on it): an empty scan or "
+    "frame; check the scan or the export"
+)
 
 
 def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -> dict:
@@ -332,7 +336,7 @@ def find_batch(
     is measured alone. Slides with no cell, or that failed, give one row with ``cell_index``
     -1.
     """
-    from cellmodel.data.light import background_rgb, has_colour, light_offset, relight
+    from cellmodel.data.light import background_rgb, has_colour, is_blank, light_offset, relight
     from cellmodel.data.scale import crop_window, estimate_rbc_diameter
     from cellmodel.data.transforms import ImageDecodeError, decode_image
 
@@ -351,7 +355,9 @@ def find_batch(
             dets, base = [], _slide_row(slide_id, uri, "error", "unreadable", msg)
         else:
             if not has_colour(img):
-                base = _slide_row(slide_id, uri, "error", "grayscale", GRAYSCALE, img.size)
+                blank = is_blank(img)  # an empty frame is no grey scan of a slide
+                reason, msg = ("blank", BLANK) if blank else ("grayscale", GRAYSCALE)
+                base = _slide_row(slide_id, uri, "error", reason, msg, img.size)
                 dets = []
             else:
                 # the archive's camera, landscape or portrait
@@ -480,7 +486,8 @@ def summarize_slide(first: dict, cells: list[dict], classes: list[str], low: flo
     row["n_low_confidence"] = int((conf < low).sum())
     flags = []
     if first["status"] != "ok":
-        flags.append("grayscale" if first["reason"] == "grayscale" else "unreadable")
+        reason = first["reason"]
+        flags.append(reason if reason in ("grayscale", "blank") else "unreadable")
     elif n == 0:
         flags.append("no_white_cell")
     if row["n_low_confidence"]:
