@@ -163,10 +163,10 @@ def list_slides(input_uri: str) -> list[tuple[str, str]]:
     kept = set(found)
     others = Counter(os.path.splitext(p)[1].lower() or "(none)" for p in every if p not in kept)
     if others:  # said, so that a folder of another format is not taken for an empty one
+        n = sum(others.values())
         log.warning(
-            "%d files under %s are not slide images by their names and were left out (%s); "
-            "the job reads %s",
-            sum(others.values()),
+            "%s under %s left out, not slide images by their names (%s); the job reads %s",
+            f"{n} file" + ("s" if n > 1 else ""),
             input_uri,
             ", ".join(f"{ext} {n}" for ext, n in others.most_common(8)),
             " ".join(IMAGE_EXTENSIONS),
