@@ -267,8 +267,8 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return e.response()
 
 
-_ROUTES = ("POST /v1/classify", "POST /v1/classify/batch", "GET /v1/model", "GET /healthz",
-           "GET /readyz", "GET /docs")  # fmt: skip
+_ROUTES = (("POST", "/v1/classify"), ("POST", "/v1/classify/batch"), ("GET", "/v1/model"),
+           ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/docs"))  # fmt: skip
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -277,10 +277,10 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
     JSON as every other refusal, saying what the service does take."""
     path, prefix = request.url.path, request.scope.get("root_path", "").rstrip("/")
     if e.status_code == 404:
-        routes = ", ".join(m + " " + prefix + r for m, r in (x.split(" ") for x in _ROUTES))
+        routes = ", ".join(f"{method} {prefix}{route}" for method, route in _ROUTES)
         err = ApiError(404, "not_found", f"no route {path}; this service answers {routes}")
     elif e.status_code == 405:
-        allow = (e.headers or {}).get("allow") or (e.headers or {}).get("Allow") or ""
+        allow = (e.headers or {}).get("Allow", "")  # Starlette's 405 names the methods
         err = ApiError(
             405,
             "method_not_allowed",

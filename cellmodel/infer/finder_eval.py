@@ -708,6 +708,7 @@ def cross_validate_learned(
     keyed = score_grid is not None  # the threshold named in the grid's keys
     if grid and not score_grid:
         score_grid = [lcfg.min_score]
+    group_sets = [(n, t, _group_name(n, t)) for n in groups for t in (True, False)]
     rows = []
     t_train, reused = 0.0, 0
     for f in range(k):
@@ -720,9 +721,8 @@ def cross_validate_learned(
             "composed": composed_pairs(held, seed + f),
             "fresh": [p for sd in pair_seeds for p in composed_pairs(held, sd)],
         }
-        for n in groups:
-            for touching in (True, False):
-                sets[_group_name(n, touching)] = composed_groups(held, n, seed + 40 + f, touching)
+        for n, touching, name in group_sets:
+            sets[name] = composed_groups(held, n, seed + 40 + f, touching)
         t0 = time.perf_counter()
         saved = storage.join(networks_out, f"fold-{f}.pt") if networks_out else None
         meta = {"trained_on": [s.name for s in train], "fold": f, "k": k, "seed": seed,
@@ -785,8 +785,8 @@ def cross_validate_learned(
             others = [o for o in rows if o is not r] or [r]
             r["suppress"], r["flips"], c = _choose_suppress(others, grid, flip_grid, scores)
             r["min_score"] = lcfg.min_score if c is None else c
-            for name in r["grid"][_grid_key(r["suppress"], r["flips"], c)]:
-                r[f"learned_{name}"] = r["grid"][_grid_key(r["suppress"], r["flips"], c)][name]
+            for name, got in r["grid"][_grid_key(r["suppress"], r["flips"], c)].items():
+                r[f"learned_{name}"] = got
         final, final_flips, c = _choose_suppress(rows, grid, flip_grid, scores)
         final_score = lcfg.min_score if c is None else c
 
@@ -800,16 +800,14 @@ def cross_validate_learned(
                 out[count] = sum(r[key][count] for r in rows)
         return out
 
-    names = ["real", "composed", "fresh"] + [
-        _group_name(n, t) for n in groups for t in (True, False)
-    ]
+    names = ["real", "composed", "fresh"] + [name for *_, name in group_sets]
     keys = [f"{m}_{n}" for n in names for m in ("learned", "stain")]
     return {
         "slides": slides,
         "k": k,
         "seed": seed,
         "pair_seeds": list(pair_seeds),
-        "groups": [_group_name(n, t) for n in groups for t in (True, False)],
+        "groups": names[3:],
         "skip_empty": skip_empty,
         "iou_threshold": iou_threshold,
         "real_slides": len(real),
