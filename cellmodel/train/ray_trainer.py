@@ -193,7 +193,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     run_dir = cfg.run_dir
     _check_run_dir(cfg, run_dir)
     sc = cfg.scaling
-    ensure_ray(sc.num_workers * sc.cpus_per_worker)
+    ensure_ray(sc.num_workers * sc.cpus_per_worker, lean=True)
     datasets = build_datasets(cfg, model_cfg)
     storage.write_bytes(storage.join(run_dir, CONFIG_FILE), cfg.to_toml().encode())
 
