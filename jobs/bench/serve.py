@@ -21,7 +21,13 @@ Parts (``--parts``; the default runs the first three):
 8. ensemble: an ensemble folder (``--ensemble``, default the bundled model when it is one)
    against its first member alone, in the same run: the raw forward (backend auto, every
    core) at batch 1 and 16, then the endpoint (split layout, one classifier replica) at
-   each ``--concurrency``: requests/s and p50/p99, with the ensemble/member ratios.
+   each ``--concurrency``: requests/s and p50/p99, with the ensemble/member ratios;
+9. replica: what a classifier replica's model path costs on each device of this machine (its
+   CPU, with every core and the fastest exact backend, and CUDA when there is one), without
+   Ray or HTTP: decoding the uploads (one thread) and ``predict_arrays`` per image at each
+   ``--batches`` size, with and without test-time augmentation, for ``--models`` (random
+   weights) and the bundled model (``--ensemble``), each device's figure beside the CPU's.
+   It runs where Ray does not (an accelerator machine without it).
 """
 
 from __future__ import annotations
@@ -158,6 +164,49 @@ def bench_backends(models: list[str], batches: list[int], seconds: float, thread
                     f"| {name} | {gflops:.3f} | {gflops / rate * 1e3:.2f} | {b} | {cells} | {diff} |",
                     flush=True,
                 )
+
+
+def bench_replica(models: list[str], batches: list[int], seconds: float, folder: str) -> None:
+    """The classifier replica's model path per device (see the module's docstring, part 9)."""
+    from cellmodel.infer.ensemble import load_predictor
+
+    cores = os.cpu_count() or 1
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    images = (_images(32) * 8)[: max(max(batches), 16)]
+    tta_batch = min(16, max(batches))
+    with tempfile.TemporaryDirectory() as d:
+        cases = {}
+        for name in models:
+            torch.manual_seed(0)
+            cases[f"{name} (random weights)"] = save_checkpoint(build_model(name), f"{d}/{name}")
+        cases[f"bundled ({Path(folder).name})"] = folder
+        gpu = f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ", no CUDA device"
+        print(f"\n## replica  (decode + predict_arrays, ms per image; CPU: {cores} thread(s), "
+              f"backend auto{gpu}, eager fp32)")  # fmt: skip
+        print("| model | input | device (backend) | decode, 1 thread | "
+              + " | ".join(f"batch {b}" for b in batches)
+              + f" | TTA x8, batch {tta_batch} | batch {batches[-1]} vs CPU |")  # fmt: skip
+        print("|---|---|---|---:|" + "---:|" * (len(batches) + 2))
+        for case, ckpt in cases.items():
+            cpu_ms = None
+            for dev in devices:
+                kw = {"device": dev, "backend": "auto" if dev == "cpu" else "eager"}
+                if dev == "cpu":
+                    kw["num_threads"] = cores
+                pred = load_predictor(ckpt, **kw)
+                cfg = pred.cfg
+                dec = _per_image_ms(lambda xs, c=cfg: stack_bytes(xs, c), images[:16], seconds)
+                ms = [_per_image_ms(pred.predict_arrays, stack_bytes(images[:b], cfg), seconds)
+                      for b in batches]  # fmt: skip
+                tta = load_predictor(ckpt, tta=True, **kw)
+                t = _per_image_ms(tta.predict_arrays, stack_bytes(images[:tta_batch], cfg), seconds)
+                cpu_ms = ms[-1] if dev == "cpu" else cpu_ms
+                size = "x".join(str(v) for v in cfg.input_size[:0:-1])
+                print(f"| {case} | {size} | {dev} ({pred.backend}) | {dec:.2f} | "
+                      + " | ".join(f"{v:.3f}" for v in ms)
+                      + f" | {t:.3f} | {cpu_ms / ms[-1]:.1f}x |", flush=True)  # fmt: skip
+        if "cuda" in devices:
+            print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -865,6 +914,10 @@ def main(argv: list[str]) -> int:
         bench_ort(a.models, sorted({1, a.threads}), a.seconds)
     if "int8" in a.parts:
         bench_int8(a.checkpoint, a.int8_data, a.int8_calibration, a.threads)
+    if "replica" in a.parts:
+        from cellmodel.models.checkpoint import default_checkpoint
+
+        bench_replica(a.models, a.batches, a.seconds, a.ensemble or default_checkpoint())
     if not {"http", "autoscaling", "load", "chaos", "ensemble"} & set(a.parts):
         return 0
     import ray
