@@ -44,11 +44,12 @@ print("PROBE " + json.dumps(got))
 """
 
 
-def test_training_starts_a_lean_local_ray_and_other_jobs_a_full_one():
-    """A local Ray started for training runs without metrics export, with slower task-event
-    reports, no prestarted workers and no preemption watcher, as read back from the running
-    Ray's own system config; a local Ray started by any other job (Serve needs its metrics)
-    keeps Ray's defaults; Ray Data tasks run on both. Run in a fresh process: this session's Ray is already up here."""
+def test_a_lean_local_ray_leaves_out_metrics_and_watchers_and_a_default_one_keeps_them():
+    """``ensure_ray(lean=True)`` (what a training run calls) starts a local Ray without metrics
+    export, with slower task-event reports, no prestarted workers and no preemption watcher,
+    as read back from the running Ray's own system config; without ``lean`` (any other job:
+    Serve needs its metrics) Ray keeps its defaults; Ray Data tasks run on both. In a fresh
+    process: this test session's Ray is already up here."""
     import json
     import os
     import subprocess

@@ -180,9 +180,11 @@ def bench_replica(models: list[str], batches: list[int], seconds: float, folder:
             torch.manual_seed(0)
             cases[f"{name} (random weights)"] = save_checkpoint(build_model(name), f"{d}/{name}")
         cases[f"bundled ({Path(folder).name})"] = folder
-        gpu = f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ", no CUDA device"
+        gpu = (
+            f"CUDA: {torch.cuda.get_device_name(0)}, eager fp32" if "cuda" in devices else "no CUDA"
+        )
         print(f"\n## replica  (decode + predict_arrays, ms per image; CPU: {cores} thread(s), "
-              f"backend auto{gpu}, eager fp32)")  # fmt: skip
+              f"backend auto; {gpu})")  # fmt: skip
         print("| model | input | device (backend) | decode, 1 thread | "
               + " | ".join(f"batch {b}" for b in batches)
               + f" | TTA x8, batch {tta_batch} | batch {batches[-1]} vs CPU |")  # fmt: skip
