@@ -11,7 +11,8 @@ Parts (``--parts``; the default runs the first three):
 4. ort: ONNX Runtime graph optimisation levels and thread spinning, per thread count;
 5. load: the application as serve/config.yaml deploys it, at concurrency 32 and 256: status
    codes, p50/p99 of the 200s and of the 503s (clients wait Retry-After after a 503), with a
-   plot of latency and replicas over time;
+   plot of latency and replicas over time; ``--load-checkpoint bundled`` serves the shipped
+   model instead of the tiny one;
 6. chaos: SIGKILL a classifier replica under load: status codes (only 200 and 503 allowed),
    latency and replicas over time, plotted;
 7. int8: accuracy of ONNX Runtime int8 against fp32 on held-out images (``--int8-data``: a
@@ -666,7 +667,8 @@ def bench_load(
         if honour_retry_after
         else "clients ignore Retry-After and send again at once"
     )
-    print(f"\n## load  (serve/config.yaml deployment options; aiohttp client; {clients})")
+    print(f"\n## load  ({Path(ckpt).name}; serve/config.yaml deployment options; aiohttp "
+          f"client; {clients})")  # fmt: skip
     print(
         "| concurrency | requests | status codes | 200s/s | p50 ms (200) | p99 ms (200) "
         "| p50 ms (503) | p99 ms (503) | load generator CPU |"
@@ -879,6 +881,11 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--load-plot", type=Path, default=Path("docs/serving-load.png"))
     ap.add_argument(
+        "--load-checkpoint",
+        help="load part: the checkpoint served (default: tiny_bilstm with random weights; "
+        "'bundled' for the shipped model)",
+    )
+    ap.add_argument(
         "--proxy-max-inflight",
         type=int,
         default=40,
@@ -970,9 +977,13 @@ def main(argv: list[str]) -> int:
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
             if "load" in a.parts:
+                from cellmodel.models.checkpoint import default_checkpoint
+
+                load_ckpt = a.load_checkpoint or ckpt
+                load_ckpt = default_checkpoint() if load_ckpt == "bundled" else load_ckpt
                 bench_load(
                     url,
-                    ckpt,
+                    load_ckpt,
                     a.load_levels,
                     dict(zip(a.load_levels, a.load_requests)),
                     a.load_plot,
