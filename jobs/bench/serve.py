@@ -53,6 +53,7 @@ from cellmodel import CLASSES
 from cellmodel.data.transforms import stack_bytes
 from cellmodel.infer.predictor import Predictor
 from cellmodel.models import build_model, save_checkpoint
+from cellmodel.models.checkpoint import default_checkpoint
 from cellmodel.models.summary import count_flops
 from jobs.bench._timing import measure
 
@@ -924,8 +925,6 @@ def main(argv: list[str]) -> int:
     if "int8" in a.parts:
         bench_int8(a.checkpoint, a.int8_data, a.int8_calibration, a.threads)
     if "replica" in a.parts:
-        from cellmodel.models.checkpoint import default_checkpoint
-
         bench_replica(a.models, a.batches, a.seconds, a.ensemble or default_checkpoint())
     if not {"http", "autoscaling", "load", "chaos", "ensemble"} & set(a.parts):
         return 0
@@ -970,15 +969,11 @@ def main(argv: list[str]) -> int:
                     layout=a.http_layout,
                 )
             if "ensemble" in a.parts:
-                from cellmodel.models.checkpoint import default_checkpoint
-
                 folder = a.ensemble or default_checkpoint()
                 bench_ensemble(url, folder, a.concurrency, a.requests, a.http_threads)
             if "autoscaling" in a.parts:
                 bench_autoscaling(url, ckpt, a.plot, a.load_s, a.idle_s)
             if "load" in a.parts:
-                from cellmodel.models.checkpoint import default_checkpoint
-
                 load_ckpt = a.load_checkpoint or ckpt
                 load_ckpt = default_checkpoint() if load_ckpt == "bundled" else load_ckpt
                 bench_load(
