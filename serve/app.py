@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 
 import numpy as np
@@ -135,9 +136,11 @@ def image_warnings(
 ) -> list[str]:
     """What makes an answer for this resized RGB image unreliable, as codes (empty: none).
     ``grayscale``: the image has no colour, and the model reads the stain's colours.
-    ``low_resolution``: the image as sent (``size``, width x height) has under half the
-    model's input (``input_size``) on a side, either way round, so the model sees it
-    enlarged more than twice: its granules and nucleus edges are not there to read."""
+    ``low_resolution``: the image as sent (``size``, width x height) has under half of
+    ``input_size`` on a side, either way round (the model's input, or for a model that reads
+    the window around the cell, the picture that gives that window at the input's
+    resolution), so the model sees it enlarged more than twice: its granules and nucleus
+    edges are not there to read."""
     out = [] if has_colour(image) else ["grayscale"]
     if size is not None and input_size is not None:
         (short, long), (in_short, in_long) = sorted(size), sorted(input_size)
@@ -333,6 +336,11 @@ class Ingress:
         self.pre = self.meta["preprocessing"]
         _, h, w = self.pre["input_size"]
         self.size = (int(w), int(h))
+        # a model that reads the window around the cell needs the whole picture decoded at
+        # its input's resolution over that window: the JPEG draft decodes no smaller
+        self.frame = float(self.pre.get("frame", 0.0) or 0.0)
+        f = self.frame or 1.0
+        self.decode_size = (math.ceil(w / f), math.ceil(h / f))
         self.classes = list(self.meta["classes"])
         self.model = {"name": self.meta["model_name"], "version": model_version(self.meta)}
         self._inflight = 0  # images admitted and not yet answered, on this replica
@@ -384,7 +392,7 @@ class Ingress:
                 probed.append(
                     imgs.probe(
                         im.data,
-                        input_size=self.size,
+                        input_size=self.decode_size,
                         formats=self.args.formats,
                         max_pixels=self.args.max_image_pixels,
                     )
@@ -404,7 +412,7 @@ class Ingress:
         out = []
         for i, (im, p) in enumerate(zip(images, probed)):
             try:
-                x = imgs.load(p, self.size, self.pre.get("interpolation", "bilinear"))
+                x = imgs.load(p, self.size, self.pre.get("interpolation", "bilinear"), self.frame)
                 out.append((x, p.size))
             except ImageDecodeError as e:
                 raise decode_error(e, i if many else None, im.filename) from e
@@ -478,7 +486,7 @@ class Ingress:
             "class_index": k,
             "probability": float(p[k]),
             "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
-            "warnings": image_warnings(image, size, self.size),
+            "warnings": image_warnings(image, size, self.decode_size),
         }
 
     async def _info(self, timeout: float = 2.0) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cellmodel.data.transforms import ImageDecodeError, to_rgb
+from cellmodel.data.transforms import ImageDecodeError, frame_cell, to_rgb
 
 # Formats a client may send, by Pillow's name. Microscopes and lab systems write JPEG, PNG or
 # TIFF; BMP and WebP are common exports. GIF (palette, animation), ICO, PSD, PDF and the rest
@@ -115,10 +115,12 @@ def probe(
     return Probed(img, img.format, (w, h), dw * dh)
 
 
-def load(p: Probed, input_size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
-    """Decode a probed image: EXIF orientation applied, RGB, resized to ``input_size``
-    (width, height) exactly as training does (``cellmodel.data.transforms.to_array``), as
-    uint8 (H, W, 3)."""
+def load(
+    p: Probed, input_size: tuple[int, int], interpolation: str = "bilinear", frame: float = 0.0
+) -> np.ndarray:
+    """Decode a probed image: EXIF orientation applied, RGB, framed on its white cell when
+    the model reads a window (``frame``), resized to ``input_size`` (width, height) exactly as
+    training does (``cellmodel.data.transforms.to_array``), as uint8 (H, W, 3)."""
     img = p.image
     try:
         with warnings.catch_warnings():
@@ -127,6 +129,7 @@ def load(p: Probed, input_size: tuple[int, int], interpolation: str = "bilinear"
             img = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("truncated", f"the image is truncated or corrupt: {e}") from e
+    img = frame_cell(img, frame, input_size[1] / input_size[0])
     if img.size != tuple(input_size):
         img = img.resize(tuple(input_size), _RESAMPLE[interpolation])
     return np.asarray(img, dtype=np.uint8)

@@ -556,6 +556,36 @@ def test_fused_layout_serves_the_same_answers(client, checkpoint, direct):
     serve.delete("fused")
 
 
+def test_a_model_that_reads_the_window_around_the_cell_is_served_as_it_predicts(
+    client, tmp_path, sample_dir
+):
+    """A checkpoint with ``frame`` set: the endpoint frames each upload on its white cell as
+    the model's own decode does, so its answers are the direct model's, not the whole
+    picture's."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import AppArgs
+
+    torch.manual_seed(1)
+    model = build_model("tiny_bilstm", frame=0.5).eval()
+    ck = str(tmp_path / "framed")
+    save_checkpoint(model, ck)
+    items = _sample(sample_dir, 2)
+    want = Predictor(ck, device="cpu").predict_bytes([b for _, b in items])
+    whole = model.cfg.preprocessing() | {"frame": 0.0}
+    with torch.no_grad():
+        x = torch.from_numpy(stack_bytes([b for _, b in items], whole))
+        unframed = torch.softmax(model(x), -1).numpy()
+    assert np.abs(unframed - want).max() > 1e-3  # the window is not the whole picture
+    serve.run(build_app(AppArgs(checkpoint=ck, layout="fused")), name="fr", route_prefix="/fr")
+    for it, p in zip(items, want):
+        r = client.post("/fr/v1/classify", **_jpeg(it))
+        assert r.status_code == 200, r.text
+        _check(r.json(), p)
+    serve.delete("fr")
+
+
 # -- builder, config, manifest (no HTTP) ---------------------------------------------------------
 
 

@@ -154,7 +154,9 @@ def member_differences(classes_a, pre_a: dict, classes_b, pre_b: dict) -> list[s
 
 
 def _pixels(pre: dict) -> dict:
-    return {k: pre.get(k) for k in ("mean", "std", "interpolation", "branch_norms")}
+    keys = ("mean", "std", "interpolation", "branch_norms")
+    # a checkpoint written before framing existed reads the whole picture (frame 0)
+    return {k: pre.get(k) for k in keys} | {"frame": float(pre.get("frame") or 0.0)}
 
 
 def load_predictor(checkpoints: str | Sequence[str], **kwargs):

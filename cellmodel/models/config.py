@@ -46,6 +46,11 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    # 0: the model reads the whole picture, as the paper's does. Above 0: the window around
+    # the white cell's nucleus, this share of the picture's width, at the input's aspect
+    # (``cellmodel.data.transforms.frame_cell``): the cell at a higher resolution for the same
+    # input size.
+    frame: float = 0.0
     cnn_kwargs: dict = field(default_factory=dict)
     # Per CNN branch, the normalisation its pretrained weights expect ("imagenet" or
     # "inception"), when it differs from the input's ``mean``/``std``: the branch then sees
@@ -87,6 +92,11 @@ class ModelConfig:
                     f"pixels, and input_size is {h} high and {w} wide; raise input_size "
                     f"(e.g. model.overrides.input_size=[3, {max(h, side)}, {max(w, side)}])"
                 )
+        if not 0.0 <= self.frame <= 1.0:
+            raise ValueError(
+                f"model {self.name!r}: frame must lie in [0, 1] (0: the whole picture), "
+                f"got {self.frame}"
+            )
         if self.rnn_downsample < 1:
             raise ValueError("rnn_downsample must be >= 1")
 
@@ -122,6 +132,7 @@ class ModelConfig:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            "frame": self.frame,
             "classes": list(self.classes),
             "branch_norms": list(self.branch_norms),
         }
