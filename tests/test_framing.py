@@ -85,6 +85,8 @@ def test_a_framed_model_reads_the_window_in_every_decode_path():
     np.testing.assert_array_equal(to_uint8(img, framed), to_uint8(win, whole))
     np.testing.assert_array_equal(stack_bytes([buf.getvalue()], framed)[0], to_array(win, whole))
     assert not np.array_equal(to_array(img, framed), to_array(img, whole))
+    for size in ((1, 1), (3, 2), (1, 60), (600, 2)):  # odd uploads still give an input
+        assert to_array(Image.new("RGB", size, (120, 80, 200)), framed).shape == (3, 120, 160)
     with pytest.raises(ValueError, match="frame must lie in"):
         model_config("tiny_bilstm", frame=1.5)
     # members of one ensemble share one input batch, so they must frame alike
