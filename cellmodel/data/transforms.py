@@ -102,12 +102,13 @@ def cell_centre(img: Image.Image) -> tuple[float, float] | None:
 
     A nucleus is the bluest thing on a Giemsa- or Wright-stained smear (blue well above
     green, as :func:`cellmodel.infer.finder.stain_map` measures it). The stain is read at
-    half resolution, the black fill of rotated copies left out, and blurred over about a
-    nucleus (a twentieth of the picture's width), so that the lobes of one nucleus make one
-    peak and a platelet, a tenth of its size, a much weaker one; the peak is the centre.
+    half resolution, the black fill of rotated copies left out, and blurred by a Gaussian
+    of 1/54 of the picture's width, so that the lobes of one nucleus make one peak and a
+    platelet, a tenth of its size, a much weaker one; the peak is the centre.
     """
     from scipy import ndimage as ndi
 
+    img = to_rgb(img)
     w, h = img.size
     half = np.asarray(img.reduce(2) if min(w, h) >= 64 else img, dtype=np.float32)
     f = w / half.shape[1]
