@@ -111,3 +111,41 @@ def test_frame_travels_in_the_checkpoint_and_the_predictor_applies_it(tmp_path):
     with torch.no_grad():
         want = torch.softmax(model(x[None]), -1)[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_caller_that_knows_where_its_cell_is_gets_that_cell_framed():
+    """The slide job's crop may hold another cell, stained more strongly (or smeared where a
+    window larger than the slide repeats its edge): given where its cell is, the window is
+    framed on that cell."""
+    img = _smear(nucleus=(90, 150), platelet=(300, 230), black_corner=False)
+    d = ImageDraw.Draw(img)
+    d.ellipse((240, 10, 310, 70), fill=(60, 30, 190))  # a bigger, bluer blob elsewhere
+    x, y = cell_centre(img)
+    assert x > 200  # alone, the stronger blob wins
+    x, y = cell_centre(img, near=(95, 145, 40))
+    assert abs(x - 90) <= 4 and abs(y - 150) <= 4
+    assert cell_centre(Image.new("RGB", (320, 240), (226, 200, 205)), (50, 60, 20)) == (50, 60)
+    win = np.asarray(frame_cell(img, 0.5, 0.75, near=(95, 145, 40)), dtype=np.int16)
+    assert ((win[..., 2] - win[..., 1]) > 60).sum() > 500  # the nucleus, not the blob
+    framed = model_config("tiny_bilstm", frame=0.5)
+    np.testing.assert_array_equal(
+        to_array(img, framed, (95, 145, 40)),
+        to_array(frame_cell(img, 0.5, 0.75, (95, 145, 40)), model_config("tiny_bilstm")),
+    )
+
+
+def test_the_slide_job_knows_where_each_cell_lies_in_its_crop(sample_dir):
+    """``window_origin`` is where ``cut_cell`` cuts: the slide's pixel at a cell's centre is
+    the crop's pixel at the point the slide job hands the framing, also where the window is
+    moved inside the slide."""
+    from cellmodel.infer.slides import cut_cell, window_origin
+
+    img = Image.open(sorted((sample_dir / "slides" / "JPEGImages").glob("*.jpg"))[0])
+    img = img.convert("RGB")
+    a = np.asarray(img)
+    for centre in ((320.0, 240.0), (40.0, 30.0), (610.0, 460.0)):
+        for framing in ("inside", "centre"):
+            crop = cut_cell(img, centre, (320, 240), (320, 240), framing)
+            left, top = window_origin(centre, (320, 240), img.size, framing)
+            cx, cy = int(centre[0] - left), int(centre[1] - top)
+            np.testing.assert_array_equal(crop[cy, cx], a[int(centre[1]), int(centre[0])])

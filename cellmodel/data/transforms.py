@@ -96,9 +96,14 @@ def _pre(cfg) -> Mapping:
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def cell_centre(img: Image.Image) -> tuple[float, float] | None:
+def cell_centre(
+    img: Image.Image, near: tuple[float, float, float] | None = None
+) -> tuple[float, float] | None:
     """Where the white cell's nucleus is in a picture of one cell: (x, y) in pixels, or None
-    when nothing in it is stained like a nucleus.
+    when nothing in it is stained like a nucleus. ``near`` (x, y, radius): a caller that
+    knows where its cell is (the slide job, from its finder's box) has the nucleus looked for
+    within ``radius`` of (x, y) only, and (x, y) when nothing there is stained, so that
+    another cell in the picture is never taken for it.
 
     A nucleus is the bluest thing on a Giemsa- or Wright-stained smear (blue well above
     green, as :func:`cellmodel.infer.finder.stain_map` measures it). The stain is read at
@@ -114,43 +119,54 @@ def cell_centre(img: Image.Image) -> tuple[float, float] | None:
     f = w / half.shape[1]
     valid = half.sum(-1) > 45  # black fill and its JPEG ringing are no slide
     stain = np.clip((half[..., 2] - half[..., 1] - 30.0) / 60.0, 0.0, 1.0) * valid
-    if float(stain.max()) <= 0.0:
-        return None
     blur = ndi.gaussian_filter(stain, max(1.0, half.shape[1] / 27.0))
+    if near is not None:
+        nx, ny, r = (v / f for v in near)
+        yy, xx = np.ogrid[: blur.shape[0], : blur.shape[1]]
+        blur = blur * (((xx + 0.5 - nx) ** 2 + (yy + 0.5 - ny) ** 2) <= r * r)
+    if float(blur.max()) <= 0.0:
+        return None if near is None else (near[0], near[1])
     y, x = np.unravel_index(int(np.argmax(blur)), blur.shape)
     return (x + 0.5) * f, (y + 0.5) * f
 
 
-def frame_cell(img: Image.Image, frame: float, aspect: float) -> Image.Image:
-    """The window of ``img`` around its white cell (:func:`cell_centre`) that a model with
-    ``frame`` set reads: ``frame`` of the picture's width wide, ``aspect`` (height / width)
-    as its input, moved inside the picture where the cell lies near an edge. A picture
-    without a stained nucleus gives its central window. ``frame`` 0: ``img`` itself."""
+def frame_cell(
+    img: Image.Image,
+    frame: float,
+    aspect: float,
+    near: tuple[float, float, float] | None = None,
+) -> Image.Image:
+    """The window of ``img`` around its white cell (:func:`cell_centre`, ``near`` as there)
+    that a model with ``frame`` set reads: ``frame`` of the picture's width wide, ``aspect``
+    (height / width) as its input, moved inside the picture where the cell lies near an
+    edge. A picture without a stained nucleus gives its central window. ``frame`` 0:
+    ``img`` itself."""
     if not frame:
         return img
     w, h = img.size
     ww, wh = frame * w, frame * w * aspect
     if wh > h:  # taller than the picture: as tall as it, narrower
         ww, wh = h / aspect, float(h)
-    cx, cy = cell_centre(img) or (w / 2, h / 2)
+    cx, cy = cell_centre(img, near) or (w / 2, h / 2)
     x0 = min(max(cx - ww / 2, 0.0), w - ww)
     y0 = min(max(cy - wh / 2, 0.0), h - wh)
     return img.crop((round(x0), round(y0), round(x0 + ww), round(y0 + wh)))
 
 
-def _framed(img: Image.Image, pre: Mapping) -> Image.Image:
+def _framed(img: Image.Image, pre: Mapping, near=None) -> Image.Image:
     _, h, w = pre["input_size"]
-    return frame_cell(img, float(pre.get("frame", 0.0) or 0.0), h / w)
+    return frame_cell(img, float(pre.get("frame", 0.0) or 0.0), h / w, near)
 
 
-def to_array(img: Image.Image, cfg) -> np.ndarray:
+def to_array(img: Image.Image, cfg, near: tuple[float, float, float] | None = None) -> np.ndarray:
     """Resize to the model's input size and normalise: float32 (3, H, W). A model with
-    ``frame`` set reads the window around the white cell instead (:func:`frame_cell`).
+    ``frame`` set reads the window around the white cell instead (:func:`frame_cell`;
+    ``near``: where the cell is, when the caller knows).
 
     ``cfg`` is a ``ModelConfig`` or its ``preprocessing()`` dict (e.g. from a checkpoint).
     """
     pre = _pre(cfg)
-    img = _framed(img, pre)
+    img = _framed(img, pre, near)
     _, h, w = pre["input_size"]
     if img.size != (w, h):
         img = img.resize((w, h), _RESAMPLE[pre.get("interpolation", "bilinear")])

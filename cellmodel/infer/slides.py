@@ -253,6 +253,22 @@ def _slide_row(slide_id, uri, status="ok", reason="", message="", size=(0, 0)) -
     return row | dict(width=size[0], height=size[1])
 
 
+def window_origin(
+    center: tuple[float, float], window: tuple[int, int], size: tuple[int, int], framing: str
+) -> tuple[int, int]:
+    """The top left corner, on a slide of ``size``, of the ``window`` that :func:`cut_cell`
+    cuts around ``center`` with ``framing``."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+    (ww, wh), (iw, ih) = window, size
+    left = int(round(center[0] - ww / 2))
+    top = int(round(center[1] - wh / 2))
+    if framing == "inside":
+        left = min(max(left, min(0, iw - ww)), max(0, iw - ww))
+        top = min(max(top, min(0, ih - wh)), max(0, ih - wh))
+    return left, top
+
+
 def cut_cell(
     img,
     center: tuple[float, float],
@@ -269,15 +285,9 @@ def cut_cell(
     """
     from PIL import Image
 
-    if framing not in FRAMINGS:
-        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     ww, wh = window
     iw, ih = img.size
-    left = int(round(center[0] - ww / 2))
-    top = int(round(center[1] - wh / 2))
-    if framing == "inside":
-        left = min(max(left, min(0, iw - ww)), max(0, iw - ww))
-        top = min(max(top, min(0, ih - wh)), max(0, ih - wh))
+    left, top = window_origin(center, window, img.size, framing)
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + ww, iw), min(top + wh, ih)
     if x1 <= x0 or y1 <= y0:  # centre outside the slide: should not happen
@@ -384,6 +394,14 @@ def find_batch(
             box = d.as_tuple() if d else (0.0, 0.0, 0.0, 0.0)
             row.update(zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
             row["det_score"] = d.score if d else 0.0
+            # where the cell lies in its crop (x, y, half its box's long side), for a model
+            # that reads the window around the cell: that window is framed on this cell
+            row["near"] = (0.0, 0.0, 0.0)
+            if d is not None:
+                left, top = window_origin(d.center, window, img.size, framing)
+                k = w / window[0]
+                half = max(d.xmax - d.xmin, d.ymax - d.ymin) / 2
+                row["near"] = ((d.center[0] - left) * k, (d.center[1] - top) * k, half * k)
             rows.append(row)
             src = img
             if d is not None and mask_neighbours and len(dets) > 1:
@@ -427,12 +445,14 @@ class Classifier:
 
         from cellmodel.data.transforms import to_array
 
-        crops = batch.pop("crop")
+        crops, near = batch.pop("crop"), batch.pop("near")
         idx = np.nonzero(batch["cell_index"] >= 0)[0]
         probs = np.full((len(crops), len(self.predictor.classes)), np.nan, np.float32)
         for s in range(0, len(idx), self.batch_size):
             sel = idx[s : s + self.batch_size]
-            x = np.stack([to_array(Image.fromarray(crops[i]), self.pre) for i in sel])
+            x = np.stack(
+                [to_array(Image.fromarray(crops[i]), self.pre, tuple(near[i])) for i in sel]
+            )
             probs[sel] = self.predictor.predict_arrays(x)
         batch["probs"] = probs
         return batch
