@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import cellmodel
 from cellmodel import storage
 from cellmodel.data.light import has_colour
-from cellmodel.data.transforms import ImageDecodeError
+from cellmodel.data.transforms import ImageDecodeError, frame_of
 from cellmodel.infer.ensemble import combination_digest, load_predictor, member_differences
 from cellmodel.models.checkpoint import (
     WEIGHTS_FILE,
@@ -338,7 +338,7 @@ class Ingress:
         self.size = (int(w), int(h))
         # a model that reads the window around the cell needs the whole picture decoded at
         # its input's resolution over that window: the JPEG draft decodes no smaller
-        self.frame = float(self.pre.get("frame", 0.0) or 0.0)
+        self.frame = frame_of(self.pre)
         f = self.frame or 1.0
         self.decode_size = (math.ceil(w / f), math.ceil(h / f))
         self.classes = list(self.meta["classes"])

@@ -37,6 +37,7 @@ from PIL import Image, ImageFilter
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from cellmodel.data.transforms import nucleus_stain
 from cellmodel.data.voc import parse_voc, read_labels_csv
 
 # Polar signature (half-resolution pixels: a 320x240 crop is analysed at 160x120).
@@ -169,7 +170,7 @@ def _cell(img: Image.Image, box: tuple[float, float, float, float] | None = None
     half = _half(rgb)
     # Black corners / fill: JPEG leaves them near 0 but not exactly; erode off the ringing.
     valid = ndi.binary_erosion(half.sum(-1) > 45, iterations=2, border_value=0)
-    stain = np.clip((half[..., 2] - half[..., 1] - 30.0) / 60.0, 0.0, 1.0) * valid
+    stain = nucleus_stain(half) * valid
     blur = ndi.gaussian_filter(stain, 6.0)
     if box is not None:
         x0, y0, x1, y1 = (int(round(v)) for v in box)

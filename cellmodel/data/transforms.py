@@ -96,6 +96,18 @@ def _pre(cfg) -> Mapping:
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+def nucleus_stain(rgb: np.ndarray) -> np.ndarray:
+    """How like a nucleus each pixel of an RGB array (H, W, 3) is stained, in [0, 1]: blue
+    above green by 30 levels or less is 0, by 90 or more is 1 (Giemsa and Wright stains)."""
+    return np.clip((rgb[..., 2] - rgb[..., 1] - 30.0) / 60.0, 0.0, 1.0)
+
+
+def frame_of(pre: Mapping) -> float:
+    """The ``frame`` of a ``preprocessing()`` dict; 0 (the whole picture) for checkpoints
+    written before it existed."""
+    return float(pre.get("frame") or 0.0)
+
+
 def cell_centre(
     img: Image.Image, near: tuple[float, float, float] | None = None
 ) -> tuple[float, float] | None:
@@ -118,7 +130,7 @@ def cell_centre(
     half = np.asarray(img.reduce(2) if min(w, h) >= 64 else img, dtype=np.float32)
     f = w / half.shape[1]
     valid = half.sum(-1) > 45  # black fill and its JPEG ringing are no slide
-    stain = np.clip((half[..., 2] - half[..., 1] - 30.0) / 60.0, 0.0, 1.0) * valid
+    stain = nucleus_stain(half) * valid
     blur = ndi.gaussian_filter(stain, max(1.0, half.shape[1] / 27.0))
     if near is not None:
         nx, ny, r = (v / f for v in near)
@@ -155,7 +167,7 @@ def frame_cell(
 
 def _framed(img: Image.Image, pre: Mapping, near=None) -> Image.Image:
     _, h, w = pre["input_size"]
-    return frame_cell(img, float(pre.get("frame", 0.0) or 0.0), h / w, near)
+    return frame_cell(img, frame_of(pre), h / w, near)
 
 
 def to_array(img: Image.Image, cfg, near: tuple[float, float, float] | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cellmodel.data.transforms import stack_bytes
+from cellmodel.data.transforms import frame_of, stack_bytes
 from cellmodel.infer.predictor import Predictor, softmax
 from cellmodel.models.checkpoint import CheckpointError, expand_checkpoints
 
@@ -155,8 +155,7 @@ def member_differences(classes_a, pre_a: dict, classes_b, pre_b: dict) -> list[s
 
 def _pixels(pre: dict) -> dict:
     keys = ("mean", "std", "interpolation", "branch_norms")
-    # a checkpoint written before framing existed reads the whole picture (frame 0)
-    return {k: pre.get(k) for k in keys} | {"frame": float(pre.get("frame") or 0.0)}
+    return {k: pre.get(k) for k in keys} | {"frame": frame_of(pre)}
 
 
 def load_predictor(checkpoints: str | Sequence[str], **kwargs):
