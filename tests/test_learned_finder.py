@@ -398,6 +398,11 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     other = saved | {"settings": saved["settings"] | {"min_score": 0.9, "suppress": 0.1}}
     assert _same_training(saved, other)
     assert not _same_training(saved, saved | {"settings": saved["settings"] | {"seed": 7}})
+    # a network saved before a setting existed reads it as its default, not as a difference
+    now = saved | {"settings": saved["settings"] | {"paste": lf.LearnedFinderConfig().paste}}
+    older = now | {"settings": {k: v for k, v in now["settings"].items() if k != "paste"}}
+    assert _same_training(older, now)
+    assert not _same_training(older, now | {"settings": now["settings"] | {"paste": 0.25}})
     assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
     assert "--learned" in capsys.readouterr().err
     assert evaluate(["--slides", slides, "--members", "0"]) == 2

@@ -832,9 +832,16 @@ _DETECTION_ONLY = ("suppress", "flips", "min_score")
 
 
 def _same_training(saved: dict, meta: dict) -> bool:
+    """Whether a saved fold network was trained as ``meta`` asks. A setting the saved one
+    does not record (it predates the setting) reads as the setting's default, so adding a
+    training setting does not make every saved network look different."""
+    from cellmodel.infer.learned_finder import LearnedFinderConfig
+
+    defaults = LearnedFinderConfig().to_dict()
+
     def strip(m: dict) -> dict:
-        settings = {k: v for k, v in (m.get("settings") or {}).items() if k not in _DETECTION_ONLY}
-        return m | {"settings": settings}
+        settings = defaults | (m.get("settings") or {})
+        return m | {"settings": {k: v for k, v in settings.items() if k not in _DETECTION_ONLY}}
 
     return strip(saved) == strip(meta)
 
