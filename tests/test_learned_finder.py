@@ -410,6 +410,11 @@ def test_train_and_evaluate_commands(sample_dir, tmp_path, capsys):
     older = now | {"settings": {k: v for k, v in now["settings"].items() if k != "paste"}}
     assert _same_training(older, now)
     assert not _same_training(older, now | {"settings": now["settings"] | {"paste": 0.25}})
+    # ... as load reads it: a file from before `members` holds one network, not the default 3
+    three = now | {"settings": now["settings"] | {"members": 3}}
+    one = {k: v for k, v in three["settings"].items() if k != "members"}
+    assert not _same_training(three | {"settings": one}, three)
+    assert _same_training(three | {"settings": one}, three | {"settings": one | {"members": 1}})
     assert evaluate(["--slides", slides, "--suppress", "0.5"]) == 2
     assert "--learned" in capsys.readouterr().err
     assert evaluate(["--slides", slides, "--members", "0"]) == 2

@@ -833,14 +833,12 @@ _DETECTION_ONLY = ("suppress", "flips", "min_score")
 
 def _same_training(saved: dict, meta: dict) -> bool:
     """Whether a saved fold network was trained as ``meta`` asks. A setting the saved one
-    does not record (it predates the setting) reads as the setting's default, so adding a
+    does not record (it predates the setting) reads as ``learned_finder.load`` reads it, so adding a
     training setting does not make every saved network look different."""
-    from cellmodel.infer.learned_finder import LearnedFinderConfig
-
-    defaults = LearnedFinderConfig().to_dict()
+    from cellmodel.infer.learned_finder import recorded_settings
 
     def strip(m: dict) -> dict:
-        settings = defaults | (m.get("settings") or {})
+        settings = recorded_settings(m.get("settings") or {})
         return m | {"settings": {k: v for k, v in settings.items() if k not in _DETECTION_ONLY}}
 
     return strip(saved) == strip(meta)

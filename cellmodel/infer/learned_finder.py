@@ -522,8 +522,7 @@ def _build(blob: dict, uri: str) -> tuple[nn.Module, LearnedFinderConfig]:
             f"{uri} holds settings this version does not know ({', '.join(sorted(unknown))}): "
             "it was written by another version of cellmodel; retrain it with jobs.train_finder"
         )
-    # Files written before `members` existed hold one network.
-    cfg = LearnedFinderConfig(**({"members": 1} | blob["config"]))
+    cfg = LearnedFinderConfig(**recorded_settings(blob["config"]))
     if cfg.members > 1:
         model = CentreEnsemble([CentreNet(cfg.width, cfg.stride) for _ in range(cfg.members)])
     else:
@@ -531,6 +530,12 @@ def _build(blob: dict, uri: str) -> tuple[nn.Module, LearnedFinderConfig]:
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, cfg
+
+
+def recorded_settings(settings: dict) -> dict:
+    """The settings a file's recorded ``settings`` stand for. One it predates reads as what
+    files of its time were built with: ``members`` 1 (one network), any other its default."""
+    return LearnedFinderConfig().to_dict() | {"members": 1} | settings
 
 
 def read_meta(uri: str) -> dict:
