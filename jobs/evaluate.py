@@ -83,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             f"cell-balanced image accuracy {ps['cell_balanced_accuracy']:.4f} (images per "
             f"cell {k['min']}-{k['max']}, median {k['median']:g})"
         )
+        ci = ps["intervals"]
+        print(
+            f"{ci['level']:.0%} intervals from resampling the {ps['n_sources']} cells: "
+            + ", ".join(
+                f"{name} {ci[key][0]:.4f}-{ci[key][1]:.4f}"
+                for name, key in (
+                    ("accuracy", "accuracy"),
+                    ("vote", "vote_accuracy"),
+                    ("cell-balanced", "cell_balanced_accuracy"),
+                )
+            )
+        )
     if args.out:
         print(f"report: {args.out.rstrip('/')}/report.md")
     return 0

@@ -310,6 +310,15 @@ def test_shard_dataset_reports_per_source_accuracy(checkpoint, shard_dataset, tm
     assert m["n"] == table.num_rows
     assert m["per_source"]["n_sources"] == len(set(table.column("source_id").to_pylist()))
     assert "## Per source cell" in (out / "report.md").read_text()
+    ps = m["per_source"]
+    for key, value in (
+        ("accuracy", m["accuracy"]),
+        ("vote_accuracy", ps["vote_accuracy"]),
+        ("cell_balanced_accuracy", ps["cell_balanced_accuracy"]),
+    ):
+        lo, hi = ps["intervals"][key]
+        assert 0.0 <= lo <= value <= hi <= 1.0
+    assert "resamples of the" in (out / "report.md").read_text()
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert {r["id"] for r in rows} == set(table.column("id").to_pylist())
     assert all(r["source_id"] for r in rows)

@@ -15,6 +15,7 @@ from cellmodel.evaluate.metrics import (
     expected_calibration_error,
     log_loss,
     per_class_scores,
+    source_intervals,
     source_scores,
 )
 
@@ -140,6 +141,35 @@ def test_source_vote_tie_goes_to_higher_mean_probability():
     s = source_scores(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 0]), ["x", "x"], ["A", "B"])
     assert s["sources"][0]["vote"] == "B"
     assert s["vote_accuracy"] == 0.0
+
+
+def test_source_intervals_resample_whole_cells():
+    # 19 cells of 10 images, all right, and one cell of 100 images, all wrong: per image
+    # 190 / 290. A resample that leaves the big cell out (about a third of them) scores 1.0,
+    # one that draws it twice about 0.5, so the interval spans half the scale; resampling
+    # the 290 images one by one would give about +-0.05.
+    n = np.array([10] * 19 + [100])
+    correct = np.array([10] * 19 + [0])
+    vote_ok = np.array([1.0] * 19 + [0.0])
+    ci = source_intervals(n, correct, vote_ok, resamples=4000)
+    lo, hi = ci["accuracy"]
+    assert lo < 190 / 290 < hi
+    assert hi == pytest.approx(1.0) and lo < 0.5
+    assert ci["vote_accuracy"][0] < 0.95 < ci["vote_accuracy"][1]
+    assert ci["cell_balanced_accuracy"][1] == pytest.approx(1.0)
+    assert (ci["resamples"], ci["level"]) == (4000, 0.95)
+    assert source_intervals(n, correct, vote_ok, resamples=4000) == ci  # seeded
+    narrower = source_intervals(n, correct, vote_ok, resamples=4000, level=0.5)["accuracy"]
+    assert lo <= narrower[0] <= narrower[1] <= hi
+    with pytest.raises(ValueError, match="level must lie in"):
+        source_intervals(n, correct, vote_ok, level=1.0)
+
+
+def test_source_intervals_of_a_perfect_model_are_a_point():
+    probs = onehot([0, 0, 1, 1, 1], 2)
+    s = source_scores(probs, np.array([0, 0, 1, 1, 1]), ["a", "a", "b", "c", "c"], ["A", "B"])
+    for key in ("accuracy", "vote_accuracy", "cell_balanced_accuracy"):
+        assert s["intervals"][key] == [1.0, 1.0]
 
 
 def test_classification_metrics_checks_shapes():

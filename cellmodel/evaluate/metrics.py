@@ -123,8 +123,65 @@ def _spread(counts: list[int]) -> dict:
     return {"min": int(min(counts)), "median": float(np.median(counts)), "max": int(max(counts))}
 
 
+def source_intervals(
+    n: np.ndarray,
+    correct: np.ndarray,
+    vote_ok: np.ndarray,
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Percentile intervals of the three accuracies from resampling whole source cells.
+
+    ``n``, ``correct`` and ``vote_ok`` hold one entry per source: its images, its images
+    predicted right, and whether its vote is right. Each resample draws as many sources as
+    there are, with replacement, and recomputes per-image accuracy (right images over
+    images), cell-balanced accuracy and vote accuracy on them. The copies of one cell are
+    not independent draws, so resampling images would report a width the data does not
+    have; resampling the cells asks how the figures would move on another set of cells of
+    the same kind. Returns ``{metric: [low, high]}`` plus the settings used.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    vote_ok = np.asarray(vote_ok, dtype=np.float64)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    k = len(n)
+    out = {"resamples": int(resamples), "level": float(level), "seed": int(seed)}
+    if not k:
+        return {
+            **out,
+            "accuracy": [0.0, 0.0],
+            "cell_balanced_accuracy": [0.0, 0.0],
+            "vote_accuracy": [0.0, 0.0],
+        }
+    acc_of = correct / np.maximum(n, 1.0)
+    rng = np.random.default_rng(seed)
+    draws = {"accuracy": [], "cell_balanced_accuracy": [], "vote_accuracy": []}
+    chunk = max(1, 4_000_000 // k)  # bounds the index matrix at a few tens of MB
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, k, size=(min(chunk, resamples - start), k))
+        draws["accuracy"].append(correct[idx].sum(axis=1) / np.maximum(n[idx].sum(axis=1), 1.0))
+        draws["cell_balanced_accuracy"].append(acc_of[idx].mean(axis=1))
+        draws["vote_accuracy"].append(vote_ok[idx].mean(axis=1))
+    tail = (1.0 - level) / 2.0 * 100.0
+    for key, parts in draws.items():
+        lo, hi = np.percentile(np.concatenate(parts), [tail, 100.0 - tail])
+        out[key] = [float(lo), float(hi)]
+    return out
+
+
 def source_scores(
-    probs: np.ndarray, y_true: np.ndarray, sources: Sequence[str], classes: Sequence[str]
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    sources: Sequence[str],
+    classes: Sequence[str],
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
 ) -> dict:
     """Accuracy per source cell: several crops of one cell are pooled into one decision.
 
@@ -135,6 +192,8 @@ def source_scores(
     same: the mean over sources of each one's image accuracy. Where sources hold very
     different numbers of images (augmented copies, repeated shots of one cell), plain
     per-image accuracy is mostly a verdict on the few sources with the most images.
+    ``intervals`` holds each accuracy's ``level`` interval from ``resamples`` resamples of
+    the sources (``source_intervals``): with a few dozen held-out cells these are wide.
     """
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -143,6 +202,7 @@ def source_scores(
     uniq, inv = np.unique(sources.astype(str), return_inverse=True)
     rows = []
     vote_ok = mean_ok = 0
+    counts, rights, votes_right = [], [], []
     for s in range(len(uniq)):
         m = inv == s
         p = probs[m]
@@ -153,6 +213,9 @@ def source_scores(
         mean_pred = int(np.argmax(mean_p))
         vote_ok += vote == label
         mean_ok += mean_pred == label
+        counts.append(int(m.sum()))
+        rights.append(int(np.sum(p.argmax(axis=1) == y_true[m])))
+        votes_right.append(float(vote == label))
         rows.append(
             {
                 "source_id": str(uniq[s]),
@@ -172,6 +235,13 @@ def source_scores(
         if rows
         else 0.0,
         "images_per_source": _spread([r["n"] for r in rows]),
+        "intervals": source_intervals(
+            np.array(counts),
+            np.array(rights),
+            np.array(votes_right),
+            resamples=resamples,
+            level=level,
+        ),
         "sources": rows,
     }
 

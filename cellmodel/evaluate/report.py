@@ -33,6 +33,24 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _intervals(ps: dict) -> str:
+    ci = ps["intervals"]
+    span = "; ".join(
+        f"{name} {_pct(ci[key][0])} to {_pct(ci[key][1])}"
+        for name, key in (
+            ("per image", "accuracy"),
+            ("by vote", "vote_accuracy"),
+            ("cell-balanced", "cell_balanced_accuracy"),
+        )
+    )
+    return (
+        f"{ci['level']:.0%} intervals from {ci['resamples']} resamples of the "
+        f"{ps['n_sources']} source cells (whole cells drawn with replacement, since a "
+        f"cell's copies are not independent): {span}. They say how far the figures could "
+        "move on another set of cells like these."
+    )
+
+
 def _thumb(data: bytes) -> np.ndarray:
     try:
         img = decode_image(data)
@@ -175,6 +193,8 @@ def render_markdown(m: dict) -> str:
             f"source weighing the same: {_pct(ps['cell_balanced_accuracy'])} (images per "
             f"source {ps['images_per_source']['min']}-{ps['images_per_source']['max']}, "
             f"median {ps['images_per_source']['median']:g}).",
+            "",
+            _intervals(ps),
             "",
             "Lowest per-image accuracy first (at most 20 rows):",
             "",
