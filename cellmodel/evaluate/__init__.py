@@ -9,6 +9,7 @@ from cellmodel.evaluate.metrics import (
     expected_calibration_error,
     log_loss,
     per_class_scores,
+    source_intervals,
     source_scores,
 )
 from cellmodel.evaluate.run import EvalOutputError, Predictions, evaluate_checkpoint, predict_data
@@ -31,5 +32,6 @@ __all__ = [
     "open_data",
     "per_class_scores",
     "predict_data",
+    "source_intervals",
     "source_scores",
 ]

@@ -213,15 +213,16 @@ def source_scores(
         mean_pred = int(np.argmax(mean_p))
         vote_ok += vote == label
         mean_ok += mean_pred == label
+        hits = p.argmax(axis=1) == y_true[m]
         counts.append(int(m.sum()))
-        rights.append(int(np.sum(p.argmax(axis=1) == y_true[m])))
+        rights.append(int(hits.sum()))
         votes_right.append(float(vote == label))
         rows.append(
             {
                 "source_id": str(uniq[s]),
                 "label": classes[label],
                 "n": int(m.sum()),
-                "image_accuracy": float(np.mean(p.argmax(axis=1) == y_true[m])),
+                "image_accuracy": float(np.mean(hits)),
                 "vote": classes[vote],
                 "mean_prob": classes[mean_pred],
             }
