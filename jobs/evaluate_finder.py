@@ -341,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if "slide_class" in result:
         s = result["slide_class"]
         acc = "n/a" if s["slide_accuracy"] is None else f"{s['slide_accuracy']:.3f}"
-        print(f"slide class: accuracy {acc} on {s['single_label_slides']} single-label slides")
+        ci = s.get("slide_accuracy_interval")
+        span = "" if ci is None else f" (95% interval {ci[0]:.3f}-{ci[1]:.3f})"
+        print(
+            f"slide class: accuracy {acc}{span} on {s['single_label_slides']} single-label slides"
+        )
     if "pair_differential" in result:
         d = result["pair_differential"]
         own, pasted = (

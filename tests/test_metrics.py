@@ -17,6 +17,7 @@ from cellmodel.evaluate.metrics import (
     per_class_scores,
     source_intervals,
     source_scores,
+    wilson_interval,
 )
 
 
@@ -170,6 +171,19 @@ def test_source_intervals_of_a_perfect_model_are_a_point():
     s = source_scores(probs, np.array([0, 0, 1, 1, 1]), ["a", "a", "b", "c", "c"], ["A", "B"])
     for key in ("accuracy", "vote_accuracy", "cell_balanced_accuracy"):
         assert s["intervals"][key] == [1.0, 1.0]
+
+
+def test_wilson_interval_by_hand():
+    # 51 of 54 at 95 %: z = 1.95996, p = 0.9444; centre (p + z^2/108) / (1 + z^2/54) = 0.9149,
+    # half-width z * sqrt(p(1-p)/54 + z^2/11664) / (1 + z^2/54) = 0.0660.
+    lo, hi = wilson_interval(51, 54)
+    assert (lo, hi) == (pytest.approx(0.8492, abs=1e-3), pytest.approx(0.9810, abs=1e-3))
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] < 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] > 0.0
+    assert wilson_interval(0, 0) == [0.0, 1.0]
+    assert wilson_interval(51, 54, level=0.5)[0] > lo  # a lower level, a narrower interval
+    with pytest.raises(ValueError, match="right <= total"):
+        wilson_interval(5, 4)
 
 
 def test_classification_metrics_checks_shapes():

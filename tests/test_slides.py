@@ -272,6 +272,8 @@ def test_slide_class_evaluation_joins_labels(ray_session, bucket):
     # 24 sample slides less the BASOPHIL and the unlabelled one.
     assert res["single_label_slides"] == total == 22
     assert res["slide_accuracy"] == pytest.approx(right / total)
+    lo, hi = res["slide_accuracy_interval"]
+    assert 0.0 <= lo <= right / total <= hi <= 1.0 and hi - lo > 0.1  # 22 slides are few
     assert sum(sum(v.values()) for v in res["confusion"].values()) == 22
 
 

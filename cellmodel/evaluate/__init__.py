@@ -11,6 +11,7 @@ from cellmodel.evaluate.metrics import (
     per_class_scores,
     source_intervals,
     source_scores,
+    wilson_interval,
 )
 from cellmodel.evaluate.run import EvalOutputError, Predictions, evaluate_checkpoint, predict_data
 
@@ -34,4 +35,5 @@ __all__ = [
     "predict_data",
     "source_intervals",
     "source_scores",
+    "wilson_interval",
 ]

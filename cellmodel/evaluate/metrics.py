@@ -123,6 +123,28 @@ def _spread(counts: list[int]) -> dict:
     return {"min": int(min(counts)), "median": float(np.median(counts)), "max": int(max(counts))}
 
 
+def wilson_interval(right: int, total: int, level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion ``right / total`` of independent trials (one
+    slide, one answer): unlike the normal approximation it stays inside [0, 1] and is not
+    a point at 0 or 1 right. ``[0, 1]`` when ``total`` is 0."""
+    from statistics import NormalDist
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if total < 0 or not 0 <= right <= total:
+        raise ValueError(f"need 0 <= right <= total, got {right} of {total}")
+    if total == 0:
+        return [0.0, 1.0]
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    p = right / total
+    den = 1.0 + z * z / total
+    mid = (p + z * z / (2 * total)) / den
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / den
+    lo = 0.0 if right == 0 else max(0.0, mid - half)  # exact ends where rounding would miss
+    hi = 1.0 if right == total else min(1.0, mid + half)
+    return [float(lo), float(hi)]
+
+
 def source_intervals(
     n: np.ndarray,
     correct: np.ndarray,

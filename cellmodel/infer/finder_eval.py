@@ -950,6 +950,7 @@ def evaluate_slide_class(
     """Run the slide job over ``<slides>/JPEGImages``; compare ``top_class`` with labels.csv.
     ``checkpoint``: one, or several (an ensemble)."""
     from cellmodel.data.voc import read_labels_csv
+    from cellmodel.evaluate.metrics import wilson_interval
     from cellmodel.infer.slides import read_results, run_slides
 
     labels = read_labels_csv(storage.read_bytes(storage.join(slides, "labels.csv")))
@@ -971,6 +972,8 @@ def evaluate_slide_class(
     return {
         "single_label_slides": total,
         "slide_accuracy": right / total if total else None,
+        # Each slide is one independent answer: a 95 % Wilson interval over them.
+        "slide_accuracy_interval": wilson_interval(right, total) if total else None,
         "confusion": confusion,
     }
 
