@@ -100,6 +100,14 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
         mine = [runs[(name, s)]["cell_balanced_accuracy"] * 100 for s in (0, 1)]
         assert row["cell_balanced_accuracy_mean"] == pytest.approx(sum(mine) / 2)
     assert "cell-balanced %" in (out / "comparison.md").read_text()
+    # each run's interval over the source cells brackets its accuracy; the row keeps the widest
+    for name, row in rows.items():
+        cis = [runs[(name, s)]["accuracy_interval"] for s in (0, 1)]
+        assert all(lo <= runs[(name, s)]["accuracy"] <= hi for s, (lo, hi) in zip((0, 1), cis))
+        assert row["accuracy_interval_widest"] == pytest.approx(
+            max(hi - lo for lo, hi in cis) * 100
+        )
+    assert "interval over its source cells" in (out / "comparison.md").read_text()
     assert runs[("ema", 0)]["checkpoint"] != runs[("base", 0)]["checkpoint"]
     _, meta = load_checkpoint(runs[("ema", 1)]["checkpoint"])
     assert meta["metrics"]["ema"] is True
