@@ -74,6 +74,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of sources for val")
     p.add_argument("--test-fraction", type=float, default=0.0, help="share of sources for test")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation over source cells: cut each class's cells into K parts "
+        "(same parts for every fold with the same --seed) and hold out part --fold as val; "
+        "fold 0 of 5 is the default 0.2 split",
+    )
+    p.add_argument("--fold", type=int, default=0, help="the part held out as val, 0 to K-1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--angles",
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 target_per_class=args.target_per_class,
                 val_fraction=args.val_fraction,
                 test_fraction=args.test_fraction,
+                folds=args.folds,
+                fold=args.fold,
                 seed=args.seed,
                 angles=args.angles,
                 flips=args.flips,

@@ -555,3 +555,43 @@ def test_calibrate_command_errors(checkpoint, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         calibrate.main(["--checkpoint", checkpoint])  # neither --data nor --temperature
+
+
+def test_crossval_pools_the_folds_and_refuses_a_cell_scored_twice(checkpoint, tmp_path, capsys):
+    """Three folds of the sample slides, each val split evaluated by jobs.evaluate, pooled by
+    jobs.crossval: every cell once, the pooled figures counted from the predictions."""
+    from cellmodel.data.ingest import ingest
+    from jobs import crossval
+
+    evals = []
+    for k in range(3):
+        data = str(tmp_path / f"f{k}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the sample's one BASOPHIL slide is skipped
+            ingest(str(ROOT / "data" / "sample" / "slides"), data, target_per_class=4, folds=3,
+                   fold=k, progress=False, workers=1)  # fmt: skip
+        evals.append(str(tmp_path / f"ev{k}"))
+        evaluate_checkpoint(checkpoint, data, evals[-1], split="val", batch_size=16)
+    out = tmp_path / "cv"
+    assert crossval.main([*evals, "--out", str(out)]) == 0
+    r = json.loads((out / "crossval.json").read_text())
+    rows = [row for e in evals for row in csv.DictReader(open(Path(e) / "predictions.csv"))]
+    p = r["pooled"]
+    assert p["n"] == len(rows) and p["n_sources"] == len({row["source_id"] for row in rows}) == 21
+    assert p["accuracy"] == pytest.approx(np.mean([row["true"] == row["pred"] for row in rows]))
+    folds = [json.loads((Path(e) / "metrics.json").read_text()) for e in evals]
+    assert r["over_folds"]["accuracy"]["mean"] == pytest.approx(
+        np.mean([m["accuracy"] for m in folds])
+    )
+    assert [f["fold"]["fold"] for f in r["folds"]] == [0, 1, 2] and r["warnings"] == []
+    for _, key in (("per image", "accuracy"), ("cell-balanced", "cell_balanced_accuracy")):
+        lo, hi = p["intervals"][key]
+        assert lo <= p[key] <= hi
+    assert "**pooled**" in (out / "crossval.md").read_text()
+    assert "pooled (" in capsys.readouterr().out
+    # Two of three folds: pooled, with a warning that the cells are not all there.
+    assert crossval.main(evals[:2]) == 0
+    assert "folds [0, 1] of 3" in capsys.readouterr().err
+    # One evaluation twice scores its cells twice: refused, naming a cell.
+    assert crossval.main([evals[0], evals[1], evals[0]]) == 2
+    assert "is scored by both" in capsys.readouterr().err

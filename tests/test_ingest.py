@@ -162,6 +162,41 @@ def test_same_seed_same_bytes(slides_local, sample_dir, tmp_path):
     assert digests(other) != digests(m)
 
 
+def test_folds_hold_out_every_cell_once(slides_local, sample_dir, tmp_path):
+    """K ingests with folds=K score each source cell in exactly one val split, never in its
+    own train split; fold 0 of 5 is the default 0.2 split, byte for byte."""
+    src = str(sample_dir / "slides")
+    vals, manifests = [], []
+    for k in range(3):
+        uri = str(tmp_path / f"f{k}")
+        m = ingest(src, uri, target_per_class=4, folds=3, fold=k, progress=False)
+        train = {r["source_id"] for r in iter_rows(uri, "train", ["source_id"])}
+        val = {r["source_id"] for r in iter_rows(uri, "val", ["source_id"])}
+        assert val and not train & val and len(train | val) == 21
+        assert m["params"]["folds"] == 3 and m["params"]["fold"] == k
+        assert m["params"]["val_fraction"] == pytest.approx(1 / 3)
+        vals.append(val)
+        manifests.append(m)
+    assert sum(len(v) for v in vals) == len(set().union(*vals)) == 21
+    # Each class's cells are spread over the folds, not dealt out class by class.
+    for m in manifests:
+        assert sum(n > 0 for n in m["splits"]["val"]["sources"].values()) >= 3
+    five = ingest(src, str(tmp_path / "five"), target_per_class=12, folds=5, fold=0, progress=False)
+    digests = [s["sha256"] for v in five["splits"].values() for s in v["shards"]]
+    _, default = slides_local
+    assert digests == [s["sha256"] for v in default["splits"].values() for s in v["shards"]]
+    for bad, match in (
+        ({"folds": 1}, "folds K >= 2"),
+        ({"folds": 3, "fold": 3}, "from 0 to K-1"),
+        ({"folds": 3, "test_fraction": 0.1}, "test_fraction to 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ingest(src, str(tmp_path / "bad"), progress=False, **bad)
+    assert not (tmp_path / "bad").exists()
+    r = _cli("--source", src, "--out", str(tmp_path / "cli"), "--folds", "4", "--fold", "4")
+    assert r.returncode == 2 and r.stderr.startswith("error: folds=4, fold=4")
+
+
 def test_bad_files_skipped_and_reported(sample_dir, tmp_path, s3_bucket):
     src = tmp_path / "crops"
     for cls in CLASSES:

@@ -72,6 +72,13 @@ class IngestSettings(Section):
     target_per_class: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
+    # K-fold cross-validation over source cells: ``folds`` = K cuts each class's shuffled
+    # sources into K near-equal parts and part ``fold`` (0 to K-1) is val, the rest train
+    # (``val_fraction`` is then 1/K). The same seed gives the same K parts for every fold, so
+    # K ingests with fold 0..K-1 score every cell exactly once; fold 0 of 5 is the default
+    # val_fraction 0.2 split. 0: off.
+    folds: int = Field(0, ge=0)
+    fold: int = Field(0, ge=0)
     seed: int = 0
     angles: tuple[float, ...] = DEFAULT_ANGLES
     flips: bool = True
@@ -96,16 +103,23 @@ def _split_sources(
     fractions: dict[str, float],
     rng: np.random.Generator,
     classes: list[str],
+    folds: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """``{source_id: split}``: per class, a seeded shuffle of its sources cut by fraction.
 
     Each held-out split gets at least one source of a class when that class has enough
-    sources to leave one for training.
+    sources to leave one for training. ``folds`` = (K, k): the shuffle is cut into K parts
+    at ``round(i * n / K)`` instead, and part k is val.
     """
     out = {}
     for cls in classes:
         ids = sorted(by_class.get(cls, []))
         ids = [ids[i] for i in rng.permutation(len(ids))]
+        if folds is not None:
+            k_parts, k = folds
+            lo, hi = (int(round(i * len(ids) / k_parts)) for i in (k, k + 1))
+            out.update({s: "val" if lo <= j < hi else "train" for j, s in enumerate(ids)})
+            continue
         start = 0
         for split in ("val", "test"):
             frac = fractions.get(split, 0.0)
@@ -258,6 +272,18 @@ def ingest(
     st = settings
     if st.val_fraction + st.test_fraction >= 1:
         raise ValueError("val_fraction and test_fraction must be in [0, 1) with a sum below 1")
+    if st.folds == 1 or (st.folds and not st.fold < st.folds):
+        raise ValueError(
+            f"folds={st.folds}, fold={st.fold}: give folds K >= 2 and a fold from 0 to K-1 "
+            "(folds=0 turns cross-validation off)"
+        )
+    if st.folds and st.test_fraction:
+        raise ValueError(
+            "folds cut every source into train and val; set test_fraction to 0 (hold a test "
+            "split out of the source before cross-validating on the rest)"
+        )
+    if st.folds:
+        st = st.model_copy(update={"val_fraction": 1 / st.folds})
     layout, target_per_class, seed, workers, progress = (
         st.layout, st.target_per_class, st.seed, st.workers, st.progress)  # fmt: skip
     val_fraction, test_fraction, angles, flips = (
@@ -307,7 +333,10 @@ def ingest(
         if len(by_class[cls]) == 1 and (val_fraction or test_fraction):
             warn.append(f"class {cls} has a single source cell: all of it goes to train, so it "
                         "is not validated; add cells of other slides to validate it")  # fmt: skip
-    split_of = _split_sources(by_class, {"val": val_fraction, "test": test_fraction}, rng, classes)
+    split_of = _split_sources(
+        by_class, {"val": val_fraction, "test": test_fraction}, rng, classes,
+        (st.folds, st.fold) if st.folds else None,
+    )  # fmt: skip
     if st.unassigned == "holdout":
         split_of.update({sid: "unassigned" for sid in lost})
     per_split: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -378,6 +407,8 @@ def ingest(
             "target_per_class": target_per_class,
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
+            "folds": st.folds,
+            "fold": st.fold,
             "angles": [float(a) for a in angles],
             "flips": flips,
             "fill": "reflect",
