@@ -164,6 +164,8 @@ def test_source_intervals_resample_whole_cells():
     assert lo <= narrower[0] <= narrower[1] <= hi
     with pytest.raises(ValueError, match="level must lie in"):
         source_intervals(n, correct, vote_ok, level=1.0)
+    none = source_intervals(np.zeros(0), np.zeros(0), np.zeros(0))
+    assert none["accuracy"] == none["vote_accuracy"] == [0.0, 1.0]  # no cells: anything
 
 
 def test_source_intervals_of_a_perfect_model_are_a_point():

@@ -162,7 +162,8 @@ def source_intervals(
     images), cell-balanced accuracy and vote accuracy on them. The copies of one cell are
     not independent draws, so resampling images would report a width the data does not
     have; resampling the cells asks how the figures would move on another set of cells of
-    the same kind. Returns ``{metric: [low, high]}`` plus the settings used.
+    the same kind. Returns ``{metric: [low, high]}`` plus the settings used; ``[0, 1]``
+    with no sources.
     """
     n = np.asarray(n, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
@@ -173,12 +174,12 @@ def source_intervals(
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     k = len(n)
     out = {"resamples": int(resamples), "level": float(level), "seed": int(seed)}
-    if not k:
+    if not k:  # no cells: nothing is known, as wilson_interval says of no slides
         return {
             **out,
-            "accuracy": [0.0, 0.0],
-            "cell_balanced_accuracy": [0.0, 0.0],
-            "vote_accuracy": [0.0, 0.0],
+            "accuracy": [0.0, 1.0],
+            "cell_balanced_accuracy": [0.0, 1.0],
+            "vote_accuracy": [0.0, 1.0],
         }
     acc_of = correct / np.maximum(n, 1.0)
     rng = np.random.default_rng(seed)
