@@ -24,6 +24,8 @@ import json
 import statistics
 import sys
 
+import numpy as np
+
 # Table 1 of Liang et al. (IEEE Access 2018): 4-class accuracy (%) on the official TEST split.
 PAPER_ACCURACY = {
     "inception_v3": 84.08,
@@ -154,6 +156,15 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         "n_sources": per_source.get("n_sources"),
         # 95 % interval of the per-image accuracy from resampling the source cells
         "accuracy_interval": (per_source.get("intervals") or {}).get("accuracy"),
+        # per source cell: [images, images right, vote right], for gaps on the same cells
+        "cells": {
+            c["source_id"]: [
+                c["n"],
+                round(c["image_accuracy"] * c["n"]),
+                int(c["vote"] == c["label"]),
+            ]
+            for c in per_source.get("sources", [])
+        },
         "tta_accuracy": tta["accuracy"] if tta else None,
         "tta_source_accuracy": (tta.get("per_source") or {}).get("vote_accuracy") if tta else None,
         "train_s": sum(r.get("epoch_s", 0) for r in history),
@@ -209,6 +220,72 @@ def summarize(runs: list[dict], models: list[str]) -> list[dict]:
             }
         )
     return rows
+
+
+def _cell_matrix(runs: list[dict], cells: list[str], col: int) -> np.ndarray:
+    """(runs, cells): column ``col`` of each run's per-cell record."""
+    return np.array([[r["cells"][c][col] for c in cells] for r in runs], dtype=float)
+
+
+def gaps(runs: list[dict], models: list[str]) -> list[dict]:
+    """Each variant against the first (the reference), on the cells both were scored on: the
+    gap in mean per-image, cell-balanced and vote accuracy (points), with a 95 % interval
+    from resampling those cells in pairs (``metrics.paired_gap_intervals``)."""
+    from cellmodel.evaluate.metrics import paired_gap_intervals
+
+    by = {m: [r for r in runs if r["model"] == m and r.get("cells")] for m in models}
+    ref = next((m for m in models if by[m]), None)
+    out = []
+    for model in models:
+        if model == ref or not by[model]:
+            continue
+        both = by[ref] + by[model]
+        cells = sorted(set.intersection(*(set(r["cells"]) for r in both)))
+        if not cells:
+            continue
+        n = _cell_matrix(by[ref][:1], cells, 0)[0]
+        g = paired_gap_intervals(
+            n,
+            _cell_matrix(by[model], cells, 1),
+            _cell_matrix(by[model], cells, 2),
+            _cell_matrix(by[ref], cells, 1),
+            _cell_matrix(by[ref], cells, 2),
+        )
+        row = {"model": model, "reference": ref, "cells": len(cells)}
+        for key in ("accuracy", "cell_balanced_accuracy", "vote_accuracy"):
+            row[key] = {
+                "gap": g[key]["gap"] * 100,
+                "interval": [v * 100 for v in g[key]["interval"]],
+            }
+        out.append(row)
+    return out
+
+
+def gaps_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+
+    def cell(v: dict) -> str:
+        lo, hi = v["interval"]
+        return f"{v['gap']:+.2f} [{lo:+.1f}, {hi:+.1f}]"
+
+    lines = [
+        "",
+        f"## Gaps to {rows[0]['reference']} on the same cells",
+        "",
+        "Mean over seeds, variant minus reference, in points; 95 % interval from resampling the "
+        "cells both were scored on, in pairs (a cell every run finds hard weighs on both sides). "
+        "An interval that holds 0 does not settle which is better on cells like these.",
+        "",
+        "| variant | cells | per image | cell-balanced | by vote |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['cells']} | {cell(r['accuracy'])} "
+            f"| {cell(r['cell_balanced_accuracy'])} | {cell(r['vote_accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def score_ensembles(runs: list[dict], models: list[str], tta: bool) -> list[dict]:
@@ -349,10 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[dict] = []
 
     def write(ensembles: list[dict] | None = None) -> None:
-        rows = summarize(sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"])), names)
-        text = to_markdown(rows, header) + ensembles_markdown(ensembles or [])
+        ordered = sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"]))
+        rows, gap_rows = summarize(ordered, names), gaps(ordered, names)
+        text = to_markdown(rows, header) + gaps_markdown(gap_rows)
+        text += ensembles_markdown(ensembles or [])
         storage.write_bytes(storage.join(args.out, "comparison.md"), text.encode())
-        body = {"summary": rows, "runs": runs, "failed": failed}
+        body = {"summary": rows, "gaps": gap_rows, "runs": runs, "failed": failed}
         if ensembles is not None:
             body["ensembles"] = ensembles
         storage.write_bytes(
@@ -390,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         ens = score_ensembles(runs, names, args.tta)
         write(ens)
-    print(to_markdown(summarize(runs, names), header))
+    print(to_markdown(summarize(runs, names), header) + gaps_markdown(gaps(runs, names)))
     if args.ensemble:
         print(ensembles_markdown(ens))
     if failed:

@@ -108,6 +108,17 @@ def test_compare_variants_locally_in_parallel_report_mean_and_spread(tmp_path):
             max(hi - lo for lo, hi in cis) * 100
         )
     assert "interval over its source cells" in (out / "comparison.md").read_text()
+    # the variant against the reference on the same cells, resampled in pairs
+    (gap,) = result["gaps"]
+    assert (gap["model"], gap["reference"]) == ("ema", "base")
+    assert gap["cells"] == runs[("base", 0)]["n_sources"]
+    assert gap["accuracy"]["gap"] == pytest.approx(
+        rows["ema"]["accuracy_mean"] - rows["base"]["accuracy_mean"]
+    )
+    for key in ("accuracy", "cell_balanced_accuracy", "vote_accuracy"):
+        lo, hi = gap[key]["interval"]
+        assert lo <= gap[key]["gap"] <= hi
+    assert "## Gaps to base on the same cells" in (out / "comparison.md").read_text()
     assert runs[("ema", 0)]["checkpoint"] != runs[("base", 0)]["checkpoint"]
     _, meta = load_checkpoint(runs[("ema", 1)]["checkpoint"])
     assert meta["metrics"]["ema"] is True

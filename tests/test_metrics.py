@@ -14,6 +14,7 @@ from cellmodel.evaluate.metrics import (
     confusion_matrix,
     expected_calibration_error,
     log_loss,
+    paired_gap_intervals,
     per_class_scores,
     source_intervals,
     source_scores,
@@ -173,6 +174,32 @@ def test_source_intervals_of_a_perfect_model_are_a_point():
     s = source_scores(probs, np.array([0, 0, 1, 1, 1]), ["a", "a", "b", "c", "c"], ["A", "B"])
     for key in ("accuracy", "vote_accuracy", "cell_balanced_accuracy"):
         assert s["intervals"][key] == [1.0, 1.0]
+
+
+def test_paired_gap_sees_a_difference_that_separate_intervals_cannot():
+    # 20 cells of 10 images and one of 100 that both sides get wrong; A is right on all 20
+    # small cells, B wrong on 6 of them. Separately the big cell makes each interval some 40
+    # points wide and they overlap; resampled in pairs it weighs on both sides alike, and
+    # the gap (60 / 300 = 0.2 per image) stays above 0 on every draw holding one of the 6.
+    n = np.array([10] * 20 + [100])
+    a = np.array([10] * 20 + [0])
+    b = np.array([10] * 14 + [0] * 6 + [0])
+    va, vb = (a > 0).astype(float), (b > 0).astype(float)
+    gap = paired_gap_intervals(n, a, va, b, vb, resamples=4000)
+    assert gap["accuracy"]["gap"] == pytest.approx(60 / 300)
+    assert gap["vote_accuracy"]["gap"] == pytest.approx(6 / 21)
+    lo, hi = gap["accuracy"]["interval"]
+    assert 0.0 < lo < 0.2 < hi
+    sep_a = source_intervals(n, a, va, resamples=4000)["accuracy"]
+    sep_b = source_intervals(n, b, vb, resamples=4000)["accuracy"]
+    assert sep_a[0] < sep_b[1]  # apart, the two overlap: no verdict
+    same = paired_gap_intervals(n, a, va, a, va)
+    assert same["accuracy"] == {"gap": 0.0, "interval": [0.0, 0.0]}
+    # Several runs a side: a side's figure is the mean over its runs.
+    two = paired_gap_intervals(n, np.stack([a, b]), np.stack([va, vb]), b, vb)
+    assert two["accuracy"]["gap"] == pytest.approx(30 / 300)
+    with pytest.raises(ValueError, match="one column per cell"):
+        paired_gap_intervals(n, a[:-1], va[:-1], b, vb)
 
 
 def test_wilson_interval_by_hand():
