@@ -145,6 +145,19 @@ def wilson_interval(right: int, total: int, level: float = 0.95) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def _check_resampling(level: float, resamples: int) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+
+
+def _percentile_interval(draws: list[np.ndarray], level: float) -> list[float]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(np.concatenate(draws), [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
 def source_intervals(
     n: np.ndarray,
     correct: np.ndarray,
@@ -168,10 +181,7 @@ def source_intervals(
     n = np.asarray(n, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     vote_ok = np.asarray(vote_ok, dtype=np.float64)
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    _check_resampling(level, resamples)
     k = len(n)
     out = {"resamples": int(resamples), "level": float(level), "seed": int(seed)}
     if not k:  # no cells: nothing is known, as wilson_interval says of no slides
@@ -190,11 +200,12 @@ def source_intervals(
         draws["accuracy"].append(correct[idx].sum(axis=1) / np.maximum(n[idx].sum(axis=1), 1.0))
         draws["cell_balanced_accuracy"].append(acc_of[idx].mean(axis=1))
         draws["vote_accuracy"].append(vote_ok[idx].mean(axis=1))
-    tail = (1.0 - level) / 2.0 * 100.0
     for key, parts in draws.items():
-        lo, hi = np.percentile(np.concatenate(parts), [tail, 100.0 - tail])
-        out[key] = [float(lo), float(hi)]
+        out[key] = _percentile_interval(parts, level)
     return out
+
+
+_GAP_METRICS = ("accuracy", "cell_balanced_accuracy", "vote_accuracy")
 
 
 def paired_gap_intervals(
@@ -230,10 +241,7 @@ def paired_gap_intervals(
         raise ValueError(
             f"every array needs one column per cell ({k}), got {[a.shape for a in sides]}"
         )
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    _check_resampling(level, resamples)
     ca, va, cb, vb = sides
     out = {"resamples": int(resamples), "level": float(level), "seed": int(seed), "cells": k}
     if not k:
@@ -258,14 +266,10 @@ def paired_gap_intervals(
         fa, fb = figures(idx, ca, va), figures(idx, cb, vb)
         for m in _GAP_METRICS:
             draws[m].append(fa[m] - fb[m])
-    tail = (1.0 - level) / 2.0 * 100.0
     for m in _GAP_METRICS:
-        lo, hi = np.percentile(np.concatenate(draws[m]), [tail, 100.0 - tail])
-        out[m] = {"gap": float(point_a[m][0] - point_b[m][0]), "interval": [float(lo), float(hi)]}
+        gap = float(point_a[m][0] - point_b[m][0])
+        out[m] = {"gap": gap, "interval": _percentile_interval(draws[m], level)}
     return out
-
-
-_GAP_METRICS = ("accuracy", "cell_balanced_accuracy", "vote_accuracy")
 
 
 def source_scores(
