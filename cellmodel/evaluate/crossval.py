@@ -126,9 +126,9 @@ def pool(uris: list[str], *, resamples: int = 2000, level: float = 0.95) -> dict
                 "data": m.get("data"),
                 "fold": fold_of(m["data"]) if m.get("data") else None,
                 "tta": m.get("tta"),
-                "n": len(e["labels"]),
-                "n_sources": len(set(e["sources"])),
-                "accuracy": float(np.mean(e["probs"].argmax(1) == e["labels"])),
+                "n": m["n"],
+                "n_sources": ps.get("n_sources", 0),
+                "accuracy": m["accuracy"],
                 "vote_accuracy": ps.get("vote_accuracy"),
                 "cell_balanced_accuracy": ps.get("cell_balanced_accuracy"),
             }
