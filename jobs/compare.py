@@ -425,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     failed: list[dict] = []
 
-    def write(ensembles: list[dict] | None = None) -> None:
+    def write(ensembles: list[dict] | None = None) -> str:
+        """comparison.md and .json as they stand; returns the tables (without ensembles)."""
         ordered = sorted(runs, key=lambda r: (names.index(r["model"]), r["seed"]))
         rows, gap_rows = summarize(ordered, names), gaps(ordered, names)
-        text = to_markdown(rows, header) + gaps_markdown(gap_rows)
-        text += ensembles_markdown(ensembles or [])
+        tables = to_markdown(rows, header) + gaps_markdown(gap_rows)
+        text = tables + ensembles_markdown(ensembles or [])
         storage.write_bytes(storage.join(args.out, "comparison.md"), text.encode())
         body = {"summary": rows, "gaps": gap_rows, "runs": runs, "failed": failed}
         if ensembles is not None:
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.write_bytes(
             storage.join(args.out, "comparison.json"), json.dumps(body, indent=2).encode()
         )
+        return tables
 
     def record(run: dict) -> None:
         runs.append(run)
@@ -466,10 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetNotFoundError, EvalDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.ensemble:
-        ens = score_ensembles(runs, names, args.tta)
-        write(ens)
-    print(to_markdown(summarize(runs, names), header) + gaps_markdown(gaps(runs, names)))
+    # The files once more at the end, and the same tables printed (not computed again).
+    ens = score_ensembles(runs, names, args.tta) if args.ensemble else None
+    print(write(ens))
     if args.ensemble:
         print(ensembles_markdown(ens))
     if failed:
