@@ -231,7 +231,7 @@ def gaps(runs: list[dict], models: list[str]) -> list[dict]:
     """Each variant against the first (the reference), on the cells both were scored on: the
     gap in mean per-image, cell-balanced and vote accuracy (points), with a 95 % interval
     from resampling those cells in pairs (``metrics.paired_gap_intervals``)."""
-    from cellmodel.evaluate.metrics import paired_gap_intervals
+    from cellmodel.evaluate.metrics import RESAMPLED, paired_gap_intervals
 
     by = {m: [r for r in runs if r["model"] == m and r.get("cells")] for m in models}
     ref = next((m for m in models if by[m]), None)
@@ -252,7 +252,7 @@ def gaps(runs: list[dict], models: list[str]) -> list[dict]:
             _cell_matrix(by[ref], cells, 2),
         )
         row = {"model": model, "reference": ref, "cells": len(cells)}
-        for key in ("accuracy", "cell_balanced_accuracy", "vote_accuracy"):
+        for key in RESAMPLED:
             row[key] = {
                 "gap": g[key]["gap"] * 100,
                 "interval": [v * 100 for v in g[key]["interval"]],

@@ -557,21 +557,31 @@ def test_calibrate_command_errors(checkpoint, tmp_path, capsys):
         calibrate.main(["--checkpoint", checkpoint])  # neither --data nor --temperature
 
 
+def _fold_evaluations(checkpoint, tmp_path, k: int = 3, **evaluate) -> list[str]:
+    """The sample slides ingested as ``k`` folds, each val split scored by jobs.evaluate."""
+    from cellmodel.data.ingest import ingest
+
+    evals = []
+    for f in range(k):
+        data = tmp_path / f"f{f}"
+        if not data.exists():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the sample's one BASOPHIL slide is skipped
+                ingest(str(ROOT / "data" / "sample" / "slides"), str(data), target_per_class=4,
+                       folds=k, fold=f, progress=False, workers=1)  # fmt: skip
+        evals.append(str(tmp_path / f"ev{f}{'-tta' if evaluate.get('tta') else ''}"))
+        evaluate_checkpoint(
+            checkpoint, str(data), evals[-1], split="val", batch_size=16, **evaluate
+        )
+    return evals
+
+
 def test_crossval_pools_the_folds_and_refuses_a_cell_scored_twice(checkpoint, tmp_path, capsys):
     """Three folds of the sample slides, each val split evaluated by jobs.evaluate, pooled by
     jobs.crossval: every cell once, the pooled figures counted from the predictions."""
-    from cellmodel.data.ingest import ingest
     from jobs import crossval
 
-    evals = []
-    for k in range(3):
-        data = str(tmp_path / f"f{k}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the sample's one BASOPHIL slide is skipped
-            ingest(str(ROOT / "data" / "sample" / "slides"), data, target_per_class=4, folds=3,
-                   fold=k, progress=False, workers=1)  # fmt: skip
-        evals.append(str(tmp_path / f"ev{k}"))
-        evaluate_checkpoint(checkpoint, data, evals[-1], split="val", batch_size=16)
+    evals = _fold_evaluations(checkpoint, tmp_path)
     out = tmp_path / "cv"
     assert crossval.main([*evals, "--out", str(out)]) == 0
     r = json.loads((out / "crossval.json").read_text())
@@ -595,3 +605,39 @@ def test_crossval_pools_the_folds_and_refuses_a_cell_scored_twice(checkpoint, tm
     # One evaluation twice scores its cells twice: refused, naming a cell.
     assert crossval.main([evals[0], evals[1], evals[0]]) == 2
     assert "is scored by both" in capsys.readouterr().err
+
+
+def test_crossval_against_another_gives_the_paired_gap_on_the_same_cells(
+    checkpoint, tmp_path, capsys
+):
+    """--against: the same folds scored with TTA. The gap is the difference of the two pooled
+    figures, its interval brackets it, a cross-validation against itself is 0 [0, 0], and
+    one that shares no cell, or scores a cell on other images, is refused."""
+    from cellmodel.evaluate.crossval import CrossValError, gap, pool
+    from jobs import crossval
+
+    plain = _fold_evaluations(checkpoint, tmp_path)
+    tta = _fold_evaluations(checkpoint, tmp_path, tta=True)
+    out = tmp_path / "gap"
+    assert crossval.main([*tta, "--against", *plain, "--out", str(out)]) == 0
+    r = json.loads((out / "crossval.json").read_text())
+    a = pool(plain)
+    g = r["gap"]
+    assert g["cells"] == r["pooled"]["n_sources"] == 21 and g["warnings"] == []
+    for key in ("accuracy", "cell_balanced_accuracy", "vote_accuracy"):
+        assert g[key]["gap"] == pytest.approx(r["pooled"][key] - a["pooled"][key])
+        lo, hi = g[key]["interval"]
+        assert lo <= g[key]["gap"] <= hi
+    assert "Gap to the `--against` cross-validation" in (out / "crossval.md").read_text()
+    assert "gap to --against on 21 cells" in capsys.readouterr().out
+    # Against itself: nothing between them, however the cells are drawn.
+    assert crossval.main([*plain, "--against", *plain, "--out", str(out)]) == 0
+    same = json.loads((out / "crossval.json").read_text())["gap"]["accuracy"]
+    assert same == {"gap": 0.0, "interval": [0.0, 0.0]}
+    # Folds 0 and 1 against all three: the gap covers the shared cells, with a warning.
+    assert crossval.main([plain[0], plain[1], "--against", *plain]) == 0
+    assert "cells are scored by one side only" in capsys.readouterr().err
+    with pytest.raises(CrossValError, match="share no cell"):
+        gap({"pooled": {"cells": {"a": [3, 1, 1.0]}}}, {"pooled": {"cells": {"b": [3, 1, 1.0]}}})
+    with pytest.raises(CrossValError, match="cell a has 3 images in one"):
+        gap({"pooled": {"cells": {"a": [3, 1, 1.0]}}}, {"pooled": {"cells": {"a": [4, 1, 1.0]}}})

@@ -4,7 +4,9 @@ Each fold's network is scored by ``jobs.evaluate`` on the cells it never saw (an
 ``folds``/``fold``); pooled, the K evaluations score every cell once. With a few dozen
 held-out cells a single split's figure turns on a handful of cells (docs/evaluation.md);
 pooling K folds bases it on all of them, and the spread over folds says how much the
-choice of held-out cells moves it.
+choice of held-out cells moves it. Two cross-validations of the same cells (two recipes, or
+one with and without TTA) compare by :func:`gap`: the difference on those cells with an
+interval from resampling them in pairs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import statistics
 import numpy as np
 
 from cellmodel import storage
-from cellmodel.evaluate.metrics import classification_metrics, source_scores
+from cellmodel.evaluate.metrics import (
+    RESAMPLED,
+    classification_metrics,
+    paired_gap_intervals,
+    source_scores,
+)
 
 FIGURES = (
     ("per image", "accuracy"),
@@ -160,9 +167,80 @@ def pool(uris: list[str], *, resamples: int = 2000, level: float = 0.95) -> dict
             "confusion_matrix": pooled["confusion_matrix"],
             "intervals": ps["intervals"],
             "worst_sources": sorted(ps["sources"], key=_worst_first)[:10],
+            # per cell: [images, images right, vote right], for gaps on the same cells
+            "cells": {
+                s["source_id"]: [
+                    s["n"],
+                    round(s["image_accuracy"] * s["n"]),
+                    float(s["vote"] == s["label"]),
+                ]
+                for s in ps["sources"]
+            },
         },
         "warnings": _fold_checks([f["fold"] for f in per_fold]),
     }
+
+
+def gap(a: dict, b: dict, *, resamples: int = 2000, level: float = 0.95) -> dict:
+    """Cross-validation ``a`` minus ``b`` (two :func:`pool` results) on the cells both
+    scored, with intervals from resampling those cells in pairs
+    (``metrics.paired_gap_intervals``): per image, cell-balanced and by vote, as fractions. A
+    cell both find hard weighs on both sides of every draw, so the interval asks whether
+    ``a`` beats ``b`` on cells like these. Each shared cell must have been scored on the same
+    number of images; cells only one side scored are left out, with a warning."""
+    ca, cb = a["pooled"]["cells"], b["pooled"]["cells"]
+    shared = sorted(set(ca) & set(cb))
+    if not shared:
+        raise CrossValError(
+            "the two cross-validations share no cell: compare folds of one partition "
+            "(jobs.ingest with the same --folds and --seed)"
+        )
+    for c in shared:
+        if ca[c][0] != cb[c][0]:
+            raise CrossValError(
+                f"cell {c} has {ca[c][0]} images in one cross-validation and {cb[c][0]} in the "
+                "other: score both on the same shard datasets"
+            )
+    warnings = []
+    if len(shared) < max(len(ca), len(cb)):
+        warnings.append(
+            f"{len(ca) + len(cb) - 2 * len(shared)} cells are scored by one side only: the gap "
+            f"covers the {len(shared)} both scored"
+        )
+
+    def side(cells: dict, col: int) -> np.ndarray:
+        return np.array([[cells[c][col] for c in shared]], dtype=np.float64)
+
+    n = side(ca, 0)[0]
+    g = paired_gap_intervals(
+        n, side(ca, 1), side(ca, 2), side(cb, 1), side(cb, 2), resamples=resamples, level=level
+    )
+    return {**g, "warnings": warnings}
+
+
+def gap_markdown(g: dict) -> str:
+    """The gap of :func:`gap` as a table, in points (``g["against"]``: what it is to)."""
+
+    def cell(v: dict) -> str:
+        lo, hi = v["interval"]
+        return f"{100 * v['gap']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+    lines = [
+        "",
+        "## Gap to the `--against` cross-validation on the same cells",
+        "",
+        "Against: " + ", ".join(f"`{u}`" for u in g.get("against", [])) + ".",
+        "",
+        f"Points, this cross-validation minus that one, on the {g['cells']} cells both scored; "
+        f"{g['level']:.0%} interval from {g['resamples']} resamples of those cells in pairs.",
+        "",
+        "| per image | cell-balanced | by vote |",
+        "|---:|---:|---:|",
+        "| " + " | ".join(cell(g[k]) for k in RESAMPLED) + " |",
+    ]
+    if g["warnings"]:
+        lines += ["", *[f"- warning: {w}" for w in g["warnings"]]]
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v: float | None) -> str:

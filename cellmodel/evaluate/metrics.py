@@ -146,7 +146,7 @@ def wilson_interval(right: int, total: int, level: float = 0.95) -> list[float]:
 
 
 # The three accuracies the resampled intervals give, per image, cell-balanced and by vote.
-_RESAMPLED = ("accuracy", "cell_balanced_accuracy", "vote_accuracy")
+RESAMPLED = ("accuracy", "cell_balanced_accuracy", "vote_accuracy")
 
 
 def _check_resampling(level: float, resamples: int) -> None:
@@ -189,10 +189,10 @@ def source_intervals(
     k = len(n)
     out = {"resamples": int(resamples), "level": float(level), "seed": int(seed)}
     if not k:  # no cells: nothing is known, as wilson_interval says of no slides
-        return {**out, **{m: [0.0, 1.0] for m in _RESAMPLED}}
+        return {**out, **{m: [0.0, 1.0] for m in RESAMPLED}}
     acc_of = correct / np.maximum(n, 1.0)
     rng = np.random.default_rng(seed)
-    draws = {m: [] for m in _RESAMPLED}
+    draws = {m: [] for m in RESAMPLED}
     chunk = max(1, 4_000_000 // k)  # bounds the index matrix at a few tens of MB
     for start in range(0, resamples, chunk):
         idx = rng.integers(0, k, size=(min(chunk, resamples - start), k))
@@ -241,7 +241,7 @@ def paired_gap_intervals(
     ca, va, cb, vb = sides
     out = {"resamples": int(resamples), "level": float(level), "seed": int(seed), "cells": k}
     if not k:
-        return {**out, **{m: {"gap": 0.0, "interval": [-1.0, 1.0]} for m in _RESAMPLED}}
+        return {**out, **{m: {"gap": 0.0, "interval": [-1.0, 1.0]} for m in RESAMPLED}}
 
     def figures(idx: np.ndarray, c: np.ndarray, v: np.ndarray) -> dict:
         # idx (draws, k): per draw, the mean over runs of each figure on the drawn cells
@@ -255,14 +255,14 @@ def paired_gap_intervals(
     whole = np.arange(k)[None, :]
     point_a, point_b = figures(whole, ca, va), figures(whole, cb, vb)
     rng = np.random.default_rng(seed)
-    draws = {m: [] for m in _RESAMPLED}
+    draws = {m: [] for m in RESAMPLED}
     chunk = max(1, 2_000_000 // (k * max(len(ca), len(cb))))
     for start in range(0, resamples, chunk):
         idx = rng.integers(0, k, size=(min(chunk, resamples - start), k))
         fa, fb = figures(idx, ca, va), figures(idx, cb, vb)
-        for m in _RESAMPLED:
+        for m in RESAMPLED:
             draws[m].append(fa[m] - fb[m])
-    for m in _RESAMPLED:
+    for m in RESAMPLED:
         gap = float(point_a[m][0] - point_b[m][0])
         out[m] = {"gap": gap, "interval": _percentile_interval(draws[m], level)}
     return out
