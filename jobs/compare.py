@@ -110,6 +110,7 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
     from cellmodel import storage
     from cellmodel.config import load_config
     from cellmodel.evaluate import evaluate_checkpoint
+    from cellmodel.evaluate.metrics import cell_records
     from cellmodel.train import run_local, run_training
 
     base = load_config(config, overrides)
@@ -157,14 +158,7 @@ def run_one(config: str, overrides: list[str], variant: str, extra: list[str], s
         # 95 % interval of the per-image accuracy from resampling the source cells
         "accuracy_interval": (per_source.get("intervals") or {}).get("accuracy"),
         # per source cell: [images, images right, vote right], for gaps on the same cells
-        "cells": {
-            c["source_id"]: [
-                c["n"],
-                round(c["image_accuracy"] * c["n"]),
-                int(c["vote"] == c["label"]),
-            ]
-            for c in per_source.get("sources", [])
-        },
+        "cells": cell_records(per_source.get("sources", [])),
         "tta_accuracy": tta["accuracy"] if tta else None,
         "tta_source_accuracy": (tta.get("per_source") or {}).get("vote_accuracy") if tta else None,
         "train_s": sum(r.get("epoch_s", 0) for r in history),

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         CrossValError,
         gap,
         gap_markdown,
+        points,
         pool,
         render_markdown,
     )
@@ -81,12 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         g = r["gap"]
         print(
-            f"gap to --against on {g['cells']} cells: "
-            + ", ".join(
-                f"{name} {100 * g[k]['gap']:+.1f} points "
-                f"[{100 * g[k]['interval'][0]:+.1f}, {100 * g[k]['interval'][1]:+.1f}]"
-                for name, k in FIGURES
-            )
+            f"gap to --against on {g['cells']} cells, in points: "
+            + ", ".join(f"{name} {points(g[k])}" for name, k in FIGURES)
         )
     for w in r["warnings"] + r.get("gap", {}).get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)

@@ -21,6 +21,7 @@ import numpy as np
 from cellmodel import storage
 from cellmodel.evaluate.metrics import (
     RESAMPLED,
+    cell_records,
     classification_metrics,
     paired_gap_intervals,
     source_scores,
@@ -168,14 +169,7 @@ def pool(uris: list[str], *, resamples: int = 2000, level: float = 0.95) -> dict
             "intervals": ps["intervals"],
             "worst_sources": sorted(ps["sources"], key=_worst_first)[:10],
             # per cell: [images, images right, vote right], for gaps on the same cells
-            "cells": {
-                s["source_id"]: [
-                    s["n"],
-                    round(s["image_accuracy"] * s["n"]),
-                    float(s["vote"] == s["label"]),
-                ]
-                for s in ps["sources"]
-            },
+            "cells": cell_records(ps["sources"]),
         },
         "warnings": _fold_checks([f["fold"] for f in per_fold]),
     }
@@ -218,12 +212,14 @@ def gap(a: dict, b: dict, *, resamples: int = 2000, level: float = 0.95) -> dict
     return {**g, "warnings": warnings}
 
 
+def points(v: dict) -> str:
+    """One figure of :func:`gap` in points: the gap and its interval."""
+    lo, hi = v["interval"]
+    return f"{100 * v['gap']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def gap_markdown(g: dict) -> str:
     """The gap of :func:`gap` as a table, in points (``g["against"]``: what it is to)."""
-
-    def cell(v: dict) -> str:
-        lo, hi = v["interval"]
-        return f"{100 * v['gap']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
     lines = [
         "",
@@ -236,7 +232,7 @@ def gap_markdown(g: dict) -> str:
         "",
         "| per image | cell-balanced | by vote |",
         "|---:|---:|---:|",
-        "| " + " | ".join(cell(g[k]) for k in RESAMPLED) + " |",
+        "| " + " | ".join(points(g[k]) for k in RESAMPLED) + " |",
     ]
     if g["warnings"]:
         lines += ["", *[f"- warning: {w}" for w in g["warnings"]]]

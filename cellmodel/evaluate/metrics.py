@@ -268,6 +268,15 @@ def paired_gap_intervals(
     return out
 
 
+def cell_records(sources: Sequence[dict]) -> dict[str, list]:
+    """Per source cell, from :func:`source_scores`' ``sources`` rows: [images, images right,
+    vote right], what :func:`paired_gap_intervals` resamples for gaps on the same cells."""
+    return {
+        s["source_id"]: [s["n"], round(s["image_accuracy"] * s["n"]), int(s["vote"] == s["label"])]
+        for s in sources
+    }
+
+
 def source_scores(
     probs: np.ndarray,
     y_true: np.ndarray,
